@@ -1,0 +1,134 @@
+"""The paper's results table in miniature, on the toy world, in one command.
+
+    python bench/paper_table.py --out bench/paper_table
+
+Rows: the base student without and with the context; off-policy context distillation; OPCD; OPCD with the
+consistency regulariser; cross-size OPCD (the larger toy model as teacher). Columns: test accuracy (without
+the context for trained students; in the row's condition for the base rows), accuracy with the context, OOD
+accuracy (each OOD row with its own context), context harm (share of test items solved without the context
+but failed with it) and mean response tokens. Both toy tasks: `reverse` (a system prompt) and `codes`
+(experience items). Every trained row is the mean and standard deviation over seeds.
+
+Writes OUT.md (the table), OUT.json (every run's numbers) and OUT.png (learning curves: the distillation loss
+per step, mean over seeds). Needs matplotlib (`pip install -e ".[bench]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from opcd_cli.config import build_distill_config
+from opcd_cli.distill import distill
+from opcd_cli.toy.world import TOY_SETTINGS
+from opcd_cli.ui import UI
+
+METHODS = {  # row name -> settings on top of the toy recipe
+    "off-policy context distillation": {"mode": "off-policy"},
+    "OPCD": {},
+    "OPCD + consistency": {"consistency_weight": 1.0},
+    "OPCD, cross-size (large teacher)": {"teacher": "toy:large"},
+}
+COLUMNS = ["test accuracy", "with context", "OOD", "context harm", "response tokens"]
+
+
+def run_one(task: str, method: str, seed: int, work: Path, eval_before: bool) -> dict:
+    cfg = build_distill_config(TOY_SETTINGS, METHODS[method], {
+        "toy_task": task, "seed": seed, "eval_before": eval_before,
+        "output_dir": str(work / f"{task}-{method.replace(' ', '_').replace(',', '').replace('(', '').replace(')', '')}-{seed}"),
+    })
+    summary = distill(cfg, UI(quiet=True))
+    curve = [json.loads(line)["distill_loss"] for line in Path(summary["output_dir"], "metrics.jsonl").read_text().splitlines()]
+    return summary | {"task": task, "method": method, "seed": seed, "curve": curve}
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
+
+
+def percent_mean_std(values: list[float]) -> str:
+    mean = 100 * statistics.mean(values)
+    return f"{mean:.1f}%" if len(values) == 1 else f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}%"
+
+
+def table(runs: list[dict], tasks: list[str]) -> str:
+    lines = []
+    for task in tasks:
+        rows = [r for r in runs if r["task"] == task]
+        base = next(r for r in rows if r["student_no_context_before"] is not None)
+        lines += [f"### Task `{task}`", "", "| row | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+        harm = percent_mean_std([base["context_harm_before"]])
+        lines.append(f"| base student, without context | {percent_mean_std([base['student_no_context_before']])} | "
+                     f"{percent_mean_std([base['student_with_context_before']])} | {percent_mean_std([base['ood_before']])} | "
+                     f"{harm} | {base['mean_response_tokens_before']:.2f} |")
+        lines.append(f"| base student, with context | {percent_mean_std([base['student_with_context_before']])} | "
+                     f"{percent_mean_std([base['student_with_context_before']])} | {percent_mean_std([base['ood_before']])} | "
+                     f"{harm} | {base['mean_response_tokens_with_context_before']:.2f} |")
+        for method in METHODS:
+            got = [r for r in rows if r["method"] == method]
+            lines.append(
+                f"| {method} | {percent_mean_std([r['student_no_context_after'] for r in got])} | "
+                f"{percent_mean_std([r['student_with_context_after'] for r in got])} | "
+                f"{percent_mean_std([r['ood_after'] for r in got])} | "
+                f"{percent_mean_std([r['context_harm_after'] for r in got])} | "
+                f"{mean_std([r['mean_response_tokens_after'] for r in got])} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], tasks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method in METHODS:
+            curves = [r["curve"] for r in runs if r["task"] == task and r["method"] == method]
+            mean = [statistics.mean(step) for step in zip(*curves)]
+            ax.plot(range(1, len(mean) + 1), mean, label=method)
+        ax.set_title(f"toy task `{task}`")
+        ax.set_xlabel("step")
+        ax.set_ylabel("distillation loss (per token)")
+        ax.set_yscale("symlog", linthresh=1e-2)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/paper_table"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tasks", nargs="+", default=["reverse", "codes"])
+    args = parser.parse_args()
+    start = time.time()
+    runs = []
+    with tempfile.TemporaryDirectory() as work:
+        for task in args.tasks:
+            for seed in range(args.seeds):
+                for method in METHODS:
+                    first = seed == 0 and method == "OPCD"
+                    runs.append(run_one(task, method, seed, Path(work), eval_before=first))
+                    print(f"{time.time() - start:6.0f}s  {task:8s} seed {seed}  {method:34s} "
+                          f"no-context {runs[-1]['student_no_context_after']:.3f}", file=sys.stderr, flush=True)
+    markdown = table(runs, args.tasks)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.md").write_text(markdown + "\n")
+    Path(f"{args.out}.json").write_text(json.dumps({"seconds": round(time.time() - start), "runs": runs}, indent=1) + "\n")
+    plot(runs, args.tasks, Path(f"{args.out}.png"))
+    print(markdown)
+    print(f"\n{len(runs)} runs in {time.time() - start:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The ``opcd`` command: parses flags into a config, calls one function, prints the result.
+
+    opcd distill                      # the built-in toy world, on a CPU, in about a minute
+    opcd distill --student Qwen/Qwen3-1.7B --teacher Qwen/Qwen3-8B --context exp.txt --data train.jsonl
+    opcd eval --model runs/my-run --data test.jsonl --context exp.txt --json
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import EvalConfig, ModelOptions, SamplingOptions, build_distill_config, build_extract_config, read_recipe
+from .errors import OpcdError
+from .ui import UI, percent, print_json
+
+app = typer.Typer(
+    name="opcd",
+    help="On-Policy Context Distillation: move what a model knows from its context into its weights.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+JSON_HELP = "Print one JSON object on stdout at the end (everything else goes to stderr)."
+
+
+@app.command()
+def distill(
+    recipe: Optional[Path] = typer.Option(None, help="TOML recipe with default settings; flags override it."),
+    student: Optional[str] = typer.Option(None, help="Student: Hugging Face id or local folder. Omit to run the toy world."),
+    teacher: Optional[str] = typer.Option(None, help="Frozen teacher. Omit for a frozen copy of the student."),
+    data: Optional[str] = typer.Option(None, help="Prompts: JSONL, JSON, CSV, Parquet or a saved dataset folder."),
+    context: Optional[str] = typer.Option(None, help="Context file to distil (- for stdin); rows may carry their own."),
+    context_as: Optional[str] = typer.Option(None, help="system (a system message) or user-prefix (before the user turn)."),
+    toy_task: Optional[str] = typer.Option(None, help="Toy world task when no student is given: reverse or codes."),
+    mode: Optional[str] = typer.Option(None, help="on-policy (OPCD) or off-policy (train on the teacher's own responses)."),
+    off_policy_loss: Optional[str] = typer.Option(None, help="Off-policy loss: forward-kl (teacher's top-k) or sft."),
+    rollouts: Optional[str] = typer.Option(None, help="Off-policy: folder of saved teacher rollouts to reuse (made if missing)."),
+    consistency_weight: Optional[float] = typer.Option(None, help="Weight of the context-removability regulariser (0: off)."),
+    eval_data: Optional[str] = typer.Option(None, help="Rows with answers, scored before and after training."),
+    ood_data: Optional[str] = typer.Option(None, help="Out-of-distribution rows with answers (and their own contexts)."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory (default runs/NAME-TIME)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing run directory."),
+    save_every: Optional[int] = typer.Option(None, help="Keep a checkpoint every N steps (0: only the final model)."),
+    topk: Optional[int] = typer.Option(None, help="Size of the student's top-k support of the KL (paper: 256)."),
+    topk_renorm: Optional[bool] = typer.Option(None, "--topk-renorm", help="Renormalise both distributions within the top-k."),
+    steps: Optional[int] = typer.Option(None, help="Optimiser steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Prompts per micro-batch."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimiser step."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (paper: 1e-6 to 5e-6)."),
+    lr_schedule: Optional[str] = typer.Option(None, help="constant, cosine or linear (after warmup)."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay."),
+    max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm."),
+    seed: Optional[int] = typer.Option(None, help="Seed for prompt order and sampling."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature of the student's rollouts."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling threshold."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Longest response sampled."),
+    eval_max_new_tokens: Optional[int] = typer.Option(None, help="Longest response when evaluating."),
+    eval_before: Optional[bool] = typer.Option(None, "--eval-before/--no-eval-before", help="Also score the student before training."),
+    eval_batch_size: Optional[int] = typer.Option(None, help="Prompts per generation batch when evaluating."),
+    verifier: Optional[str] = typer.Option(None, help="auto, exact, math, choice or yesno."),
+    dtype: Optional[str] = typer.Option(None, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub."),
+    sampler: Optional[str] = typer.Option(None, help="hf (Hugging Face generate) or vllm."),
+    vllm_memory: Optional[float] = typer.Option(None, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
+    kernel: Optional[str] = typer.Option(None, help="Loss implementation: auto, torch or triton."),
+    json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Distil a context into a student's weights, on-policy (no model arguments: the built-in toy world)."""
+    from .distill import distill as run_distill
+
+    flags = dict(locals())
+    for name in ("recipe", "json_output", "run_distill"):
+        flags.pop(name, None)
+    cfg = build_distill_config(read_recipe(recipe) if recipe else {}, flags)
+    if cfg.is_toy:
+        from .toy.world import TOY_SETTINGS
+
+        cfg = build_distill_config(TOY_SETTINGS, read_recipe(recipe) if recipe else {}, flags)
+    ui = UI()
+    summary = run_distill(cfg, ui)
+    show_distill_summary(ui, summary)
+    if json_output:
+        print_json(summary)
+
+
+def show_distill_summary(ui: UI, summary: dict) -> None:
+    rows = []
+    if summary.get("student_no_context_before") is not None:
+        rows += [
+            ["student, no context", percent(summary["student_no_context_before"]), percent(summary["student_no_context_after"])],
+            ["student, with context", percent(summary["student_with_context_before"]), percent(summary["student_with_context_after"])],
+            ["teacher, with context", percent(summary["teacher_with_context"]), ""],
+            ["context harm", percent(summary["context_harm_before"]), percent(summary["context_harm_after"])],
+        ]
+    if summary.get("ood_before") is not None:
+        rows.append(["student, OOD (own contexts)", percent(summary["ood_before"]), percent(summary["ood_after"])])
+    if rows:
+        ui.table("accuracy", ["", "before", "after"], rows)
+    ui.info(f"{summary['steps']} steps in {summary['seconds']:.0f} s; student saved to {summary['output_dir']}")
+
+
+@app.command()
+def extract(
+    model: Optional[str] = typer.Option(None, help="Model that solves and extracts. Omit for the toy world."),
+    data: Optional[str] = typer.Option(None, help="Training problems with answers."),
+    val: Optional[str] = typer.Option(None, help="Validation problems with answers (selects the best round)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Experience file to write (default exp.txt)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output."),
+    rounds: Optional[int] = typer.Option(None, help="Rounds of solve, extract, accumulate, select."),
+    attempts: Optional[int] = typer.Option(None, help="Attempts per training problem and round."),
+    experience: Optional[str] = typer.Option(None, help="Experience file to start from."),
+    template: Optional[str] = typer.Option(None, help="Extraction prompt template; {traces} marks where attempts go."),
+    traces_per_prompt: Optional[int] = typer.Option(None, help="Attempts shown per extraction prompt."),
+    token_budget: Optional[int] = typer.Option(None, help="Keep the experience within this many tokens (whole items dropped, oldest first)."),
+    context_as: Optional[str] = typer.Option(None, help="system or user-prefix."),
+    verifier: Optional[str] = typer.Option(None, help="auto, exact, math, choice or yesno."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature of the attempts."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling threshold of the attempts."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Longest attempt."),
+    extract_max_new_tokens: Optional[int] = typer.Option(None, help="Longest extraction response."),
+    batch_size: Optional[int] = typer.Option(None, help="Prompts per generation batch."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub."),
+    json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Turn a model's own right and wrong attempts into experience items (no model arguments: the toy world)."""
+    from .extract import extract as run_extract
+
+    flags = dict(locals())
+    for name in ("json_output", "run_extract"):
+        flags.pop(name, None)
+    cfg = build_extract_config(flags)
+    if cfg.is_toy:
+        from .toy.world import TOY_EXTRACT_SETTINGS
+
+        cfg = build_extract_config(TOY_EXTRACT_SETTINGS, flags)
+    ui = UI()
+    summary = run_extract(cfg, ui)
+    ui.table("experience by round", ["round", "items", "new", "attempts right", "val accuracy"], [
+        ["none", "0", "", "", percent(summary["val_accuracy_without"])]
+    ] + [
+        [str(r["number"]), str(r["items"]), str(r["new_items"]), percent(r["solve_rate"]), percent(r["val_accuracy"])]
+        for r in summary["rounds"]
+    ])
+    ui.info(f"best: round {summary['best_round']} ({summary['items']} items, val {percent(summary['val_accuracy_best'])}) "
+            f"written to {summary['output']}")
+    if json_output:
+        print_json(summary)
+
+
+@app.command("eval")
+def eval_command(
+    model: list[str] = typer.Option(..., "--model", "-m", help="Model id or folder; repeat for several."),
+    data: str = typer.Option(..., help="Rows with answers: JSONL, JSON, CSV, Parquet or a saved dataset folder."),
+    context: Optional[str] = typer.Option(None, help="Context file (- for stdin): also score with it in front."),
+    ood_data: Optional[str] = typer.Option(None, help="Out-of-distribution rows with answers (each with its own context)."),
+    best: Optional[int] = typer.Option(None, help="Score a run directory as the mean of its N best checkpoints."),
+    context_as: str = typer.Option("system", help="system (a system message) or user-prefix (before the user turn)."),
+    verifier: str = typer.Option("auto", help="auto (the row's `verifier`, else exact), exact, math, choice or yesno."),
+    temperature: float = typer.Option(0.0, help="0 for greedy decoding."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
+    n: int = typer.Option(1, help="Samples per prompt (needs a temperature above 0)."),
+    max_new_tokens: int = typer.Option(512, help="Longest response."),
+    batch_size: int = typer.Option(64, help="Prompts per generation batch."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N rows."),
+    seed: int = typer.Option(0, help="Seed for sampling."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub."),
+    json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Accuracy of one or more models, without the context and (when one is given) with it."""
+    from .evaluate import evaluate
+
+    cfg = EvalConfig(
+        models=tuple(model), data=data, ood_data=ood_data, best=best, context=context, context_as=context_as, verifier=verifier,
+        batch_size=batch_size, seed=seed, limit=limit,
+        sampling=SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n),
+        loading=ModelOptions(dtype=dtype, trust_remote_code=trust_remote_code),
+    )
+    ui = UI()
+    with ui.progress():
+        results = evaluate(cfg, progress=ui)
+    show_eval_table(ui, results)
+    if json_output:
+        print_json(results[0] if len(results) == 1 else {"results": results})
+
+
+EVAL_COLUMNS = [  # (header, result key, format)
+    ("n", "n", str),
+    ("no context", "accuracy", percent),
+    ("with context", "accuracy_with_context", percent),
+    ("context harm", "context_harm", percent),
+    ("OOD", "ood_accuracy", percent),
+    ("tokens", "mean_response_tokens", lambda x: f"{x:.1f}"),
+    ("tokens with context", "mean_response_tokens_with_context", lambda x: f"{x:.1f}"),
+]
+
+
+def show_eval_table(ui: UI, results: list[dict]) -> None:
+    """One row per model; columns only for what was measured."""
+    columns = [c for c in EVAL_COLUMNS if any(c[1] in r for r in results)]
+    rows = [[r["model"]] + [fmt(r[key]) if key in r else "-" for _, key, fmt in columns] for r in results]
+    ui.table("evaluation", ["model"] + [header for header, _, _ in columns], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        result = app(args=argv, standalone_mode=False, prog_name="opcd")
+    except OpcdError as e:
+        print(f"opcd: error: {e}", file=sys.stderr)
+        return 2
+    except typer.Abort:
+        print("opcd: interrupted", file=sys.stderr)
+        return 130
+    except typer.TyperException as e:  # flag parsing: unknown options, values of the wrong type
+        if type(e).__name__ == "NoArgsIsHelpError":  # plain `opcd`: show the commands
+            print(e.ctx.get_help())
+            return 0
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        print(f"opcd: error: {' '.join(message.split())}{hint}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Frozen run configurations, built from defaults, a recipe file and command-line flags, validated here.
+
+This is the one place where bad values become clear errors. Layers, later ones winning:
+dataclass defaults < the toy world's recipe (when no student is given) < ``--recipe FILE`` < flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import OpcdError
+
+CONTEXT_AS = ("system", "user-prefix")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+VERIFIERS = ("auto", "exact", "math", "choice", "yesno")
+SAMPLERS = ("hf", "vllm")
+KERNELS = ("auto", "torch", "triton")
+SCHEDULES = ("constant", "cosine", "linear")
+DISTILL_MODES = ("on-policy", "off-policy")
+OFF_POLICY_LOSSES = ("forward-kl", "sft")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How models are loaded (shared by every command)."""
+
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    chat_template_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _choice("dtype", self.dtype, DTYPES)
+        if not isinstance(self.chat_template_kwargs, dict):
+            raise OpcdError("chat_template_kwargs must be a table of keyword arguments, e.g. {enable_thinking = false}")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How responses are generated. ``temperature`` 0 means greedy decoding."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    n: int = 1
+
+    def __post_init__(self):
+        _at_least("temperature", self.temperature, 0.0)
+        if not 0.0 < self.top_p <= 1.0:
+            raise OpcdError(f"top_p must be in (0, 1]; got {self.top_p}")
+        _at_least("max_new_tokens", self.max_new_tokens, 1)
+        _at_least("n", self.n, 1)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    # what to distil
+    student: str | None = None  # None: the built-in toy world
+    teacher: str | None = None  # None: a frozen copy of the student's initial weights
+    data: str | None = None
+    context: str | None = None  # a file, or "-" for stdin; rows may carry their own `context`
+    context_as: str = "system"
+    toy_task: str = "reverse"
+    mode: str = "on-policy"  # off-policy: the paper's baseline, training on the teacher's own responses
+    off_policy_loss: str = "forward-kl"  # forward KL over the teacher's top-k, or sft (token cross-entropy)
+    rollouts: str | None = None  # off-policy: a folder of saved teacher rollouts to reuse (written if missing)
+    consistency_weight: float = 0.0  # context-removability regulariser (0: off)
+    # evaluation before and after (optional for real models, always on for the toy world)
+    eval_data: str | None = None
+    ood_data: str | None = None
+    eval_batch_size: int = 64
+    eval_max_new_tokens: int | None = None  # default: max_new_tokens
+    eval_before: bool = True  # score the student before training too
+    verifier: str = "auto"
+    # output
+    output_dir: str | None = None
+    overwrite: bool = False
+    save_every: int = 0
+    # the loss
+    topk: int = 256
+    topk_renorm: bool = False
+    kernel: str = "auto"
+    # optimisation
+    steps: int = 50
+    batch_size: int = 8  # prompts per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-6
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    # sampling and models
+    sampler: str = "hf"
+    vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on a CPU: the fraction of host memory)
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    loading: ModelOptions = field(default_factory=ModelOptions)
+
+    def __post_init__(self):
+        _choice("context_as", self.context_as, CONTEXT_AS)
+        _choice("mode", self.mode, DISTILL_MODES)
+        _choice("off_policy_loss", self.off_policy_loss, OFF_POLICY_LOSSES)
+        _at_least("consistency_weight", self.consistency_weight, 0.0)
+        if self.mode == "off-policy" and self.consistency_weight > 0:
+            raise OpcdError("the consistency regulariser needs on-policy rollouts; drop --consistency-weight or use --mode on-policy")
+        _choice("verifier", self.verifier, VERIFIERS)
+        _choice("kernel", self.kernel, KERNELS)
+        _choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        _choice("sampler", self.sampler, SAMPLERS)
+        memory = self.vllm_memory
+        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not 0 < memory <= 1:
+            raise OpcdError(f"vllm_memory must be a fraction in (0, 1]; got {memory!r}")
+        if self.student is None and self.data is not None:
+            raise OpcdError("--data needs --student: give the model to train (or drop --data to run the toy world)")
+        if self.student is not None and self.data is None:
+            raise OpcdError("--student needs --data: give the prompts to train on (JSONL, JSON, CSV, Parquet or a saved dataset)")
+        if self.topk < 1:
+            raise OpcdError(f"topk must be at least 1; got {self.topk}")
+        _at_least("steps", self.steps, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("grad_accum", self.grad_accum, 1)
+        _at_least("eval_batch_size", self.eval_batch_size, 1)
+        _at_least("save_every", self.save_every, 0)
+        _at_least("warmup_steps", self.warmup_steps, 0)
+        _at_least("weight_decay", self.weight_decay, 0.0)
+        if self.eval_max_new_tokens is not None:
+            _at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
+        if not self.lr > 0:
+            raise OpcdError(f"lr must be positive; got {self.lr}")
+        if not self.max_grad_norm > 0:
+            raise OpcdError(f"max_grad_norm must be positive; got {self.max_grad_norm}")
+        if self.sampling.n != 1:
+            raise OpcdError("on-policy distillation samples one response per prompt; set n = 1 (raise batch_size instead)")
+
+    @property
+    def is_toy(self) -> bool:
+        return self.student is None
+
+    def default_output_dir(self) -> str:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        name = f"toy-{self.toy_task}" if self.is_toy else Path(self.student).name
+        return str(Path("runs") / f"{name}-{stamp}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    models: tuple[str, ...]
+    data: str
+    ood_data: str | None = None  # scored with each row's own context
+    best: int | None = None  # a run directory scores as the mean of its `best` best checkpoints
+    context: str | None = None
+    context_as: str = "system"
+    verifier: str = "auto"
+    batch_size: int = 64
+    seed: int = 0
+    limit: int | None = None
+    sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(temperature=0.0))
+    loading: ModelOptions = field(default_factory=ModelOptions)
+
+    def __post_init__(self):
+        if not self.models:
+            raise OpcdError("give at least one --model (a Hugging Face id or a local directory)")
+        _choice("context_as", self.context_as, CONTEXT_AS)
+        _choice("verifier", self.verifier, VERIFIERS)
+        _at_least("batch_size", self.batch_size, 1)
+        if self.limit is not None:
+            _at_least("limit", self.limit, 1)
+        if self.best is not None:
+            _at_least("best", self.best, 1)
+        if self.sampling.temperature == 0 and self.sampling.n > 1:
+            raise OpcdError("greedy decoding (temperature 0) gives one answer; set --temperature above 0 to draw several samples")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """``opcd extract``: solve, extract experience items, accumulate, select on validation, for ``rounds`` rounds."""
+
+    model: str | None = None  # None: the toy world's experiential task
+    data: str | None = None  # training problems with answers
+    val: str | None = None  # validation problems with answers
+    output: str = "exp.txt"
+    overwrite: bool = False
+    rounds: int = 3
+    attempts: int = 4  # attempts per training problem and round
+    experience: str | None = None  # an experience file to start from
+    template: str | None = None  # extraction prompt template with a {traces} placeholder
+    traces_per_prompt: int = 6
+    token_budget: int = 2048  # the experience is kept within this many tokens by dropping whole items
+    context_as: str = "system"
+    verifier: str = "auto"
+    batch_size: int = 64
+    seed: int = 0
+    sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(temperature=1.0, max_new_tokens=1024))
+    extract_max_new_tokens: int = 512
+    loading: ModelOptions = field(default_factory=ModelOptions)
+
+    def __post_init__(self):
+        if (self.model is None) != (self.data is None) or (self.model is None) != (self.val is None):
+            raise OpcdError("give --model, --data and --val together (or none of them to run the toy world)")
+        _choice("context_as", self.context_as, CONTEXT_AS)
+        _choice("verifier", self.verifier, VERIFIERS)
+        for name in ("rounds", "attempts", "traces_per_prompt", "token_budget", "batch_size", "extract_max_new_tokens"):
+            _at_least(name, getattr(self, name), 1)
+
+    @property
+    def is_toy(self) -> bool:
+        return self.model is None
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise OpcdError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _at_least(name: str, value: Any, low: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+        raise OpcdError(f"{name} must be a number of at least {low:g}; got {value!r}")
+
+
+# --- building configs from layers ----------------------------------------------------------------------
+
+_NESTED = {"sampling": SamplingOptions, "loading": ModelOptions}
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe file's settings as a flat dict (TOML; nested tables [sampling] and [loading] allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise OpcdError(f"recipe file {path} does not exist")
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise OpcdError(f"recipe file {path} is not valid TOML: {e}") from None
+    return flatten_settings(data, source=str(path))
+
+
+def flatten_settings(data: dict[str, Any], source: str = "settings") -> dict[str, Any]:
+    """Turn ``{"sampling": {"temperature": 0.6}}`` into ``{"temperature": 0.6}`` and reject unknown keys."""
+    known = {f.name for f in fields(DistillConfig)} - set(_NESTED)
+    nested = {name: {f.name for f in fields(cls)} for name, cls in _NESTED.items()}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        key = key.replace("-", "_")
+        if key in nested and isinstance(value, dict):
+            for sub, subvalue in value.items():
+                sub = sub.replace("-", "_")
+                if sub not in nested[key]:
+                    raise OpcdError(f"{source}: unknown setting {key}.{sub}; known: {', '.join(sorted(nested[key]))}")
+                flat[sub] = subvalue
+        elif key in known or any(key in names for names in nested.values()):
+            flat[key] = value
+        else:
+            raise OpcdError(f"{source}: unknown setting {key!r}; see `opcd distill --help` for the names")
+    return flat
+
+
+def build_config(cls, *layers: dict[str, Any]):
+    """Merge flat setting dicts (later wins, None means "not given") into a validated ``cls``.
+
+    Keys of the nested ``sampling`` and ``loading`` options go to those; the rest to ``cls`` itself.
+    Every field of ``cls`` needs a default.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update({k.replace("-", "_"): v for k, v in layer.items() if v is not None})
+    nested_values = {name: {} for name in _NESTED}
+    top: dict[str, Any] = {}
+    for key, value in merged.items():
+        owner = next((name for name, nested_cls in _NESTED.items() if key in {f.name for f in fields(nested_cls)}), None)
+        (nested_values[owner] if owner else top)[key] = value
+    defaults = cls()  # nested options start from the command's own defaults (extract samples at temperature 1)
+    try:
+        nested = {name: dataclasses.replace(getattr(defaults, name), **values) for name, values in nested_values.items()}
+        return cls(**top, **nested)
+    except TypeError as e:  # a value of the wrong type, or a setting this command does not take
+        raise OpcdError(f"bad setting: {e}") from None
+
+
+def build_distill_config(*layers: dict[str, Any]) -> DistillConfig:
+    return build_config(DistillConfig, *layers)
+
+
+def build_extract_config(*layers: dict[str, Any]) -> ExtractConfig:
+    return build_config(ExtractConfig, *layers)

@@ -1,0 +1,176 @@
+"""Experiential knowledge extraction: a model turns its own solved and failed attempts into experience items.
+
+    opcd extract --model Qwen/Qwen3-8B --data train.jsonl --val val.jsonl --output exp.txt --rounds 3
+
+Each round:
+
+1. **solve**: the model attempts every training problem ``attempts`` times, with the experience gathered so
+   far in context (none in round 1); a verifier marks each attempt right or wrong;
+2. **extract**: the model reads its attempts with their verdicts, a few at a time, through a prompt template
+   (replaceable with ``--template``; ``{traces}`` marks where the attempts go) and writes insights as
+   ``- EXPERIENCE ITEM: ...`` lines; lines are parsed and near-duplicates dropped;
+3. **accumulate**: new items join the experience, which is kept within ``token_budget`` tokens by dropping
+   whole items, oldest first;
+4. **select**: the experience is scored on the validation split (accuracy with it in context).
+
+The best round's experience is written to ``--output``; every round's goes to a folder beside it
+(``exp.rounds/round-1.txt``, ...). Raw attempts are never used as the context: only extracted items are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import models
+from .config import ExtractConfig, SamplingOptions
+from .data import Example, examples_from_records, load_examples
+from .errors import OpcdError
+from .evaluate import require_answers, score
+from .experience import ITEM_PREFIX, add_items, parse_items, render_items, trace_line
+from .outputs import write_json_atomic, write_text_atomic
+from .prompts import ChatRenderer, with_context
+from .sampling import HFSampler
+from .ui import UI, percent
+from .verifiers import is_correct
+
+DEFAULT_TEMPLATE = """Below are attempts at problems, each with its verdict.
+{traces}
+Write the short, general lessons that would help solve similar problems, one per line, each starting with "- EXPERIENCE ITEM: ". Write only lessons that the verdicts support."""
+
+
+@dataclass(frozen=True)
+class Round:
+    number: int
+    items: tuple[str, ...]
+    new_items: int
+    solve_rate: float  # share of training attempts marked right
+    val_accuracy: float
+
+
+def within_budget(items: list[str], tokenizer, budget: int) -> list[str]:
+    """Drop whole items, oldest first, until the rendered experience fits ``budget`` tokens."""
+    items = list(items)
+    while items and len(tokenizer(render_items(items), add_special_tokens=False)["input_ids"]) > budget:
+        items.pop(0)
+    return items
+
+
+def read_template(path: str | None) -> str:
+    if path is None:
+        return DEFAULT_TEMPLATE
+    file = Path(path)
+    if not file.is_file():
+        raise OpcdError(f"template file {path} does not exist")
+    text = file.read_text(encoding="utf-8")
+    if "{traces}" not in text:
+        raise OpcdError(f"template file {path} has no {{traces}} placeholder: mark where the attempts go")
+    return text
+
+
+def read_experience(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise OpcdError(f"experience file {path} does not exist")
+    items = parse_items(file.read_text(encoding="utf-8"))
+    if not items:
+        raise OpcdError(f"experience file {path} has no `{ITEM_PREFIX.strip()}` lines")
+    return items
+
+
+def extract(cfg: ExtractConfig, ui: UI) -> dict:
+    """Run the rounds, write the best experience to ``cfg.output``, and return the summary."""
+    output = Path(cfg.output)
+    rounds_dir = output.with_name(output.stem + ".rounds")
+    if (output.exists() or rounds_dir.exists()) and not cfg.overwrite:
+        raise OpcdError(f"{output if output.exists() else rounds_dir} already exists; pass --overwrite to replace it")
+    if cfg.is_toy:
+        cfg, train, val, template = toy_inputs(cfg)
+    else:
+        train, val = load_examples(cfg.data), load_examples(cfg.val, what="validation data")
+        template = read_template(cfg.template)
+    require_answers(train, cfg.data)
+    require_answers(val, cfg.val)
+    experience = read_experience(cfg.experience) if cfg.experience else []
+
+    torch.manual_seed(cfg.seed)
+    with ui.status(f"loading {cfg.model}"):
+        tokenizer = models.load_tokenizer(cfg.model, cfg.loading.trust_remote_code)
+        model = models.load_model(cfg.model, cfg.loading.dtype, cfg.loading.trust_remote_code)
+    renderer = ChatRenderer(tokenizer, cfg.model, cfg.loading.chat_template_kwargs)
+    sampler = HFSampler(model, tokenizer, batch_size=cfg.batch_size)
+    greedy = SamplingOptions(temperature=0.0, max_new_tokens=cfg.sampling.max_new_tokens)
+    extracting = SamplingOptions(temperature=0.0, max_new_tokens=cfg.extract_max_new_tokens)
+
+    def val_accuracy(items) -> float:
+        context = render_items(items) or None
+        return score(sampler, renderer, val, context=context, context_as=cfg.context_as, sampling=greedy,
+                     verifier=cfg.verifier).accuracy
+
+    rounds: list[Round] = []
+    with ui.progress():
+        advance = ui.task("extract", cfg.rounds * 3 + 1)
+        without = val_accuracy([])
+        advance(1, status=f"val {percent(without)} without experience")
+        for number in range(1, cfg.rounds + 1):
+            # 1. solve, with the experience so far in context
+            context = render_items(experience) or None
+            prompts = [renderer.prompt_ids(with_context(e.messages, context, cfg.context_as)) for e in train]
+            attempts = sampler.generate(prompts, dataclasses.replace(cfg.sampling, n=cfg.attempts))
+            traces, right = [], 0
+            for i, ids in enumerate(attempts):
+                example = train[i // cfg.attempts]
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                ok = is_correct(text, example.answer, example.verifier, cfg.verifier)
+                right += ok
+                traces.append(trace_line(example.prompt, text, ok))
+            advance(1, status=f"round {number}: {right}/{len(traces)} attempts right")
+            # 2. extract items from the attempts and their verdicts, a few at a time
+            chunks = [traces[i : i + cfg.traces_per_prompt] for i in range(0, len(traces), cfg.traces_per_prompt)]
+            asks = [renderer.prompt_ids([{"role": "user", "content": template.replace("{traces}", "\n".join(c))}])
+                    for c in chunks]
+            found = [item for ids in sampler.generate(asks, extracting)
+                     for item in parse_items(tokenizer.decode(ids, skip_special_tokens=True))]
+            advance(1, status=f"round {number}: {len(found)} items written")
+            # 3. accumulate within the token budget
+            before = len(experience)
+            experience = within_budget(add_items(experience, found), tokenizer, cfg.token_budget)
+            # 4. score on validation
+            accuracy = val_accuracy(experience)
+            rounds.append(Round(number, tuple(experience), max(0, len(experience) - before), right / len(traces), accuracy))
+            advance(1, status=f"round {number}: val {percent(accuracy)} with {len(experience)} items")
+
+    best = max(rounds, key=lambda r: (r.val_accuracy, -r.number))
+    if not best.items:
+        raise OpcdError(f"no experience items were extracted in {cfg.rounds} rounds; try more --attempts or another --template")
+    rounds_dir.mkdir(parents=True, exist_ok=True)
+    for r in rounds:
+        write_text_atomic(rounds_dir / f"round-{r.number}.txt", render_items(r.items) + "\n")
+    write_text_atomic(output, render_items(best.items) + "\n")
+    summary = {
+        "output": str(output),
+        "rounds_dir": str(rounds_dir),
+        "model": cfg.model,
+        "items": len(best.items),
+        "best_round": best.number,
+        "val_accuracy_without": without,
+        "val_accuracy_best": best.val_accuracy,
+        "rounds": [dataclasses.asdict(r) | {"items": len(r.items), "experience": list(r.items)} for r in rounds],
+    }
+    write_json_atomic(rounds_dir / "summary.json", summary)
+    return summary
+
+
+def toy_inputs(cfg: ExtractConfig) -> tuple[ExtractConfig, list[Example], list[Example], str]:
+    """The toy world's experiential task: code questions whose answers follow a law the model never saw."""
+    from .toy import tasks, world
+
+    splits = world.splits("codes")
+    train = examples_from_records(splits.train[: world.EXTRACT_TRAIN], "toy:codes/train")
+    val = examples_from_records(splits.val, "toy:codes/val")
+    cfg = dataclasses.replace(cfg, model=str(world.model_path("small")), data="toy:codes/train", val="toy:codes/val",
+                              traces_per_prompt=world.EXTRACT_TRACES_PER_PROMPT)
+    return cfg, train, val, tasks.EXTRACTION_TEMPLATE

@@ -1,0 +1,162 @@
+"""KL from a sparse fixed target: off-policy distillation from saved top-k ids and log-probabilities.
+
+For each token n the target is given as k ids and their log-probabilities lq_i under the target's full
+vocabulary (not renormalised over the k ids); q_i = exp(lq_i). With p = softmax(z) the trainable side's
+distribution over the full vocabulary:
+
+    loss_n = sum_{i = 1..k} q_i * (lq_i - log p_{id_i})
+
+An entry with lq_i = -inf contributes nothing (0 log 0 = 0), which is how shorter lists are padded. The
+target gets no gradient; with Q = sum_i q_i the gradient with respect to the logits is
+
+    dloss_n / dz_j = p_j * Q - sum_{i : id_i = j} q_i
+
+(the ids are normally distinct, so the sum is q of j where j is one of them). When the ids cover the whole
+vocabulary, loss_n is KL(q || p) exactly; otherwise it is the part of that KL carried by the given ids.
+
+Argument order everywhere: target first (``target_ids_Nk``, ``target_logprobs_Nk``), then the trainable side
+(``logits_NV``, or ``hidden_NH`` and ``weight_VH`` whose product ``hidden @ weight.T`` is the logits).
+
+* ``naive_sparse_target_kl``: the formula with autograd on full tensors (the reference for the tests).
+* ``sparse_target_kl``: chunked over rows, analytic gradient recomputed in backward.
+* ``fused_linear_sparse_target_kl``: logits made chunk by chunk from hidden states; no [N, V] tensor exists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import _reduce, _rows_per_chunk, backprop_linear, token_weights
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check(target_ids_Nk, target_logprobs_Nk, N: int, mask_N, reduction: str, reductions=REDUCTIONS) -> None:
+    if target_ids_Nk.dim() != 2 or target_ids_Nk.shape != target_logprobs_Nk.shape or target_ids_Nk.shape[0] != N:
+        raise ValueError(
+            f"target ids and log-probabilities must both be [N, k] with N = {N}; "
+            f"got {tuple(target_ids_Nk.shape)} and {tuple(target_logprobs_Nk.shape)}"
+        )
+    if target_logprobs_Nk.requires_grad:
+        raise ValueError("the target log-probabilities require grad; the target is fixed (detach it)")
+    if mask_N is not None and mask_N.shape != (N,):
+        raise ValueError(f"mask must be [N] = [{N}]; got {tuple(mask_N.shape)}")
+    if reduction not in reductions:
+        raise ValueError(f"reduction must be one of {reductions}; got {reduction!r}")
+
+
+def naive_sparse_target_kl(target_ids_Nk, target_logprobs_Nk, logits_NV, mask=None, reduction="mean"):
+    """The loss straight from its definition, with autograd to the logits."""
+    _check(target_ids_Nk, target_logprobs_Nk, logits_NV.shape[0], mask, reduction)
+    logp_Nk = torch.log_softmax(logits_NV.float(), dim=-1).gather(1, target_ids_Nk.long())
+    lq_Nk = target_logprobs_Nk.float()
+    q_Nk = lq_Nk.exp()
+    loss_N = torch.where(q_Nk > 0, q_Nk * (lq_Nk - logp_Nk), torch.zeros_like(q_Nk)).sum(-1)
+    return _reduce(loss_N, mask, reduction)
+
+
+def sparse_target_kl_rows(ids_nk, lq_nk, logits_nV, want_grad: bool):
+    """Loss and (optionally) the unscaled gradient d loss_n / d logits for a chunk of rows, in float32."""
+    z_nV = logits_nV.float()
+    lse_n1 = torch.logsumexp(z_nV, dim=-1, keepdim=True)
+    logp_nk = z_nV.gather(1, ids_nk) - lse_n1
+    lq_nk = lq_nk.float()
+    q_nk = lq_nk.exp()  # 0 for -inf entries, which then add nothing below
+    loss_n = torch.where(q_nk > 0, q_nk * (lq_nk - logp_nk), torch.zeros_like(q_nk)).sum(-1)
+    if not want_grad:
+        return loss_n, None
+    grad_nV = (z_nV - lse_n1).exp_().mul_(q_nk.sum(-1, keepdim=True))  # p * Q
+    grad_nV.scatter_add_(1, ids_nk, -q_nk)
+    return loss_n, grad_nV
+
+
+class _SparseTargetKL(torch.autograd.Function):
+    """Chunked over rows: forward keeps no float32 [N, V] copy; backward recomputes each chunk's gradient."""
+
+    @staticmethod
+    def forward(ctx, ids_Nk, lq_Nk, logits_NV, chunk_rows):
+        N = logits_NV.shape[0]
+        loss_N = logits_NV.new_empty(N, dtype=torch.float32)
+        for s in range(0, N, chunk_rows):
+            e = s + chunk_rows
+            loss_N[s:e], _ = sparse_target_kl_rows(ids_Nk[s:e], lq_Nk[s:e], logits_NV[s:e], want_grad=False)
+        ctx.save_for_backward(ids_Nk, lq_Nk, logits_NV)
+        ctx.chunk_rows = chunk_rows
+        return loss_N
+
+    @staticmethod
+    def backward(ctx, grad_loss_N):
+        ids_Nk, lq_Nk, logits_NV = ctx.saved_tensors
+        grad_NV = torch.empty_like(logits_NV)
+        rows = ctx.chunk_rows
+        for s in range(0, logits_NV.shape[0], rows):
+            e = s + rows
+            _, g_nV = sparse_target_kl_rows(ids_Nk[s:e], lq_Nk[s:e], logits_NV[s:e], want_grad=True)
+            grad_NV[s:e] = g_nV.mul_(grad_loss_N[s:e, None])
+        return None, None, grad_NV, None
+
+
+def sparse_target_kl(target_ids_Nk, target_logprobs_Nk, logits_NV, mask=None, reduction="mean", chunk_size=None):
+    """sum_i q_i (log q_i - log p_{id_i}) per token (see the module docstring), differentiable in the logits.
+
+    ``target_ids_Nk``: [N, k] integer ids; ``target_logprobs_Nk``: [N, k] full-vocabulary log-probabilities of
+    the target at those ids (-inf for padding); ``logits_NV``: [N, V], any float dtype. ``mask``: [N] bool,
+    False excludes a token. ``reduction``: "mean" over unmasked tokens, "sum", or "none" (per-token, masked
+    tokens 0). ``chunk_size`` overrides the rows per chunk.
+    """
+    if logits_NV.dim() != 2:
+        raise ValueError(f"logits must be [N, V]; got {tuple(logits_NV.shape)}")
+    _check(target_ids_Nk, target_logprobs_Nk, logits_NV.shape[0], mask, reduction)
+    rows = _rows_per_chunk(logits_NV.shape[1], chunk_size, tensors=3)
+    loss_N = _SparseTargetKL.apply(target_ids_Nk.long(), target_logprobs_Nk, logits_NV, rows)
+    return _reduce(loss_N, mask, reduction)
+
+
+class _FusedLinearSparseTargetKL(torch.autograd.Function):
+    """Logits made chunk by chunk; gradients computed in the forward pass and scaled by the upstream later."""
+
+    @staticmethod
+    def forward(ctx, ids_Nk, lq_Nk, hidden_NH, weight_VH, weight_N, chunk_rows):
+        N = hidden_NH.shape[0]
+        need_h, need_w = ctx.needs_input_grad[2:4]
+        loss_N = hidden_NH.new_empty(N, dtype=torch.float32)
+        grad_h = torch.empty_like(hidden_NH) if need_h else None
+        grad_w = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
+        for s in range(0, N, chunk_rows):
+            e = min(N, s + chunk_rows)
+            z_nV = hidden_NH[s:e] @ weight_VH.T
+            loss_N[s:e], g_nV = sparse_target_kl_rows(ids_Nk[s:e], lq_Nk[s:e], z_nV, want_grad=need_h or need_w)
+            if g_nV is not None:
+                g_nV.mul_(weight_N[s:e, None])
+                backprop_linear(g_nV, hidden_NH[s:e], weight_VH, None if grad_h is None else grad_h[s:e], grad_w)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = weight_VH.dtype
+        return (loss_N * weight_N).sum()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = None if grad_h is None else grad_h * grad_total.to(grad_h.dtype)
+        grad_w = None if grad_w is None else (grad_w * grad_total).to(ctx.w_dtype)
+        return None, None, grad_h, grad_w, None, None
+
+
+def fused_linear_sparse_target_kl(
+    target_ids_Nk, target_logprobs_Nk, hidden_NH, weight_VH, mask=None, reduction="mean", chunk_size=None
+):
+    """``sparse_target_kl`` of the logits ``hidden_NH @ weight_VH.T`` without materialising them for all tokens.
+
+    ``hidden_NH``: [N, H], ``weight_VH``: [V, H] (the lm_head); gradients reach whichever requires grad (the
+    weight's accumulated in float32). ``reduction`` is "mean" (over unmasked tokens) or "sum".
+    """
+    N, V = hidden_NH.shape[0], weight_VH.shape[0]
+    if hidden_NH.dim() != 2 or weight_VH.dim() != 2 or hidden_NH.shape[1] != weight_VH.shape[1]:
+        raise ValueError(
+            f"hidden [N, H] and weight [V, H] do not line up: {tuple(hidden_NH.shape)}, {tuple(weight_VH.shape)}"
+        )
+    _check(target_ids_Nk, target_logprobs_Nk, N, mask, reduction, reductions=("mean", "sum"))
+    weight_N = token_weights(mask, N, reduction, hidden_NH.device)
+    rows = _rows_per_chunk(V, chunk_size, tensors=3)
+    return _FusedLinearSparseTargetKL.apply(
+        target_ids_Nk.long(), target_logprobs_Nk, hidden_NH, weight_VH, weight_N, rows
+    )

@@ -1,0 +1,237 @@
+"""Build the toy models: tiny Qwen3-architecture models pretrained from scratch on synthetic chats.
+
+    python -m opcd_cli.toy.build --size small --out /tmp/toy-small
+
+The shipped models in ``opcd_cli/toy/assets/`` were made by this module (the command above, with the
+default budgets in ``SIZES``); ``manifest.json`` beside them records the settings and what they scored.
+
+The pretraining mixture teaches general skills, never the toy world's hidden facts:
+
+* follow any of the word rules when its system prompt is in context, and copy the word when there is none;
+* look a word's code up in experience items given in context (with random laws, never the world's law),
+  and guess a digit when the items do not say;
+* turn attempts and verdicts into experience items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from . import tasks
+from .tokenizer import build_tokenizer
+
+
+@dataclass(frozen=True)
+class ToySize:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab_rows: int  # embedding rows, padded past the tokenizer like real checkpoints
+    steps: int
+    batch: int
+    lr: float
+
+
+SIZES: dict[str, ToySize] = {
+    "small": ToySize(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab_rows=128, steps=3000, batch=32, lr=1e-3),
+    "large": ToySize(hidden=192, layers=6, heads=6, kv_heads=2, intermediate=512, vocab_rows=160, steps=3000, batch=32, lr=1e-3),
+}
+
+# Shares of each kind of chat in the pretraining mixture.
+MIXTURE = {
+    "rule": 0.40,
+    "copy": 0.10,
+    "code_known": 0.25,
+    "code_guess": 0.10,
+    "extract": 0.15,
+}
+
+
+def sample_chat(rng: random.Random, kind: str) -> tuple[str | None, str, str]:
+    """One pretraining chat as (system context or None, user prompt, assistant answer)."""
+    if kind == "rule":
+        rule = rng.choice(list(tasks.RULES))
+        word = tasks.random_word(rng)
+        return tasks.rule_context(rule), word, tasks.RULES[rule].apply(word)
+    if kind == "copy":
+        word = tasks.random_word(rng)
+        return None, word, word
+    if kind in ("code_known", "code_guess"):
+        letters = rng.sample(tasks.CONSONANTS, rng.randint(1, 8))
+        law = {letter: rng.randrange(10) for letter in letters}
+        if kind == "code_known":
+            letter = rng.choice(letters)
+            digit = law[letter]
+        else:  # the items, if any, say nothing about this word: guess
+            letter = rng.choice([c for c in tasks.CONSONANTS if c not in law])
+            digit = rng.randrange(10)
+            if rng.random() < 0.5:
+                law = {}
+        context = tasks.code_context(law, letters=[c for c in letters if c in law]) or None
+        return context, tasks.code_question(tasks.word_starting_with(rng, letter)), tasks.code_claim(letter, digit)
+    if kind == "extract":
+        attempts = []
+        for _ in range(rng.randint(2, 6)):
+            word = tasks.word_starting_with(rng, rng.choice(tasks.CONSONANTS))
+            attempts.append((tasks.code_question(word), tasks.code_claim(word[0], rng.randrange(10)), rng.random() < 0.3))
+        traces = "\n".join(tasks.trace_line(*attempt) for attempt in attempts)
+        return None, tasks.extraction_prompt(traces), tasks.extraction_answer(attempts)
+    raise ValueError(kind)
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerFast, context: str | None, prompt: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of the whole chat and the index where the answer starts."""
+    messages = ([{"role": "system", "content": context}] if context else []) + [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + answer_ids, len(prompt_ids)
+
+
+def make_batch(tokenizer, rng: random.Random, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of one kind of chat (kinds differ a lot in length, so mixing them would waste padding).
+
+    Returns token ids, the attention mask, and a mask of the answer tokens.
+    """
+    kinds, weights = zip(*MIXTURE.items())
+    kind = rng.choices(kinds, weights)[0]
+    rows = [encode_chat(tokenizer, *sample_chat(rng, kind)) for _ in range(batch)]
+    T = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((batch, T), tokenizer.pad_token_id)
+    attention = torch.zeros((batch, T), dtype=torch.long)
+    answer = torch.zeros((batch, T), dtype=torch.bool)
+    for b, (ids, start) in enumerate(rows):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        attention[b, : len(ids)] = 1
+        answer[b, start : len(ids)] = True
+    return input_ids, attention, answer
+
+
+def pretraining_loss(model, input_ids, attention, answer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token loss on every token of the chat plus, again, on the answer's tokens.
+
+    Modelling the whole chat (the system prompt and the user's word too, not only the answer) makes the tiny
+    models learn to read their context several times faster than a loss on answers alone.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    every, answers = attention[:, 1:].float(), answer[:, 1:].float()
+    answer_loss = (ce * answers).sum() / answers.sum()
+    return (ce * every).sum() / every.sum() + answer_loss, answer_loss.detach()
+
+
+@torch.no_grad()
+def probe(model, tokenizer, seed: int = 1234, n: int = 64) -> dict[str, float]:
+    """Greedy accuracy on fresh chats of each kind (the extraction kind scores exact item lists)."""
+    rng = random.Random(seed)
+    scores = {}
+    for kind in MIXTURE:
+        chats = [sample_chat(rng, kind) for _ in range(n)]
+        rows = [encode_chat(tokenizer, c, p, a) for c, p, a in chats]
+        prompts = [ids[:start] for ids, start in rows]
+        T = max(map(len, prompts))
+        input_ids = torch.full((n, T), tokenizer.pad_token_id)
+        attention = torch.zeros((n, T), dtype=torch.long)
+        for b, ids in enumerate(prompts):  # left padding
+            input_ids[b, T - len(ids) :] = torch.tensor(ids)
+            attention[b, T - len(ids) :] = 1
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention, max_new_tokens=max(len(a) for *_, a in chats) + 2,
+            do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, T:], skip_special_tokens=True)
+        scores[kind] = sum(t.strip() == a for t, (*_, a) in zip(texts, chats)) / n
+    return scores
+
+
+def model_config(size: ToySize, tokenizer) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=size.vocab_rows,
+        hidden_size=size.hidden,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        head_dim=size.hidden // size.heads,
+        intermediate_size=size.intermediate,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def pretrain(
+    size_name: str, out: Path, seed: int = 0, steps: int | None = None, probe_every: int = 0, probe_n: int = 64, log=print
+) -> dict:
+    """Pretrain one toy model from scratch and save it (model, tokenizer, manifest) to ``out``."""
+    size = SIZES[size_name]
+    steps = size.steps if steps is None else steps
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = build_tokenizer()
+    model = Qwen3ForCausalLM(model_config(size, tokenizer))
+    opt = torch.optim.AdamW(model.parameters(), lr=size.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    start, losses = time.time(), []
+    model.train()
+    for step in range(steps):
+        loss, answer_loss = pretraining_loss(model, *make_batch(tokenizer, rng, size.batch))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(answer_loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            log(f"step {step + 1}/{steps} answer loss {sum(losses[-100:]) / len(losses[-100:]):.4f} {time.time() - start:.0f}s")
+        if probe_every and (step + 1) % probe_every == 0:
+            model.eval()
+            log(f"probe {probe(model, tokenizer, n=32)}")
+            model.train()
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    manifest = {
+        "size": size_name,
+        "settings": asdict(size) | {"steps": steps},
+        "seed": seed,
+        "mixture": MIXTURE,
+        "final_answer_loss": sum(losses[-100:]) / len(losses[-100:]),
+        "probe_greedy_accuracy": probe(model, tokenizer, n=probe_n),
+        "seconds": round(time.time() - start, 1),
+        "torch": torch.__version__,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--probe-every", type=int, default=0)
+    args = parser.parse_args()
+    print(json.dumps(pretrain(args.size, args.out, seed=args.seed, steps=args.steps, probe_every=args.probe_every), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The toy world's tasks: word rules given by a system prompt, and a hidden code law learned from experience.
+
+Two kinds of context change the right answer here:
+
+* **Rules** (system-prompt style). The user sends a short lowercase word; a system prompt says what to do
+  with it ("write the word backwards"). Without a system prompt the toy models copy the word, so a rule is
+  only followed when its prompt is in context, until OPCD moves it into the weights.
+* **Codes** (experience style). Every word has a code, a digit that depends only on its first letter, by a
+  law the models never see during pretraining. Answers state the piece of the law they rest on
+  (``Code of kip?`` -> ``k-words have code 7``: words starting with k have code 7), and experience items
+  such as ``- EXPERIENCE ITEM: k-words have code 7`` state pieces of the law; with them in context the models
+  look the code up, without them they guess the digit.
+
+Everything here is pure Python and deterministic given a ``random.Random``.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+from typing import Callable
+
+from ..experience import ITEM_PREFIX, trace_line
+
+LETTERS = string.ascii_lowercase
+VOWELS = set("aeiou")
+CONSONANTS = "".join(c for c in LETTERS if c not in VOWELS)
+
+EXTRACT_INSTRUCTION = "Write one experience item for each lesson."
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    instruction: str
+    apply: Callable[[str], str]
+
+
+def _shift(word: str) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in word)
+
+
+RULES: dict[str, Rule] = {
+    rule.name: rule
+    for rule in [
+        Rule("reverse", "Reply with the word written backwards.", lambda w: w[::-1]),
+        Rule("upper", "Reply with the word in capital letters.", str.upper),
+        Rule("double", "Reply with every letter of the word written twice.", lambda w: "".join(c + c for c in w)),
+        Rule("shift", "Reply with every letter replaced by the next letter of the alphabet.", _shift),
+        Rule("swap", "Reply with the word after swapping its first and last letters.", lambda w: w[-1] + w[1:-1] + w[0]),
+        Rule("rotate", "Reply with the word after moving its first letter to the end.", lambda w: w[1:] + w[0]),
+        Rule("twice", "Reply with the word two times, joined by a dash.", lambda w: w + "-" + w),
+        Rule("first", "Reply with the first letter of the word in capital letters.", lambda w: w[0].upper()),
+    ]
+}
+
+PREAMBLE = "You are a careful word assistant. The user sends one word."
+CODA = " Write nothing else."
+
+
+def rule_context(rule: str) -> str:
+    """The system prompt that asks for ``rule``."""
+    return f"{PREAMBLE} {RULES[rule].instruction}{CODA}"
+
+
+def random_word(rng: random.Random, min_len: int = 3, max_len: int = 6) -> str:
+    """A lowercase word whose first and last letters differ (so that every rule changes it)."""
+    while True:
+        word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(min_len, max_len)))
+        if word[0] != word[-1] and len(set(word)) > 1:
+            return word
+
+
+# --- the code law (experience style) -------------------------------------------------------------------
+
+
+def code_question(word: str) -> str:
+    return f"Code of {word}?"
+
+
+def code_claim(letter: str, digit: int | str) -> str:
+    """The answer to a code question: the piece of the law it rests on, e.g. ``k-words have code 7``.
+
+    Stating the letter first lets the models find the matching experience item by the words they have just
+    written, and a right answer is itself an experience item worth keeping.
+    """
+    return f"{letter}-words have code {digit}"
+
+
+def code_answer(word: str, law: dict[str, int]) -> str:
+    return code_claim(word[0], law[word[0]])
+
+
+def code_item(letter: str, digit: int) -> str:
+    return ITEM_PREFIX + code_claim(letter, digit)
+
+
+def code_context(law: dict[str, int], letters: list[str] | None = None) -> str:
+    """Experience items stating the law for ``letters`` (all of it by default), one per line."""
+    letters = sorted(law) if letters is None else letters
+    return "\n".join(code_item(letter, law[letter]) for letter in letters)
+
+
+def make_law(rng: random.Random, letters: str = CONSONANTS) -> dict[str, int]:
+    """A hidden law: a code digit for each starting letter."""
+    return {letter: rng.randrange(10) for letter in letters}
+
+
+def word_starting_with(rng: random.Random, letter: str) -> str:
+    return letter + random_word(rng, 2, 5)
+
+
+# --- extraction (turning verdicts into experience items) -----------------------------------------------
+
+
+EXTRACTION_TEMPLATE = "Attempts and verdicts:\n{traces}\n" + EXTRACT_INSTRUCTION
+
+
+def extraction_prompt(traces: str) -> str:
+    return EXTRACTION_TEMPLATE.format(traces=traces)
+
+
+def extraction_answer(attempts: list[tuple[str, str, bool]]) -> str:
+    """The items a careful reader writes from (question, answer, right) attempts: each right answer once.
+
+    Wrong answers teach nothing definite here (nine other codes remain), so they give no item.
+    """
+    kept: list[str] = []
+    for _, answer, right in attempts:
+        if right and answer not in kept:
+            kept.append(answer)
+    return "\n".join(ITEM_PREFIX + answer for answer in kept) or "None."

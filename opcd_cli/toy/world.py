@@ -1,0 +1,133 @@
+"""The toy world as ``opcd distill`` sees it with no model arguments: models, a context, and data splits.
+
+Tasks:
+
+* ``reverse`` (system-prompt style, the default): the context is a system prompt asking for words written
+  backwards; the student copies words without it. OOD split: the other word rules, each row with its own
+  system prompt, which checks that the student still follows a context after distillation.
+* ``codes`` (experience style): the context lists experience items stating the world's code law for eight
+  starting letters; without it the student guesses the digit of its answer (``k-words have code 7``). OOD split: code questions about other letters with
+  items of another law in context.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import OpcdError
+from . import tasks
+
+ASSETS = Path(__file__).parent / "assets"
+TOY_TASKS = ("reverse", "codes")
+WORLD_SEED = 2026
+CODE_LETTERS = "bdgkmprt"  # the letters whose codes the `codes` task distils
+EXTRACT_TRAIN = 48  # training problems `opcd extract` attempts in the toy world
+EXTRACT_TRACES_PER_PROMPT = 6  # the toy models saw at most 6 attempts per extraction prompt in pretraining
+
+# The toy recipe: settings that differ from `opcd distill`'s defaults for real models.
+TOY_SETTINGS = {
+    "steps": 60,
+    "batch_size": 16,
+    "lr": 5e-4,
+    "warmup_steps": 5,
+    "topk": 16,
+    "temperature": 1.0,
+    "max_new_tokens": 24,
+    "eval_batch_size": 64,
+}
+
+
+# `opcd extract` with no model arguments: the toy answers are one digit, the items one line each.
+TOY_EXTRACT_SETTINGS = {
+    "rounds": 3,
+    "attempts": 4,
+    "temperature": 1.0,
+    "max_new_tokens": 8,
+    "extract_max_new_tokens": 400,
+    "output": "exp.txt",
+}
+
+
+def model_path(size: str = "small") -> Path:
+    if size not in ("small", "large"):
+        raise OpcdError(f"unknown toy model toy:{size}; use toy:small or toy:large")
+    path = ASSETS / size
+    if not (path / "config.json").is_file():
+        raise OpcdError(f"the toy model {size!r} is missing from {ASSETS}; rebuild it with `python -m opcd_cli.toy.build --size {size} --out {path}`")
+    return path
+
+
+@dataclass(frozen=True)
+class ToySplits:
+    context: str
+    train: list[dict]
+    val: list[dict]
+    test: list[dict]
+    ood: list[dict]
+
+
+def splits(task: str, seed: int = WORLD_SEED, train: int = 512, val: int = 100, test: int = 200, ood_per_kind: int = 20) -> ToySplits:
+    """The task's data, deterministic in ``seed``; words never repeat across train, val and test."""
+    if task not in TOY_TASKS:
+        raise OpcdError(f"unknown toy task {task!r}; choose one of {', '.join(TOY_TASKS)}")
+    rng = random.Random(seed)
+    if task == "reverse":
+        return _reverse_splits(rng, train, val, test, ood_per_kind)
+    return _codes_splits(rng, train, val, test, ood_per_kind)
+
+
+def _unique_words(rng: random.Random, count: int, make) -> list[str]:
+    words: dict[str, None] = {}
+    while len(words) < count:
+        words.setdefault(make(rng))
+    return list(words)
+
+
+def _reverse_splits(rng, n_train, n_val, n_test, ood_per_kind) -> ToySplits:
+    rule = tasks.RULES["reverse"]
+    words = _unique_words(rng, n_train + n_val + n_test, tasks.random_word)
+    train, val, test = words[:n_train], words[n_train : n_train + n_val], words[n_train + n_val :]
+    ood = [
+        {"prompt": w, "context": tasks.rule_context(name), "answer": other.apply(w)}
+        for name, other in tasks.RULES.items()
+        if name != "reverse"
+        for w in (tasks.random_word(rng) for _ in range(ood_per_kind))
+    ]
+    return ToySplits(
+        context=tasks.rule_context("reverse"),
+        train=[{"prompt": w} for w in train],
+        val=[{"prompt": w, "answer": rule.apply(w)} for w in val],
+        test=[{"prompt": w, "answer": rule.apply(w)} for w in test],
+        ood=ood,
+    )
+
+
+def world_law(seed: int = WORLD_SEED) -> dict[str, int]:
+    """The hidden code law of the toy world (never shown to the models in pretraining)."""
+    return tasks.make_law(random.Random(seed))
+
+
+def _codes_splits(rng, n_train, n_val, n_test, ood_per_kind) -> ToySplits:
+    law = world_law()
+    words = _unique_words(rng, n_train + n_val + n_test, lambda r: tasks.word_starting_with(r, r.choice(CODE_LETTERS)))
+
+    def row(word: str) -> dict:
+        return {"prompt": tasks.code_question(word), "answer": tasks.code_answer(word, law)}
+
+    other_letters = [c for c in tasks.CONSONANTS if c not in CODE_LETTERS]
+    ood = []
+    for _ in range(ood_per_kind * 4):
+        letters = rng.sample(other_letters, 4)
+        other_law = {c: rng.randrange(10) for c in letters}
+        word = tasks.word_starting_with(rng, rng.choice(letters))
+        ood.append({"prompt": tasks.code_question(word), "context": tasks.code_context(other_law, letters),
+                    "answer": tasks.code_answer(word, other_law)})
+    return ToySplits(
+        context=tasks.code_context(law, list(CODE_LETTERS)),
+        train=[row(w) for w in words[:n_train]],
+        val=[row(w) for w in words[n_train : n_train + n_val]],
+        test=[row(w) for w in words[n_train + n_val :]],
+        ood=ood,
+    )

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny untrained models in Hugging Face format, toy data files, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU through the interpreter
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from opcd_cli.models import quiet_transformers  # noqa: E402
+
+quiet_transformers()
+
+
+def make_tiny_model(folder: Path, hidden: int = 32, layers: int = 1, vocab_rows: int = 112, seed: int = 0) -> Path:
+    """An untrained Qwen3-architecture model with the toy tokenizer, saved like any checkpoint."""
+    from transformers import Qwen3ForCausalLM
+
+    from opcd_cli.toy.build import ToySize, model_config
+    from opcd_cli.toy.tokenizer import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    size = ToySize(hidden=hidden, layers=layers, heads=2, kv_heads=1, intermediate=2 * hidden, vocab_rows=vocab_rows,
+                   steps=0, batch=1, lr=0.0)
+    model = Qwen3ForCausalLM(model_config(size, tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-student"))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A different, larger model whose output layer is padded to another size than the student's."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-teacher"), hidden=48, layers=2, vocab_rows=128, seed=1)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def toy_files(tmp_path) -> dict[str, Path]:
+    """A small slice of the toy world's `reverse` task as files: train prompts, test rows, OOD rows, context."""
+    from opcd_cli.toy import world
+
+    splits = world.splits("reverse", train=8, val=4, test=6, ood_per_kind=1)
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    (folder / "context.txt").write_text(splits.context + "\n")
+    return {
+        "train": write_jsonl(folder / "train.jsonl", splits.train),
+        "test": write_jsonl(folder / "test.jsonl", splits.test),
+        "ood": write_jsonl(folder / "ood.jsonl", splits.ood[:6]),
+        "context": folder / "context.txt",
+    }
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `opcd ARGS...` in this process; returns (exit code, stdout, stderr)."""
+    from opcd_cli.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def tree(folder: Path) -> dict[str, float]:
+    """Every file under ``folder`` with its modification time: to check that nothing changed on disk."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}

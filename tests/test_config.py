@@ -1,0 +1,73 @@
+import pytest
+
+from opcd_cli.config import DistillConfig, EvalConfig, SamplingOptions, build_distill_config, read_recipe
+from opcd_cli.errors import OpcdError
+
+
+def test_layers_later_wins_and_none_means_not_given():
+    cfg = build_distill_config({"lr": 1e-5, "steps": 7, "temperature": 0.6}, {"lr": 2e-5, "steps": None})
+    assert cfg.lr == 2e-5 and cfg.steps == 7
+    assert cfg.sampling.temperature == 0.6
+
+
+def test_recipe_tables_flatten_and_flags_override(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('student = "s"\ndata = "d.jsonl"\ntopk = 64\n[sampling]\ntemperature = 0.7\n[loading]\ndtype = "bfloat16"\n')
+    cfg = build_distill_config(read_recipe(recipe), {"topk": 32})
+    assert (cfg.student, cfg.topk, cfg.sampling.temperature, cfg.loading.dtype) == ("s", 32, 0.7, "bfloat16")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("nonsense = 1\n", "unknown setting 'nonsense'"),
+        ("[sampling]\nwarmth = 1\n", "unknown setting sampling.warmth"),
+        ("lr = \n", "not valid TOML"),
+    ],
+)
+def test_bad_recipes(tmp_path, text, message):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(text)
+    with pytest.raises(OpcdError, match=message):
+        read_recipe(recipe)
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(OpcdError, match="does not exist"):
+        read_recipe(tmp_path / "none.toml")
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"topk": 0}, "topk must be at least 1"),
+        ({"lr": -1e-6}, "lr must be positive"),
+        ({"lr": 0.0}, "lr must be positive"),
+        ({"steps": 0}, "steps must be"),
+        ({"batch_size": 0}, "batch_size must be"),
+        ({"context_as": "preamble"}, "context_as must be one of"),
+        ({"temperature": -0.5}, "temperature must be"),
+        ({"top_p": 0.0}, "top_p must be"),
+        ({"student": "m"}, "--student needs --data"),
+        ({"data": "d.jsonl"}, "--data needs --student"),
+        ({"n": 4}, "one response per prompt"),
+        ({"steps": "ten"}, "steps must be a number"),
+    ],
+)
+def test_validation_errors(settings, message):
+    with pytest.raises(OpcdError, match=message):
+        build_distill_config(settings)
+
+
+def test_configs_are_frozen():
+    cfg = DistillConfig()
+    with pytest.raises(Exception):
+        cfg.lr = 1.0  # type: ignore[misc]
+    assert cfg.is_toy and cfg.default_output_dir().startswith("runs/toy-reverse-")
+
+
+def test_eval_config_rules():
+    with pytest.raises(OpcdError, match="greedy"):
+        EvalConfig(models=("m",), data="d", sampling=SamplingOptions(temperature=0.0, n=2))
+    with pytest.raises(OpcdError, match="at least one --model"):
+        EvalConfig(models=(), data="d")

@@ -1,0 +1,216 @@
+"""`opcd distill` through the CLI on tiny models: outputs, reloading, and every kind of bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tree, write_jsonl
+
+FAST = ["--steps", "2", "--batch-size", "2", "--topk", "8", "--lr", "1e-3", "--max-new-tokens", "4",
+        "--eval-max-new-tokens", "4"]
+
+
+def distill_args(student, files, out, *extra):
+    return ["distill", "--student", student, "--data", files["train"], "--context", files["context"],
+            "--eval-data", files["test"], "--ood-data", files["ood"], "-o", out, *FAST, *extra]
+
+
+def test_cross_size_distill_writes_a_complete_run(cli, tiny_student, tiny_teacher, toy_files, tmp_path, monkeypatch):
+    import opcd_cli.distill as distill_module
+
+    probe = torch.tensor([[1, 20, 21, 22]])
+    at_save = {}
+    real_save = distill_module.save_model
+
+    def spy(student, tokenizer, folder, cfg):
+        with torch.no_grad():
+            at_save[Path(folder).name] = student(input_ids=probe).logits.clone()
+        real_save(student, tokenizer, folder, cfg)
+
+    monkeypatch.setattr(distill_module, "save_model", spy)
+    out = tmp_path / "run"
+    code, stdout, stderr = cli(*distill_args(tiny_student, toy_files, out, "--teacher", tiny_teacher, "--json"))
+    assert code == 0, stderr
+    summary = json.loads(stdout)  # exactly one JSON object on stdout
+    assert summary["output_dir"] == str(out) and summary["steps"] == 2 and summary["kernel"] == "fused-linear"
+    for key in ("student_no_context_before", "student_no_context_after", "teacher_with_context", "ood_before", "ood_after"):
+        assert 0.0 <= summary[key] <= 1.0
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "metrics.jsonl",
+                 "opcd_config.json", "summary.json"):
+        assert (out / name).is_file(), name
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert set(metrics[0]) >= {"loss", "topk_mass", "response_tokens", "lr", "tokens_per_s", "seconds"}
+    assert json.loads((out / "opcd_config.json").read_text())["teacher"] == str(tiny_teacher)
+
+    # plain transformers loads the saved student and computes the logits it had at the end of training
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=probe).logits, at_save["run.partial"], rtol=0, atol=0)
+    assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_training_changes_the_student_and_eval_reproduces_the_run(cli, tiny_student, toy_files, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, stderr = cli(*distill_args(tiny_student, toy_files, out, "--json"))
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert "frozen copy" in summary["teacher"]
+    from safetensors.torch import load_file
+
+    before, after = load_file(tiny_student / "model.safetensors"), load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    code, stdout, stderr = cli("eval", "--model", out, "--data", summary["test_data"], "--max-new-tokens", "4", "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["n"] == 6
+    assert result["accuracy"] == summary["student_no_context_after"]
+    assert result["mean_response_tokens"] == summary["mean_response_tokens_after"]
+
+
+def test_context_from_stdin(cli, tiny_student, toy_files, tmp_path, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(toy_files["context"].read_text()))
+    args = distill_args(tiny_student, toy_files, tmp_path / "run", "--json")
+    args[args.index("--context") + 1] = "-"
+    code, stdout, stderr = cli(*args)
+    assert code == 0, stderr
+    assert json.loads(stdout)["context_file"] == "-"
+
+
+def test_existing_run_is_not_overwritten_without_the_flag(cli, tiny_student, toy_files, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*distill_args(tiny_student, toy_files, out))[0] == 0
+    before = tree(out)
+    code, _, err = cli(*distill_args(tiny_student, toy_files, out))
+    assert code == 2 and "--overwrite" in err and tree(out) == before
+    code, _, err = cli(*distill_args(tiny_student, toy_files, out, "--overwrite", "--steps", "1"))
+    assert code == 0, err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def _bad_inputs(tmp_path: Path, toy_files, tiny_student):
+    """(name, how to change the arguments, expected message) for each kind of bad input."""
+    broken = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": "a"}])
+    broken.write_text(broken.read_text() + '{"prompt": "b"\n')
+    no_prompt = write_jsonl(tmp_path / "no_prompt.jsonl", [{"question": "a"}])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    empty_context = tmp_path / "empty.txt"
+    empty_context.write_text("\n")
+    other_vocab = tmp_path / "other-vocab"
+    from conftest import make_tiny_model
+    from transformers import AutoTokenizer
+
+    make_tiny_model(other_vocab)
+    tok = AutoTokenizer.from_pretrained(other_vocab)
+    tok.add_tokens(["<|tool|>"])
+    tok.save_pretrained(other_vocab)
+    return [
+        ("missing data", {"--data": tmp_path / "nope.jsonl"}, "does not exist"),
+        ("empty data", {"--data": empty}, "is empty"),
+        ("unreadable data", {"--data": binary}, "not UTF-8"),
+        ("broken line", {"--data": broken}, "line 2 is not valid JSON"),
+        ("no prompt field", {"--data": no_prompt}, "line 1 has no `prompt` or `messages` field"),
+        ("missing context", {"--context": tmp_path / "none.txt"}, "context file .* does not exist"),
+        ("empty context", {"--context": empty_context}, "is empty"),
+        ("unknown model", {"--student": tmp_path / "no-model"}, "does not exist"),
+        ("other vocabulary", {"--teacher": other_vocab}, "vocabularies .* differ in 1 tokens"),
+        ("k of 0", {"--topk": 0}, "topk must be at least 1"),
+        ("k above vocab", {"--topk": 113}, "larger than the vocabulary \\(112 tokens\\)"),
+        ("negative lr", {"--lr": -1e-5}, "lr must be positive"),
+        ("zero steps", {"--steps": 0}, "steps must be"),
+        ("not a number", {"--steps": "ten"}, "Invalid value for '--steps'"),
+        ("bad eval data", {"--eval-data": no_prompt}, "no `prompt` or `messages`"),
+    ]
+
+
+def with_flags(args: list, change: dict) -> list:
+    args = list(args)
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    return args
+
+
+def test_bad_input_gets_one_line_exit_2_and_writes_nothing(cli, tiny_student, toy_files, tmp_path):
+    import re
+
+    (tmp_path / "bad").mkdir()
+    for name, change, message in _bad_inputs(tmp_path / "bad", toy_files, tiny_student):
+        out = tmp_path / f"run-{name.replace(' ', '-')}"
+        args = with_flags(distill_args(tiny_student, toy_files, out), change)
+        before = tree(tmp_path)
+        code, stdout, stderr = cli(*args)
+        assert code == 2, (name, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("opcd: error:"), (name, stderr)
+        assert re.search(message, lines[0]), (name, lines[0])
+        assert "Traceback" not in stderr and stdout == ""
+        assert tree(tmp_path) == before, name  # nothing written, nothing changed
+
+
+def test_off_policy_rollouts_are_saved_reused_and_checked(cli, tiny_student, toy_files, tmp_path):
+    rollouts = tmp_path / "rollouts"
+    code, out, err = cli(*distill_args(tiny_student, toy_files, tmp_path / "a", "--mode", "off-policy",
+                                       "--rollouts", rollouts, "--json"))
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["mode"] == "off-policy" and summary["sampler"] == "teacher rollouts"
+    meta = json.loads((rollouts / "rollouts.json").read_text())
+    assert meta["examples"] == 8 and meta["topk"] == 8
+    from safetensors.torch import load_file
+
+    saved = load_file(rollouts / "rollouts.safetensors")
+    assert saved["topk_ids"].shape == saved["topk_logprobs"].shape == (int(saved["lengths"].sum()), 8)
+    assert (saved["topk_logprobs"] <= 0).all()  # full-vocabulary log-probabilities
+
+    stamp = tree(rollouts)
+    code, out, err = cli(*distill_args(tiny_student, toy_files, tmp_path / "b", "--mode", "off-policy",
+                                       "--rollouts", rollouts, "--off-policy-loss", "sft", "--json"))
+    assert code == 0, err
+    assert tree(rollouts) == stamp  # reused, not regenerated
+
+    before = tree(tmp_path)
+    code, out, err = cli(*distill_args(tiny_student, toy_files, tmp_path / "c", "--mode", "off-policy",
+                                       "--rollouts", rollouts, "--topk", "4"))
+    assert code == 2 and "made from other inputs (they differ in topk)" in err
+    assert tree(tmp_path) == before
+
+
+def test_consistency_regulariser_is_logged(cli, tiny_student, toy_files, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = cli(*distill_args(tiny_student, toy_files, out, "--consistency-weight", "0.5", "--json"))
+    assert code == 0, err
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["consistency_loss"] != 0 for m in metrics)
+    assert all(abs(m["loss"] - m["distill_loss"] - m["consistency_loss"]) < 1e-5 for m in metrics)
+    summary = json.loads(stdout)
+    assert summary["consistency_weight"] == 0.5 and 0 <= summary["context_harm_after"] <= 1
+
+
+def test_eval_several_models_best_checkpoints_and_ood(cli, tiny_student, toy_files, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = cli(*with_flags(distill_args(tiny_student, toy_files, out), {"--steps": "4", "--save-every": "1"}))
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002", "step-000003"]
+    code, stdout, err = cli("eval", "--model", out, "--model", tiny_student, "--data", toy_files["test"],
+                            "--context", toy_files["context"], "--ood-data", toy_files["ood"], "--best", "3",
+                            "--max-new-tokens", "4", "--json")
+    assert code == 0, err
+    run_row, base_row = json.loads(stdout)["results"]
+    assert len(run_row["checkpoints"]) == 3
+    for row in (run_row, base_row):
+        assert {"accuracy", "accuracy_with_context", "context_harm", "ood_accuracy", "mean_response_tokens",
+                "mean_response_tokens_with_context"} <= set(row)
+    assert "with context" in err and "OOD" in err and "context harm" in err  # the table's columns
