@@ -6,7 +6,7 @@ Command (from the repository root, with vLLM installed; on a CPU: ``pip install 
 
 What is measured: ``Sampler.generate`` of ``HFSampler`` (the live model's ``generate``) and of ``VLLMSampler``
 (an in-process vLLM engine, created as ``opcd distill --sampler vllm`` creates it) on identical prompt ids,
-the student's view of the toy world's ``reverse`` training prompts (no context), sampled at temperature 1.0
+the student's view of the toy world's ``shift`` training prompts (no context), sampled at temperature 1.0
 (top-p 1, no top-k). Throughput is response tokens (stop ids included) per second of wall time of one
 ``generate`` call. Within one run the providers alternate, call after call, after one warm-up call each, and
 the median (with p20 and p80) of ``--repeats`` calls is reported, with the mean response length.
@@ -71,11 +71,11 @@ def model_folder(workload: str, scratch: Path) -> str:
 
 
 def toy_prompts(renderer: ChatRenderer, count: int) -> list[list[int]]:
-    """The student's view (no context) of the first ``count`` training prompts of the toy ``reverse`` task."""
+    """The student's view (no context) of the first ``count`` training prompts of the toy ``shift`` task."""
     from opcd_cli.toy import world
 
-    rows = world.splits("reverse", train=count, val=1, test=1, ood_per_kind=1).train
-    examples = examples_from_records(rows, "toy reverse train")
+    rows = world.splits("shift", train=count, val=1, test=1, ood_per_kind=1).train
+    examples = examples_from_records(rows, "toy shift train")
     return [renderer.prompt_ids(with_context(e.messages, None, "system")) for e in examples]
 
 

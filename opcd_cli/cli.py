@@ -37,7 +37,7 @@ def distill(
     data: Optional[str] = typer.Option(None, help="Prompts: JSONL, JSON, CSV, Parquet or a saved dataset folder."),
     context: Optional[str] = typer.Option(None, help="Context file to distil (- for stdin); rows may carry their own."),
     context_as: Optional[str] = typer.Option(None, help="system (a system message) or user-prefix (before the user turn)."),
-    toy_task: Optional[str] = typer.Option(None, help="Toy world task when no student is given: reverse or codes."),
+    toy_task: Optional[str] = typer.Option(None, help="Toy world task when no student is given: codes (the default) or shift."),
     mode: Optional[str] = typer.Option(None, help="on-policy (OPCD) or off-policy (train on the teacher's own responses)."),
     off_policy_loss: Optional[str] = typer.Option(None, help="Off-policy loss: forward-kl (teacher's top-k) or sft."),
     rollouts: Optional[str] = typer.Option(None, help="Off-policy: folder of saved teacher rollouts to reuse (made if missing)."),
@@ -127,6 +127,8 @@ def extract(
     extract_max_new_tokens: Optional[int] = typer.Option(None, help="Longest extraction response."),
     batch_size: Optional[int] = typer.Option(None, help="Prompts per generation batch."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    sampler: Optional[str] = typer.Option(None, help="hf (Hugging Face generate) or vllm."),
+    vllm_memory: Optional[float] = typer.Option(None, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
     dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub."),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -172,6 +174,8 @@ def eval_command(
     batch_size: int = typer.Option(64, help="Prompts per generation batch."),
     limit: Optional[int] = typer.Option(None, help="Score only the first N rows."),
     seed: int = typer.Option(0, help="Seed for sampling."),
+    sampler: str = typer.Option("hf", help="hf (Hugging Face generate) or vllm."),
+    vllm_memory: float = typer.Option(0.2, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub."),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -181,7 +185,7 @@ def eval_command(
 
     cfg = EvalConfig(
         models=tuple(model), data=data, ood_data=ood_data, best=best, context=context, context_as=context_as, verifier=verifier,
-        batch_size=batch_size, seed=seed, limit=limit,
+        batch_size=batch_size, seed=seed, limit=limit, sampler=sampler, vllm_memory=vllm_memory,
         sampling=SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n),
         loading=ModelOptions(dtype=dtype, trust_remote_code=trust_remote_code),
     )

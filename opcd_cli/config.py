@@ -64,7 +64,7 @@ class DistillConfig:
     data: str | None = None
     context: str | None = None  # a file, or "-" for stdin; rows may carry their own `context`
     context_as: str = "system"
-    toy_task: str = "reverse"
+    toy_task: str = "codes"
     mode: str = "on-policy"  # off-policy: the paper's baseline, training on the teacher's own responses
     off_policy_loss: str = "forward-kl"  # forward KL over the teacher's top-k, or sft (token cross-entropy)
     rollouts: str | None = None  # off-policy: a folder of saved teacher rollouts to reuse (written if missing)
@@ -111,9 +111,7 @@ class DistillConfig:
         _choice("kernel", self.kernel, KERNELS)
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("sampler", self.sampler, SAMPLERS)
-        memory = self.vllm_memory
-        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not 0 < memory <= 1:
-            raise OpcdError(f"vllm_memory must be a fraction in (0, 1]; got {memory!r}")
+        _fraction("vllm_memory", self.vllm_memory)
         if self.student is None and self.data is not None:
             raise OpcdError("--data needs --student: give the model to train (or drop --data to run the toy world)")
         if self.student is not None and self.data is None:
@@ -161,6 +159,8 @@ class EvalConfig:
     batch_size: int = 64
     seed: int = 0
     limit: int | None = None
+    sampler: str = "hf"
+    vllm_memory: float = 0.2
     sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(temperature=0.0))
     loading: ModelOptions = field(default_factory=ModelOptions)
 
@@ -174,6 +174,8 @@ class EvalConfig:
             _at_least("limit", self.limit, 1)
         if self.best is not None:
             _at_least("best", self.best, 1)
+        _choice("sampler", self.sampler, SAMPLERS)
+        _fraction("vllm_memory", self.vllm_memory)
         if self.sampling.temperature == 0 and self.sampling.n > 1:
             raise OpcdError("greedy decoding (temperature 0) gives one answer; set --temperature above 0 to draw several samples")
 
@@ -197,6 +199,8 @@ class ExtractConfig:
     verifier: str = "auto"
     batch_size: int = 64
     seed: int = 0
+    sampler: str = "hf"
+    vllm_memory: float = 0.2
     sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(temperature=1.0, max_new_tokens=1024))
     extract_max_new_tokens: int = 512
     loading: ModelOptions = field(default_factory=ModelOptions)
@@ -206,6 +210,8 @@ class ExtractConfig:
             raise OpcdError("give --model, --data and --val together (or none of them to run the toy world)")
         _choice("context_as", self.context_as, CONTEXT_AS)
         _choice("verifier", self.verifier, VERIFIERS)
+        _choice("sampler", self.sampler, SAMPLERS)
+        _fraction("vllm_memory", self.vllm_memory)
         for name in ("rounds", "attempts", "traces_per_prompt", "token_budget", "batch_size", "extract_max_new_tokens"):
             _at_least(name, getattr(self, name), 1)
 
@@ -217,6 +223,11 @@ class ExtractConfig:
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise OpcdError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise OpcdError(f"{name} must be a fraction in (0, 1]; got {value!r}")
 
 
 def _at_least(name: str, value: Any, low: float) -> None:

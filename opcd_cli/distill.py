@@ -203,6 +203,10 @@ def prepare(cfg: DistillConfig, ui: UI) -> Run:
     """Load and check everything; raises ``OpcdError`` on bad input and writes nothing."""
     if cfg.kernel != "auto":  # the loss functions read their backend from the environment
         os.environ["OPCD_KERNEL"] = cfg.kernel
+    if cfg.sampler == "vllm" and cfg.mode == "on-policy":
+        from .sampling_vllm import import_vllm
+
+        import_vllm()  # a missing vLLM is reported before any model is loaded
     if cfg.is_toy:
         cfg, files = toy_config(cfg)
     else:

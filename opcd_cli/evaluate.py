@@ -16,9 +16,9 @@ import torch
 from .config import EvalConfig, SamplingOptions
 from .data import Example, load_examples, read_context
 from .errors import OpcdError
-from .models import load_model, load_tokenizer
+from .models import load_tokenizer
 from .prompts import ChatRenderer, with_context
-from .sampling import HFSampler, Sampler
+from .sampling import Sampler, open_sampler
 from .verifiers import is_correct
 
 
@@ -164,14 +164,17 @@ def evaluate(cfg: EvalConfig, progress=None) -> list[dict]:
         for target in targets:
             torch.manual_seed(cfg.seed)
             tokenizer = load_tokenizer(str(target), cfg.loading.trust_remote_code)
-            model = load_model(str(target), cfg.loading.dtype, cfg.loading.trust_remote_code)
             renderer = ChatRenderer(tokenizer, str(target), cfg.loading.chat_template_kwargs)
-            sampler = HFSampler(model, tokenizer, batch_size=cfg.batch_size)
+            sampler = open_sampler(cfg.sampler, str(target), tokenizer, batch_size=cfg.batch_size, dtype=cfg.loading.dtype,
+                                   trust_remote_code=cfg.loading.trust_remote_code, vllm_memory=cfg.vllm_memory,
+                                   seed=cfg.seed)
             advance = progress.task(f"eval {target}", passes) if progress else None
-            result = evaluate_model(sampler, renderer, examples, context=context, context_as=cfg.context_as,
-                                    sampling=cfg.sampling, verifier=cfg.verifier, ood=ood, advance=advance)
-            scored.append({"model": str(target)} | result)
-            del model, sampler
+            try:
+                result = evaluate_model(sampler, renderer, examples, context=context, context_as=cfg.context_as,
+                                        sampling=cfg.sampling, verifier=cfg.verifier, ood=ood, advance=advance)
+            finally:
+                sampler.close()
+            scored.append({"model": str(target), "sampler": sampler.name} | result)
         row = scored[0] if len(scored) == 1 else mean_of_best(scored, cfg.best) | {"model": name}
         results.append({"model": name, "data": cfg.data} | row)
     return results

@@ -23,8 +23,8 @@ def render_items(items) -> str:
 
 
 def trace_line(prompt: str, response: str, right: bool) -> str:
-    """One attempt and its verdict as the extraction prompt shows it."""
-    return f"{prompt} -> {' '.join(response.split())} ({'right' if right else 'wrong'})"
+    """One attempt as the extraction prompt shows it: the verdict first, then the problem and the answer."""
+    return f"[{'right' if right else 'wrong'}] {prompt} -> {' '.join(response.split())}"
 
 
 def _words(item: str) -> set[str]:

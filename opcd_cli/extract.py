@@ -33,7 +33,7 @@ from .evaluate import require_answers, score
 from .experience import ITEM_PREFIX, add_items, parse_items, render_items, trace_line
 from .outputs import write_json_atomic, write_text_atomic
 from .prompts import ChatRenderer, with_context
-from .sampling import HFSampler
+from .sampling import open_sampler
 from .ui import UI, percent
 from .verifiers import is_correct
 
@@ -99,9 +99,9 @@ def extract(cfg: ExtractConfig, ui: UI) -> dict:
     torch.manual_seed(cfg.seed)
     with ui.status(f"loading {cfg.model}"):
         tokenizer = models.load_tokenizer(cfg.model, cfg.loading.trust_remote_code)
-        model = models.load_model(cfg.model, cfg.loading.dtype, cfg.loading.trust_remote_code)
+        sampler = open_sampler(cfg.sampler, cfg.model, tokenizer, batch_size=cfg.batch_size, dtype=cfg.loading.dtype,
+                               trust_remote_code=cfg.loading.trust_remote_code, vllm_memory=cfg.vllm_memory, seed=cfg.seed)
     renderer = ChatRenderer(tokenizer, cfg.model, cfg.loading.chat_template_kwargs)
-    sampler = HFSampler(model, tokenizer, batch_size=cfg.batch_size)
     greedy = SamplingOptions(temperature=0.0, max_new_tokens=cfg.sampling.max_new_tokens)
     extracting = SamplingOptions(temperature=0.0, max_new_tokens=cfg.extract_max_new_tokens)
 
@@ -111,37 +111,41 @@ def extract(cfg: ExtractConfig, ui: UI) -> dict:
                      verifier=cfg.verifier).accuracy
 
     rounds: list[Round] = []
-    with ui.progress():
-        advance = ui.task("extract", cfg.rounds * 3 + 1)
-        without = val_accuracy([])
-        advance(1, status=f"val {percent(without)} without experience")
-        for number in range(1, cfg.rounds + 1):
-            # 1. solve, with the experience so far in context
-            context = render_items(experience) or None
-            prompts = [renderer.prompt_ids(with_context(e.messages, context, cfg.context_as)) for e in train]
-            attempts = sampler.generate(prompts, dataclasses.replace(cfg.sampling, n=cfg.attempts))
-            traces, right = [], 0
-            for i, ids in enumerate(attempts):
-                example = train[i // cfg.attempts]
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                ok = is_correct(text, example.answer, example.verifier, cfg.verifier)
-                right += ok
-                traces.append(trace_line(example.prompt, text, ok))
-            advance(1, status=f"round {number}: {right}/{len(traces)} attempts right")
-            # 2. extract items from the attempts and their verdicts, a few at a time
-            chunks = [traces[i : i + cfg.traces_per_prompt] for i in range(0, len(traces), cfg.traces_per_prompt)]
-            asks = [renderer.prompt_ids([{"role": "user", "content": template.replace("{traces}", "\n".join(c))}])
-                    for c in chunks]
-            found = [item for ids in sampler.generate(asks, extracting)
-                     for item in parse_items(tokenizer.decode(ids, skip_special_tokens=True))]
-            advance(1, status=f"round {number}: {len(found)} items written")
-            # 3. accumulate within the token budget
-            before = len(experience)
-            experience = within_budget(add_items(experience, found), tokenizer, cfg.token_budget)
-            # 4. score on validation
-            accuracy = val_accuracy(experience)
-            rounds.append(Round(number, tuple(experience), max(0, len(experience) - before), right / len(traces), accuracy))
-            advance(1, status=f"round {number}: val {percent(accuracy)} with {len(experience)} items")
+    try:
+        with ui.progress():
+            advance = ui.task("extract", cfg.rounds * 3 + 1)
+            without = val_accuracy([])
+            advance(1, status=f"val {percent(without)} without experience")
+            for number in range(1, cfg.rounds + 1):
+                # 1. solve, with the experience so far in context
+                context = render_items(experience) or None
+                prompts = [renderer.prompt_ids(with_context(e.messages, context, cfg.context_as)) for e in train]
+                attempts = sampler.generate(prompts, dataclasses.replace(cfg.sampling, n=cfg.attempts))
+                traces, right = [], 0
+                for i, ids in enumerate(attempts):
+                    example = train[i // cfg.attempts]
+                    text = tokenizer.decode(ids, skip_special_tokens=True)
+                    ok = is_correct(text, example.answer, example.verifier, cfg.verifier)
+                    right += ok
+                    traces.append(trace_line(example.prompt, text, ok))
+                advance(1, status=f"round {number}: {right}/{len(traces)} attempts right")
+                # 2. extract items from the attempts and their verdicts, a few at a time
+                chunks = [traces[i : i + cfg.traces_per_prompt] for i in range(0, len(traces), cfg.traces_per_prompt)]
+                asks = [renderer.prompt_ids([{"role": "user", "content": template.replace("{traces}", "\n".join(c))}])
+                        for c in chunks]
+                found = [item for ids in sampler.generate(asks, extracting)
+                         for item in parse_items(tokenizer.decode(ids, skip_special_tokens=True))]
+                advance(1, status=f"round {number}: {len(found)} items written")
+                # 3. accumulate within the token budget
+                known = set(experience)
+                experience = within_budget(add_items(experience, found), tokenizer, cfg.token_budget)
+                # 4. score on validation
+                accuracy = val_accuracy(experience)
+                new = sum(item not in known for item in experience)
+                rounds.append(Round(number, tuple(experience), new, right / len(traces), accuracy))
+                advance(1, status=f"round {number}: val {percent(accuracy)} with {len(experience)} items")
+    finally:
+        sampler.close()
 
     best = max(rounds, key=lambda r: (r.val_accuracy, -r.number))
     if not best.items:

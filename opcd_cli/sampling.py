@@ -24,13 +24,46 @@ class Sampler(Protocol):
         """Make the next ``generate`` sample from ``model``'s current weights."""
         ...
 
+    def close(self) -> None:
+        """Free what the sampler holds (an engine, its memory)."""
+        ...
+
 
 def stop_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a response: the tokenizer's EOS and the model's generation-config EOS ids."""
+    """Every id that ends a response: the tokenizer's EOS and the model's generation-config EOS ids.
+
+    ``model`` may also be a ``GenerationConfig`` (or None), for samplers that never load the model here.
+    """
     ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config = getattr(model, "generation_config", model)
+    configured = getattr(config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
     return {i for i in ids if i is not None}
+
+
+def open_sampler(kind: str, source: str, tokenizer, *, batch_size: int, dtype: str = "auto",
+                 trust_remote_code: bool = False, vllm_memory: float = 0.2, seed: int = 0) -> Sampler:
+    """A sampler for a model that is only generated from (``opcd eval``, ``opcd extract``).
+
+    ``hf`` loads the model here; ``vllm`` only starts an engine (the model is not loaded twice).
+    """
+    from . import models
+
+    if kind == "vllm":
+        from transformers import GenerationConfig
+
+        from .sampling_vllm import VLLMSampler, import_vllm
+
+        import_vllm()  # a missing vLLM is reported before anything slow happens
+        folder = models.resolve(source)
+        try:
+            generation = GenerationConfig.from_pretrained(folder)
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone ends responses
+            generation = None
+        return VLLMSampler(folder, stop_ids(generation, tokenizer), dtype=models.resolve_dtype(dtype),
+                           memory=vllm_memory, seed=seed, trust_remote_code=trust_remote_code)
+    model = models.load_model(source, dtype, trust_remote_code)
+    return HFSampler(model, tokenizer, batch_size=batch_size)
 
 
 class HFSampler:
@@ -45,6 +78,9 @@ class HFSampler:
 
     def update_weights(self, model) -> None:
         self.model = model
+
+    def close(self) -> None:
+        self.model = None
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions) -> list[list[int]]:

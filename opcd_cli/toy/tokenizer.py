@@ -12,7 +12,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHARACTERS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " \n.,:;!?-'\"()/+=*<>_#"
+CHARACTERS = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation + " \n"
 
 # The Qwen chat format, without Qwen3's thinking blocks.
 CHAT_TEMPLATE = (

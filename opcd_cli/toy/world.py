@@ -2,12 +2,14 @@
 
 Tasks:
 
-* ``reverse`` (system-prompt style, the default): the context is a system prompt asking for words written
-  backwards; the student copies words without it. OOD split: the other word rules, each row with its own
-  system prompt, which checks that the student still follows a context after distillation.
-* ``codes`` (experience style): the context lists experience items stating the world's code law for eight
-  starting letters; without it the student guesses the digit of its answer (``k-words have code 7``). OOD split: code questions about other letters with
-  items of another law in context.
+* ``codes`` (experience style, the default): the context lists experience items stating the world's code
+  law for eight starting letters; without it the student guesses the digit of its answer
+  (``k-words have code K7``). OOD split: code questions about other letters, with items of another law in
+  context.
+* ``shift`` (system-prompt style): the context is a system prompt asking for every letter of the word to be
+  replaced by the next letter of the alphabet; the student copies words without it. OOD split: the other
+  word rules, each row with its own system prompt. On this task distillation also changes how the toy
+  student follows the other rules (see ``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..errors import OpcdError
 from . import tasks
 
 ASSETS = Path(__file__).parent / "assets"
-TOY_TASKS = ("reverse", "codes")
+TOY_TASKS = ("shift", "codes")
 WORLD_SEED = 2026
 CODE_LETTERS = "bdgkmprt"  # the letters whose codes the `codes` task distils
 EXTRACT_TRAIN = 48  # training problems `opcd extract` attempts in the toy world
@@ -30,7 +32,7 @@ EXTRACT_TRACES_PER_PROMPT = 6  # the toy models saw at most 6 attempts per extra
 TOY_SETTINGS = {
     "steps": 60,
     "batch_size": 16,
-    "lr": 5e-4,
+    "lr": 1e-4,
     "warmup_steps": 5,
     "topk": 16,
     "temperature": 1.0,
@@ -39,12 +41,12 @@ TOY_SETTINGS = {
 }
 
 
-# `opcd extract` with no model arguments: the toy answers are one digit, the items one line each.
+# `opcd extract` with no model arguments: the toy answers ("k-words have code K7") and items are one short line each.
 TOY_EXTRACT_SETTINGS = {
     "rounds": 3,
     "attempts": 4,
     "temperature": 1.0,
-    "max_new_tokens": 8,
+    "max_new_tokens": 24,
     "extract_max_new_tokens": 400,
     "output": "exp.txt",
 }
@@ -73,8 +75,8 @@ def splits(task: str, seed: int = WORLD_SEED, train: int = 512, val: int = 100, 
     if task not in TOY_TASKS:
         raise OpcdError(f"unknown toy task {task!r}; choose one of {', '.join(TOY_TASKS)}")
     rng = random.Random(seed)
-    if task == "reverse":
-        return _reverse_splits(rng, train, val, test, ood_per_kind)
+    if task == "shift":
+        return _rule_splits("shift", rng, train, val, test, ood_per_kind)
     return _codes_splits(rng, train, val, test, ood_per_kind)
 
 
@@ -85,18 +87,18 @@ def _unique_words(rng: random.Random, count: int, make) -> list[str]:
     return list(words)
 
 
-def _reverse_splits(rng, n_train, n_val, n_test, ood_per_kind) -> ToySplits:
-    rule = tasks.RULES["reverse"]
+def _rule_splits(name: str, rng, n_train, n_val, n_test, ood_per_kind) -> ToySplits:
+    rule = tasks.RULES[name]
     words = _unique_words(rng, n_train + n_val + n_test, tasks.random_word)
     train, val, test = words[:n_train], words[n_train : n_train + n_val], words[n_train + n_val :]
     ood = [
-        {"prompt": w, "context": tasks.rule_context(name), "answer": other.apply(w)}
-        for name, other in tasks.RULES.items()
-        if name != "reverse"
+        {"prompt": w, "context": tasks.rule_context(other_name), "answer": other.apply(w)}
+        for other_name, other in tasks.RULES.items()
+        if other_name != name
         for w in (tasks.random_word(rng) for _ in range(ood_per_kind))
     ]
     return ToySplits(
-        context=tasks.rule_context("reverse"),
+        context=tasks.rule_context(name),
         train=[{"prompt": w} for w in train],
         val=[{"prompt": w, "answer": rule.apply(w)} for w in val],
         test=[{"prompt": w, "answer": rule.apply(w)} for w in test],
