@@ -65,6 +65,15 @@ def distill(cfg: DistillConfig, ui: UI) -> dict:
     """Run context distillation and return the summary (also written to ``summary.json``)."""
     started = time.time()
     run = prepare(cfg, ui)
+    try:
+        return train(run, ui, started)
+    finally:
+        if run.sampler is not None:
+            run.sampler.close()  # a vLLM engine holds its share of memory until closed
+
+
+def train(run: Run, ui: UI, started: float) -> dict:
+    """The distillation loop on a prepared run, then the final model, evaluation and summary."""
     cfg, student, sampler = run.cfg, run.student, run.sampler
     out = run.out.begin()
     write_json_atomic(out / RUN_MARKER, cfg.to_dict())

@@ -32,6 +32,7 @@ engine may fill, including what this process already holds.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import os
@@ -174,6 +175,7 @@ class VLLMSampler:
             if shutdown is not None and hasattr(shutdown, "shutdown"):
                 shutdown.shutdown()
             del llm
+            gc.collect()  # the engine's KV cache is freed only once nothing refers to it
 
     # --- internals -----------------------------------------------------------------------------------
 

@@ -121,23 +121,30 @@ def test_engine_follows_the_student_after_optimiser_steps(toy, engine):
 @needs_vllm
 @pytest.mark.slow
 def test_toy_distill_with_the_vllm_sampler(cli, tmp_path, monkeypatch):
-    """`opcd distill --sampler vllm` says so, pushes weights every step and ends in sync with the saved student."""
+    """`opcd distill --sampler vllm` says so, pushes weights every step, is in sync with the saved student after
+    the last push, and shuts its engine down at the end."""
     import opcd_cli.distill as distill_module
     from opcd_cli.sampling_vllm import VLLMSampler
 
-    made, pushes = [], []
-    real_make, real_update = distill_module.make_sampler, VLLMSampler.update_weights
+    probe = [1, 20, 21, 22, 40, 41, 42]
+    made, pushes, closed = [], [], []
+    real_make, real_update, real_close = distill_module.make_sampler, VLLMSampler.update_weights, VLLMSampler.close
 
     def make(*args, **kwargs):
         made.append(real_make(*args, **kwargs))
         return made[-1]
 
     def update(self, model):
-        pushes.append(1)
         real_update(self, model)
+        pushes.append(self.sequence_logprobs(probe))  # what the engine computes right after this push
+
+    def close(self):
+        closed.append(1)
+        real_close(self)
 
     monkeypatch.setattr(distill_module, "make_sampler", make)
     monkeypatch.setattr(VLLMSampler, "update_weights", update)
+    monkeypatch.setattr(VLLMSampler, "close", close)
     out = tmp_path / "run"
     code, stdout, stderr = cli("distill", "--sampler", "vllm", "--vllm-memory", "0.2", "--steps", "2",
                                "--batch-size", "4", "--max-new-tokens", "8", "--eval-max-new-tokens", "4",
@@ -145,19 +152,15 @@ def test_toy_distill_with_the_vllm_sampler(cli, tmp_path, monkeypatch):
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert summary["sampler"] == "vllm" and summary["steps"] == 2
-    assert isinstance(made[0], VLLMSampler) and len(pushes) == 2
+    assert isinstance(made[0], VLLMSampler) and len(pushes) == 2 and closed == [1]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(m["response_tokens"] >= 1 and m["loss"] == m["loss"] for m in metrics)
 
     from transformers import AutoModelForCausalLM
 
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    probe = [1, 20, 21, 22, 40, 41, 42]
-    try:
-        torch.testing.assert_close(torch.tensor(made[0].sequence_logprobs(probe)), trainer_logprobs(saved, probe),
-                                   rtol=0, atol=TOLERANCE)
-    finally:
-        made[0].close()
+    torch.testing.assert_close(torch.tensor(pushes[-1]), trainer_logprobs(saved, probe), rtol=0, atol=TOLERANCE)
+    assert (torch.tensor(pushes[0]) - torch.tensor(pushes[-1])).abs().max() > 0  # the second push changed it
 
 
 def test_vllm_sampler_without_vllm_is_a_one_line_error(cli, tmp_path, monkeypatch):
