@@ -28,10 +28,11 @@ from opcd_cli.distill import distill
 from opcd_cli.toy.world import TOY_SETTINGS
 from opcd_cli.ui import UI
 
+CONSISTENCY_WEIGHT = 0.02  # LAMBDA of the "OPCD + consistency" row unless --consistency-weight says otherwise
 METHODS = {  # row name -> settings on top of the toy recipe
     "off-policy context distillation": {"mode": "off-policy"},
     "OPCD": {},
-    "OPCD + consistency": {"consistency_weight": 0.02},  # --consistency-weight sets it
+    "OPCD + consistency": {"consistency_weight": CONSISTENCY_WEIGHT},
     "OPCD, cross-size (large teacher)": {"teacher": "toy:large"},
 }
 COLUMNS = ["test accuracy", "with context", "OOD", "context harm", "response tokens"]
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/paper_table"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", nargs="+", default=["shift", "codes"])
-    parser.add_argument("--consistency-weight", type=float, default=0.02,
+    parser.add_argument("--consistency-weight", type=float, default=CONSISTENCY_WEIGHT,
                         help="LAMBDA of the OPCD + consistency row (at 0.1 and 1 it disrupted the toy student)")
     args = parser.parse_args()
     METHODS["OPCD + consistency"] = {"consistency_weight": args.consistency_weight}

@@ -14,8 +14,9 @@ Pretraining teaches general skills, never the toy world's hidden facts:
 
 It runs in two stages (``CURRICULUM``). Looking a value up by its key is the skill tiny models are slowest
 to find: trained on everything at once they sit at chance on it for thousands of steps. A first stage of
-short recall drills ("Codes: K7 M1 R2 / Recall: M R" -> "M1 R2") makes that skill appear within about a
-thousand cheap steps; the second stage then learns the real tasks on top of it in a few hundred.
+short recall drills ("Codes: K7 M1 R2 / Recall: M R" -> "M1 R2") makes that skill appear within a few
+hundred cheap steps; the second stage then learns the code lookup on top of it in under a thousand steps
+(the word rules take most of the stage: see the probes in each ``manifest.json``).
 """
 
 from __future__ import annotations
