@@ -4,7 +4,8 @@ The loss is that of ``topk_kl_triton`` on logits a = h_1 @ W_1.T (first) and b =
 reduced with per-token weights w_n (mask, and 1 / #unmasked for "mean"): loss = sum_n w_n * loss_n.
 
 Tokens are taken in chunks of n rows. Per chunk: a_nV and b_nV come from torch matmuls (cuBLAS on a GPU,
-float32 accumulation, stored in the input dtype); the forward kernel writes g_nV = w_n * dloss_n/da over a_nV
+float32 accumulation, stored in the compute dtype: autocast's if on, else the inputs'; see ``linear.py``);
+the forward kernel writes g_nV = w_n * dloss_n/da over a_nV
 and/or w_n * dloss_n/db over b_nV in place (for the sides that require grad); then, per such side,
 
     dloss/dh[chunk] = g_nV @ W                 dloss/dW += g_nV.T @ h[chunk]   (float32 accumulator)
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from .linear import autocast_off, backprop_chunk, compute_dtype, logits, scale_saved_grads
 from .reference import _reduce, check_fused_linear, refuse_teacher_grad, token_weights
-from .topk_kl_triton import topk_kl_forward
+from .topk_kl_triton import scratch_width, topk_kl_forward
 
 # Bytes for one chunk's first and second logits plus its top-k id scratch.
 DEFAULT_CHUNK_BYTES = 1 << 30
@@ -32,37 +34,6 @@ def chunk_rows(V: int, k: int, first_dtype, second_dtype, budget_bytes: int = DE
     return rows - rows % 64 if rows >= 128 else rows  # whole tiles for the matmuls
 
 
-# torch >= 2.8 has addmm(..., out_dtype=torch.float32) for fp16/bf16 operands on CUDA.
-_TORCH_HAS_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
-
-
-def _addmm_out_dtype_supported(x: torch.Tensor) -> bool:
-    return (
-        _TORCH_HAS_OUT_DTYPE
-        and x.is_cuda
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and torch.cuda.get_device_capability(x.device)[0] >= 8
-    )
-
-
-def accumulate_weight_grad(grad_VH: torch.Tensor, g_nV: torch.Tensor, h_nH: torch.Tensor) -> None:
-    """``grad_VH += g_nV.T @ h_nH`` into a float32 accumulator."""
-    if g_nV.dtype == h_nH.dtype == torch.float32:
-        grad_VH.addmm_(g_nV.T, h_nH)
-    elif g_nV.dtype == h_nH.dtype and _addmm_out_dtype_supported(g_nV):
-        torch.addmm(grad_VH, g_nV.T, h_nH, out_dtype=torch.float32, out=grad_VH)  # low-precision operands, fp32 sum
-    else:
-        grad_VH.addmm_(g_nV.T.float(), h_nH.float())
-
-
-def _backprop_chunk(g_nV, h_nH, w_VH, grad_h_nH, grad_w_VH) -> None:
-    """Through ``logits = h @ w.T`` for one chunk, into whichever of the two buffers is given."""
-    if grad_h_nH is not None:
-        torch.mm(g_nV, w_VH, out=grad_h_nH)
-    if grad_w_VH is not None:
-        accumulate_weight_grad(grad_w_VH, g_nV, h_nH)
-
-
 class FusedLinearTopkKLTriton(torch.autograd.Function):
     """Chunked over tokens; each chunk's logits buffers become its gradient buffers."""
 
@@ -72,6 +43,7 @@ class FusedLinearTopkKLTriton(torch.autograd.Function):
         need = ctx.needs_input_grad[:4]
         grad_first, grad_second = need[0] or need[1], need[2] or need[3]
         dev = h1_NH.device
+        dt1, dt2 = compute_dtype(h1_NH, w1_VH), compute_dtype(h2_NM, w2_VM)  # autocast's, as the lm_head's would be
         loss_N = torch.empty(N, dtype=torch.float32, device=dev)
         mass_N = torch.empty(N, dtype=torch.float32, device=dev)
         grads = [  # hidden-state gradients in their own dtype, weight gradients accumulated in float32
@@ -81,20 +53,22 @@ class FusedLinearTopkKLTriton(torch.autograd.Function):
             torch.zeros(w2_VM.shape, dtype=torch.float32, device=dev) if need[3] else None,
         ]
         grad_h1, grad_w1, grad_h2, grad_w2 = grads
-        ids_nk = torch.empty(min(rows, N), k, dtype=torch.int32, device=dev)
-        for s in range(0, N, rows):
-            e = min(N, s + rows)
-            a_nV = h1_NH[s:e] @ w1_VH.T
-            b_nV = h2_NM[s:e] @ w2_VM.T
-            loss_N[s:e], mass_N[s:e], _, _ = topk_kl_forward(
-                a_nV, b_nV, k, renorm, weight_N=weight_N[s:e] if grad_first or grad_second else None,
-                grad_first=grad_first, grad_second=grad_second, ids_Nk=ids_nk, block_v=block_v,
-            )
-            if grad_first:
-                _backprop_chunk(a_nV, h1_NH[s:e], w1_VH, None if grad_h1 is None else grad_h1[s:e], grad_w1)
-            if grad_second:
-                _backprop_chunk(b_nV, h2_NM[s:e], w2_VM, None if grad_h2 is None else grad_h2[s:e], grad_w2)
-            del a_nV, b_nV
+        ids_nc = torch.empty(min(rows, N), scratch_width(k), dtype=torch.int32, device=dev)
+        with autocast_off(dev):
+            w1, w2 = w1_VH.to(dt1), w2_VM.to(dt2)  # cast once per call
+            for s in range(0, N, rows):
+                e = min(N, s + rows)
+                h1, h2 = h1_NH[s:e].to(dt1), h2_NM[s:e].to(dt2)
+                a_nV, b_nV = logits(h1, w1, dt1), logits(h2, w2, dt2)
+                loss_N[s:e], mass_N[s:e], _, _ = topk_kl_forward(
+                    a_nV, b_nV, k, renorm, weight_N=weight_N[s:e] if grad_first or grad_second else None,
+                    grad_first=grad_first, grad_second=grad_second, ids_Nc=ids_nc, block_v=block_v,
+                )
+                if grad_first:  # a_nV now holds the chunk's weighted gradient
+                    backprop_chunk(a_nV, h1, w1, None if grad_h1 is None else grad_h1[s:e], grad_w1)
+                if grad_second:
+                    backprop_chunk(b_nV, h2, w2, None if grad_h2 is None else grad_h2[s:e], grad_w2)
+                del a_nV, b_nV
         ctx.save_for_backward(*grads)
         ctx.dtypes = [x.dtype for x in (h1_NH, w1_VH, h2_NM, w2_VM)]
         ctx.mark_non_differentiable(mass_N)
@@ -102,10 +76,7 @@ class FusedLinearTopkKLTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_mass_N):
-        grads = [
-            None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)
-        ]
-        return (*grads, None, None, None, None, None)
+        return (*scale_saved_grads(ctx, grad_total), None, None, None, None, None)
 
 
 def fused_linear_topk_kl_triton(

@@ -139,13 +139,17 @@ def topk_kl_rows(first_nV: torch.Tensor, second_nV: torch.Tensor, k: int, renorm
             grad_first_nV = torch.zeros_like(logp)
             grad_first_nV.scatter_(1, ids, torch.where(live_k, p_k * (r_k - loss_n[:, None]), torch.zeros_like(p_k)))
         else:
-            grad_first_nV = logp.exp_().mul_(-(loss_n + mass_n)[:, None])  # logp's storage: p * -(L + P)
-            grad_first_nV.scatter_add_(1, ids, torch.where(live_k, p_k * (r_k + 1), torch.zeros_like(p_k)))
+            # off S: p * -(L + P), in logp's storage; on S: p * (r + 1 - (L + P)), written whole (as the kernel does)
+            grad_first_nV = logp.exp_().mul_(-(loss_n + mass_n)[:, None])
+            on_s = p_k * (r_k + 1 - (loss_n + mass_n)[:, None])
+            grad_first_nV.scatter_(1, ids, torch.where(live_k, on_s, torch.zeros_like(p_k)))
     if grad_second:
         if renorm:
             grad_second_nV = torch.zeros_like(logq).scatter_(1, ids, logq_k.exp() - p_k)
         else:
-            grad_second_nV = logq.exp_().mul_(mass_n[:, None]).scatter_add_(1, ids, -p_k)  # logq's storage: q * P
+            # off S: q * P, in logq's storage; on S: q * P - p
+            grad_second_nV = logq.exp_().mul_(mass_n[:, None])
+            grad_second_nV.scatter_(1, ids, logq_k.exp() * mass_n[:, None] - p_k)
     return loss_n, mass_n, grad_first_nV, grad_second_nV
 
 
@@ -241,22 +245,18 @@ def check_fused_linear(first_hidden, first_weight, second_hidden, second_weight,
         raise ValueError(f"mask must be [N] = [{N}]; got {tuple(mask.shape)}")
 
 
-def backprop_linear(g_nV, h_nH, w_VH, grad_h_nH, grad_w_VH) -> None:
-    """Through ``logits = h @ w.T``: ``grad_h_nH = g_nV @ w_VH`` and ``grad_w_VH += g_nV.T @ h_nH`` (float32),
-    each only where its buffer is given."""
-    if grad_h_nH is not None:
-        grad_h_nH.copy_(g_nV.to(w_VH.dtype) @ w_VH)
-    if grad_w_VH is not None:
-        grad_w_VH.addmm_(g_nV.T.float(), h_nH.float())
-
-
 class _FusedLinearTopkKL(torch.autograd.Function):
-    """Logits made chunk by chunk from hidden states; gradients computed in the forward pass and scaled later."""
+    """Logits made chunk by chunk from hidden states; gradients computed in the forward pass and scaled later.
+
+    The matmuls run in the compute dtype (autocast's when it is on), as in ``linear.py``."""
 
     @staticmethod
     def forward(ctx, h1_NH, w1_VH, h2_NM, w2_VM, weight_N, k, renorm, chunk_rows):
+        from .linear import autocast_off, backprop_chunk, compute_dtype, logits
+
         N = h1_NH.shape[0]
         need = ctx.needs_input_grad[:4]
+        dt1, dt2 = compute_dtype(h1_NH, w1_VH), compute_dtype(h2_NM, w2_VM)
         loss_N = h1_NH.new_zeros(N, dtype=torch.float32)
         mass_N = h1_NH.new_zeros(N, dtype=torch.float32)
         f32 = dict(dtype=torch.float32, device=w1_VH.device)
@@ -266,18 +266,19 @@ class _FusedLinearTopkKL(torch.autograd.Function):
             torch.empty_like(h2_NM) if need[2] else None,
             torch.zeros(w2_VM.shape, **f32) if need[3] else None,
         ]
-        for s in range(0, N, chunk_rows):
-            e = min(N, s + chunk_rows)
-            a_nV = h1_NH[s:e] @ w1_VH.T
-            b_nV = h2_NM[s:e] @ w2_VM.T
-            loss_N[s:e], mass_N[s:e], g_first, g_second = topk_kl_rows(
-                a_nV, b_nV, k, renorm, need[0] or need[1], need[2] or need[3]
-            )
-            sides = ((g_first, h1_NH, w1_VH, grads[0], grads[1]), (g_second, h2_NM, w2_VM, grads[2], grads[3]))
-            for g_nV, h, w, grad_h, grad_w in sides:
-                if g_nV is not None:
-                    g_nV.mul_(weight_N[s:e, None])
-                    backprop_linear(g_nV, h[s:e], w, None if grad_h is None else grad_h[s:e], grad_w)
+        with autocast_off(h1_NH.device):
+            w1, w2 = w1_VH.to(dt1), w2_VM.to(dt2)  # cast once per call
+            for s in range(0, N, chunk_rows):
+                e = min(N, s + chunk_rows)
+                h1, h2 = h1_NH[s:e].to(dt1), h2_NM[s:e].to(dt2)
+                loss_N[s:e], mass_N[s:e], g_first, g_second = topk_kl_rows(
+                    logits(h1, w1, dt1), logits(h2, w2, dt2), k, renorm, need[0] or need[1], need[2] or need[3]
+                )
+                sides = ((g_first, h1, w1, grads[0], grads[1]), (g_second, h2, w2, grads[2], grads[3]))
+                for g_nV, h, w, grad_h, grad_w in sides:
+                    if g_nV is not None:  # float32 gradient of the chunk's logits, weighted, in the compute dtype
+                        g_nV = g_nV.mul_(weight_N[s:e, None]).to(w.dtype)
+                        backprop_chunk(g_nV, h, w, None if grad_h is None else grad_h[s:e], grad_w)
         ctx.save_for_backward(*grads)
         ctx.dtypes = [x.dtype for x in (h1_NH, w1_VH, h2_NM, w2_VM)]
         ctx.mark_non_differentiable(mass_N)
@@ -285,10 +286,9 @@ class _FusedLinearTopkKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_mass):
-        grads = [
-            None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)
-        ]
-        return (*grads, None, None, None, None)
+        from .linear import scale_saved_grads
+
+        return (*scale_saved_grads(ctx, grad_total), None, None, None, None)
 
 
 def fused_linear_topk_kl_torch(

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .reference import _reduce, _rows_per_chunk, backprop_linear, token_weights
+from .linear import autocast_off, backprop_chunk, compute_dtype, logits, scale_saved_grads
+from .reference import _reduce, _rows_per_chunk, token_weights
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -113,31 +114,34 @@ def sparse_target_kl(target_ids_Nk, target_logprobs_Nk, logits_NV, mask=None, re
 
 
 class _FusedLinearSparseTargetKL(torch.autograd.Function):
-    """Logits made chunk by chunk; gradients computed in the forward pass and scaled by the upstream later."""
+    """Logits made chunk by chunk (in autocast's dtype when it is on, as in ``linear.py``); gradients computed in
+    the forward pass and scaled by the upstream later."""
 
     @staticmethod
     def forward(ctx, ids_Nk, lq_Nk, hidden_NH, weight_VH, weight_N, chunk_rows):
         N = hidden_NH.shape[0]
         need_h, need_w = ctx.needs_input_grad[2:4]
+        dt = compute_dtype(hidden_NH, weight_VH)
         loss_N = hidden_NH.new_empty(N, dtype=torch.float32)
         grad_h = torch.empty_like(hidden_NH) if need_h else None
         grad_w = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
-        for s in range(0, N, chunk_rows):
-            e = min(N, s + chunk_rows)
-            z_nV = hidden_NH[s:e] @ weight_VH.T
-            loss_N[s:e], g_nV = sparse_target_kl_rows(ids_Nk[s:e], lq_Nk[s:e], z_nV, want_grad=need_h or need_w)
-            if g_nV is not None:
-                g_nV.mul_(weight_N[s:e, None])
-                backprop_linear(g_nV, hidden_NH[s:e], weight_VH, None if grad_h is None else grad_h[s:e], grad_w)
+        with autocast_off(hidden_NH.device):
+            w = weight_VH.to(dt)  # cast once per call
+            for s in range(0, N, chunk_rows):
+                e = min(N, s + chunk_rows)
+                h = hidden_NH[s:e].to(dt)
+                loss_N[s:e], g_nV = sparse_target_kl_rows(ids_Nk[s:e], lq_Nk[s:e], logits(h, w, dt),
+                                                          want_grad=need_h or need_w)
+                if g_nV is not None:
+                    g_nV = g_nV.mul_(weight_N[s:e, None]).to(dt)
+                    backprop_chunk(g_nV, h, w, None if grad_h is None else grad_h[s:e], grad_w)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.w_dtype = weight_VH.dtype
+        ctx.dtypes = [hidden_NH.dtype, weight_VH.dtype]
         return (loss_N * weight_N).sum()
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = None if grad_h is None else grad_h * grad_total.to(grad_h.dtype)
-        grad_w = None if grad_w is None else (grad_w * grad_total).to(ctx.w_dtype)
+        grad_h, grad_w = scale_saved_grads(ctx, grad_total)
         return None, None, grad_h, grad_w, None, None
 
 

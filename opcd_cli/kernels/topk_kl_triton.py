@@ -13,31 +13,41 @@ With ``renorm`` both distributions are renormalised within S (p~ = softmax(a_S),
     dloss/da_j = [j in S] * p~_j * (log p~_j - log q~_j - loss)
     dloss/db_j = [j in S] * (q~_j - p~_j)
 
-So a row needs the two log-sum-exps, the set S, and the k pairs (a_i, b_i) on S. The forward kernel makes
-these passes over the row, in blocks of ``BLOCK_V`` columns, holding nothing of size V:
+So a row needs the two log-sum-exps, the set S, and the k pairs (a_i, b_i) on S. The kernels stream the row
+in blocks of ``BLOCK_V`` columns (``STREAM_V``, twice as wide, in passes 2 and 5) and keep every pass free of
+work that synchronises the program's threads inside the loop (reductions, scans, histograms). An earlier
+design ran a radix select over the whole row, with a histogram or a scan in every block; on an H200 it moved
+data at 0.9 TB/s, against 1.7 TB/s now (``bench/RESULTS.md``). The passes:
 
-1. log-sum-exp of a and of b (online max and rescaled sum), and a 256-bin histogram of the top 8 bits of
-   an integer key that orders like a;
-2. radix select: each further pass histograms the next 8 key bits among the elements that still match the
-   chosen prefix. After the last pass the k-th largest key ``tau`` is known exactly, and ``need``, how many
-   elements equal to ``tau`` belong to S. A bf16 logit has 16 significant key bits (2 passes in all),
-   an fp16 logit 19 (3 passes), a float32 logit 32 (4 passes);
-3. gather: every element with key > tau, and the first ``need`` elements with key == tau in id order
-   (a running count plus a prefix sum within the block ranks the ties), are compacted into a [k] id
-   buffer of the row;
-4. the loss, the top-k mass P and the two log normalisers (full vocabulary, or over S with renorm) come
-   from the k triples (id, a_id, b_id), reading a and b at the gathered ids;
-5. when the upstream gradient of every row is known in advance (as in the fused linear loss), the dense
-   gradients, scaled by a per-row weight, are written in place: dloss/da over the first logits with
-   ``GRAD_FIRST``, dloss/db over the second logits with ``GRAD_SECOND``.
+1. **statistics** (reads a and b): per column position j of the block, a running max and a rescaled sum of
+   both logits (one exp per element); they are reduced to the two log-sum-exps once, after the loop. The
+   running maxima of a are also the maxima of the BLOCK_V strided slices of the row, and the k-th largest
+   of them, ``t0``, is a lower bound of the row's k-th largest value (k distinct elements are >= it);
+2. **candidates** (reads a): every element with a >= t0 is appended to the row's candidate buffer through an
+   atomic counter. On random logits, Gaussian or with a few large outliers, there are only a few more than k
+   (about 1.1 k at k = 256 and V = 151,936);
+3. **select**: among the candidates, held in registers, a radix select (4 histogram rounds of 8 bits) finds
+   the k-th largest value and how many of its ties belong to S, a second one the lowest ids among those
+   ties, and S is compacted into the row's id buffer. When there are more candidates than the buffer holds
+   (adversarial rows: thousands of equal values), or k exceeds what the first pass can bound, an exact radix
+   select over the row runs instead (histogram passes over 8 key bits at a time, then a compaction that
+   ranks ties in id order);
+4. **loss**: the loss, the top-k mass P and the log normalisers (full vocabulary, or over S with renorm) come
+   from the k triples (id, a_id, b_id), read at the gathered ids;
+5. **gradients**, when the upstream gradient of every row is known in advance (the fused linear loss): the
+   part of each gradient that holds outside S (``-p_j (loss + P)`` for a, ``q_j P`` for b, 0 with renorm) is
+   written over the whole row in place, scaled by a per-row weight; then, after a barrier, the k entries on S
+   are overwritten with their full values, from (a_i, b_i) saved in pass 4 (the dense pass has overwritten
+   the logits by then). A side not asked for (``GRAD_FIRST``, ``GRAD_SECOND``) costs no load or store; with
+   renorm the dense part is zero and needs no load at all.
 
-The backward kernel is pass 5 alone, into separate gradient buffers; it recomputes membership in S from the
-saved ``tau`` and ``need``. ``GRAD_FIRST`` and ``GRAD_SECOND`` are compile-time switches of that pass only:
-the passes are the same whichever gradients are wanted, and a side not asked for costs no store. Every load
-is upcast to float32 straight away; the arithmetic is float32.
+The backward kernel is pass 5 alone, into separate gradient buffers, from the saved ids and row statistics.
+Every load is upcast to float32 straight away; the arithmetic is float32.
 
-Cost per row with bf16 logits and one fused gradient: a is read 4 times and b twice, the gradient written
-once, plus 2k scattered reads on S; the only scratch is the [N, k] int32 id buffer and [N, 6] row statistics.
+Cost per row with bf16 logits and the first side's gradient fused: a is read 3 times and b once, the
+gradient written once, plus a few k scattered accesses; the scratch is an int32 candidate buffer
+[N, ``scratch_width(k)``], an int32 counter per row, [N, 2k] float32 pairs (only when a gradient is
+written in place) and [N, 4] row statistics.
 
 Layers: ``@triton.jit`` kernels, the launch functions ``topk_kl_forward`` and ``topk_kl_backward``,
 ``TopkKLTriton`` (a ``torch.autograd.Function``), the functional ``topk_kl_triton``, and the OPCD entry point
@@ -52,11 +62,20 @@ import triton.language as tl
 
 from .reference import _check, _reduce, refuse_teacher_grad
 
-# Columns per block. 2048 at 8 warps compiles for sm_90 without spills to 78-86 registers with one gradient
-# switch on and 104-110 with both (2 programs per SM either way); the tests pass smaller blocks to cover rows
-# of several blocks.
+# Columns per block of the first pass (2048 at 8 warps was the fastest of the launch configurations measured on
+# an H200 inside the fused loss), and the width of the streaming passes as a multiple of it (twice as many loads
+# in flight per thread at the same 64 registers; four times needed 128, halving the programs per SM). The tests
+# pass smaller blocks to cover rows of several blocks.
 DEFAULT_BLOCK_V = 2048
+STREAM_FACTOR = 2
 MAX_BLOCK_K = 1024
+# Candidate slots per row, as a multiple of the padded k (``candidate_slots``), at most MAX_CANDIDATES.
+CANDIDATE_FACTOR = 4
+MAX_CANDIDATES = 4096
+# The first pass's running max starts at this finite floor rather than -inf (so that no -inf - -inf arises);
+# a position still at the floor has seen no finite logit. _EMPTY_KEY is its ordering key (``_ordered_key``).
+_EMPTY = tl.constexpr(-3.0e38)
+_EMPTY_KEY = tl.constexpr(-2137108967)
 
 
 @triton.jit
@@ -77,11 +96,27 @@ def _ordered_key(x, KEY_BITS: tl.constexpr):
 
 @triton.jit
 def _online_lse(m, d, x):
-    """One block of an online log-sum-exp: running max ``m`` and sum ``d`` of exp(x - m)."""
+    """One block of an online log-sum-exp: running max ``m`` and sum ``d`` of exp(x - m) (scalars)."""
     m_new = tl.maximum(m, tl.max(x, 0))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
     return m_new, d
+
+
+@triton.jit
+def _lse_step(m, d, x):
+    """Elementwise running max ``m`` (starting at the finite floor _EMPTY) and sum ``d`` of exp(x - m): one exp
+    per element, no reduction. A -inf logit adds exp(-inf) = 0."""
+    e = tl.exp(-tl.abs(x - m))
+    d = tl.where(x > m, d * e + 1.0, d + e)
+    return tl.maximum(m, x), d
+
+
+@triton.jit
+def _lse_finish(m, d):
+    """log sum exp of everything the per-position accumulators ``m``, ``d`` have seen."""
+    top = tl.max(m, 0)
+    return top + tl.log(tl.sum(d * tl.exp(m - top), 0))  # a row of -inf only: log(0) = -inf
 
 
 @triton.jit
@@ -95,94 +130,53 @@ def _choose_digit(hist, need):
 
 
 @triton.jit
-def _grad_row(a_row, b_row, ga_row, gb_row, w, ref_a, ref_b, loss, mass, tau, need, V,
-              RENORM: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr,
-              KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Write ``w * dloss/da`` into ``ga_row`` (with GRAD_FIRST) and ``w * dloss/db`` into ``gb_row`` (with
-    GRAD_SECOND). The outputs may be the inputs themselves: each block reads both rows, then writes.
-
-    ``ref_a``/``ref_b`` are the log normalisers (full vocabulary, or over S with renorm), ``loss`` the row's
-    loss and ``mass`` its top-k mass P = sum_S p (full-vocabulary p).
-    """
-    cols0 = tl.arange(0, BLOCK_V)
-    ties_seen = 0
-    for off in range(0, V, BLOCK_V):
-        cols = off + cols0
-        valid = cols < V
-        a = tl.load(a_row + cols, mask=valid, other=0.0).to(tl.float32)
-        b = tl.load(b_row + cols, mask=valid, other=0.0).to(tl.float32)
-        key = _ordered_key(a, KEY_BITS)
-        tied = (valid & (key == tau)).to(tl.int32)
-        tie_rank = ties_seen + tl.cumsum(tied, 0) - 1
-        in_s = (valid & (key > tau)) | ((tied > 0) & (tie_rank < need))
-        ties_seen += tl.sum(tied, 0)
-        logp = a - ref_a
-        logq = b - ref_b
-        p = tl.exp(logp)
-        if GRAD_FIRST:
-            r = logp - logq
-            if RENORM:
-                ga = tl.where(in_s & (p > 0), p * (r - loss), 0.0)
-            else:
-                ga = tl.where(p > 0, p * (tl.where(in_s, r + 1.0, 0.0) - (loss + mass)), 0.0)
-            tl.store(ga_row + cols, (ga * w).to(ga_row.dtype.element_ty), mask=valid)
-        if GRAD_SECOND:
-            q = tl.exp(logq)
-            if RENORM:
-                gb = tl.where(in_s, q - p, 0.0)
-            else:
-                gb = q * mass - tl.where(in_s, p, 0.0)
-            tl.store(gb_row + cols, (gb * w).to(gb_row.dtype.element_ty), mask=valid)
+def _kth_largest(key, mask, need):
+    """The ``need``-th largest of the int32 keys where ``mask`` (in registers: 4 histogram rounds of 8 bits), and
+    how many elements equal to it are among the ``need`` largest."""
+    prefix = 0
+    for d in tl.static_range(0, 4):
+        if d == 0:
+            hist = tl.histogram(((key >> 24) & 0xFF) ^ 0x80, 256, mask=mask)
+        else:
+            match = mask & ((key >> (32 - 8 * d)) == prefix)
+            hist = tl.histogram((key >> (24 - 8 * d)) & 0xFF, 256, mask=match)
+        digit, need = _choose_digit(hist, need)
+        if d == 0:
+            prefix = digit - 128  # the top 8 bits as a signed value, as key >> 24 gives them
+        else:
+            prefix = prefix * 256 + digit
+    return prefix, need
 
 
 @triton.jit
-def _topk_kl_fwd_kernel(
-    a_ptr, a_stride, b_ptr, b_stride, ids_ptr, ids_stride, w_ptr, w_stride,
-    loss_ptr, mass_ptr, stats_ptr, sel_ptr, V, K,
-    RENORM: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr, KEY_BITS: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    a_row = a_ptr + row * a_stride
-    b_row = b_ptr + row * b_stride
-    ids_row = ids_ptr + row * ids_stride
+def _radix_select(a_row, ids_row, V, K, KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Exact selection by radix select: the ids of S into ``ids_row[0:K]`` (in id order).
+
+    Each pass histograms the next 8 key bits among the elements that match the prefix chosen so far; then
+    every element with key > tau, and the first ``need`` elements with key == tau in id order, are compacted.
+    A bf16 logit has 16 significant key bits (2 histogram passes), fp16 24 (3), float32 32 (4).
+    """
     cols0 = tl.arange(0, BLOCK_V)
-
-    # Pass 1: both log-sum-exps and the histogram of the top key digit.
-    m_a = float("-inf")
-    d_a = 0.0
-    m_b = float("-inf")
-    d_b = 0.0
-    hist = tl.zeros((256,), dtype=tl.int32)
-    for off in range(0, V, BLOCK_V):
-        cols = off + cols0
-        valid = cols < V
-        a = tl.load(a_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
-        b = tl.load(b_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
-        m_a, d_a = _online_lse(m_a, d_a, a)
-        m_b, d_b = _online_lse(m_b, d_b, b)
-        key = _ordered_key(a, KEY_BITS)
-        hist += tl.histogram(((key >> (KEY_BITS - 8)) & 0xFF) ^ 0x80, 256, mask=valid)
-    lse_a = m_a + tl.log(d_a)
-    lse_b = m_b + tl.log(d_b)
-    digit, need = _choose_digit(hist, K)
-    prefix = digit - 128  # the top 8 key bits as a signed value, as key >> (KEY_BITS - 8) gives them
-
-    # Pass 2: the remaining digits, each among the elements that match the prefix chosen so far.
-    for d in tl.static_range(1, KEY_BITS // 8):
+    need = K
+    prefix = 0
+    for d in tl.static_range(0, KEY_BITS // 8):
         hist = tl.zeros((256,), dtype=tl.int32)
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             valid = cols < V
             a = tl.load(a_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
             key = _ordered_key(a, KEY_BITS)
-            match = valid & ((key >> (KEY_BITS - 8 * d)) == prefix)
-            hist += tl.histogram((key >> (KEY_BITS - 8 * (d + 1))) & 0xFF, 256, mask=match)
+            if d == 0:
+                hist += tl.histogram(((key >> (KEY_BITS - 8)) & 0xFF) ^ 0x80, 256, mask=valid)
+            else:
+                match = valid & ((key >> (KEY_BITS - 8 * d)) == prefix)
+                hist += tl.histogram((key >> (KEY_BITS - 8 * (d + 1))) & 0xFF, 256, mask=match)
         digit, need = _choose_digit(hist, need)
-        prefix = prefix * 256 + digit
+        if d == 0:
+            prefix = digit - 128  # the top 8 key bits as a signed value, as key >> (KEY_BITS - 8) gives them
+        else:
+            prefix = prefix * 256 + digit
     tau = prefix
-
-    # Pass 3: compact the ids of S into the row's id buffer, in id order.
     taken = 0
     ties_seen = 0
     for off in range(0, V, BLOCK_V):
@@ -197,6 +191,117 @@ def _topk_kl_fwd_kernel(
         tl.store(ids_row + slot, cols, mask=(take > 0) & (slot < K))
         taken += tl.sum(take, 0)
         ties_seen += tl.sum(tied, 0)
+
+
+@triton.jit
+def _dense_grads(a_row, b_row, ga_row, gb_row, w, ref_a, ref_b, loss, mass, V,
+                 RENORM: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The gradients as they are off S, times ``w``, over the whole row: -p_j (loss + P) into ``ga_row`` and
+    q_j P into ``gb_row`` (zero with renorm). The outputs may be the inputs: each block reads, then writes."""
+    cols0 = tl.arange(0, BLOCK_V)
+    for off in range(0, V, BLOCK_V):
+        cols = off + cols0
+        valid = cols < V
+        if GRAD_FIRST:
+            if RENORM:
+                ga = tl.zeros((BLOCK_V,), dtype=tl.float32)
+            else:
+                p = tl.exp(tl.load(a_row + cols, mask=valid, other=float("-inf")).to(tl.float32) - ref_a)
+                ga = tl.where(p > 0, -p * (loss + mass), 0.0) * w
+            tl.store(ga_row + cols, ga.to(ga_row.dtype.element_ty), mask=valid)
+        if GRAD_SECOND:
+            if RENORM:
+                gb = tl.zeros((BLOCK_V,), dtype=tl.float32)
+            else:
+                q = tl.exp(tl.load(b_row + cols, mask=valid, other=float("-inf")).to(tl.float32) - ref_b)
+                gb = q * mass * w
+            tl.store(gb_row + cols, gb.to(gb_row.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _grads_on_s(ids, a, b, kv, ga_row, gb_row, w, ref_a, ref_b, loss, mass,
+                RENORM: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr):
+    """The full gradients at the ids of S (given their logits ``a``, ``b``), times ``w``, over the dense values."""
+    logp = a - ref_a
+    logq = b - ref_b
+    p = tl.exp(logp)
+    if GRAD_FIRST:
+        if RENORM:
+            ga = tl.where(p > 0, p * (logp - logq - loss), 0.0)
+        else:
+            ga = tl.where(p > 0, p * (logp - logq + 1.0 - (loss + mass)), 0.0)
+        tl.store(ga_row + ids, (ga * w).to(ga_row.dtype.element_ty), mask=kv)
+    if GRAD_SECOND:
+        q = tl.exp(logq)
+        if RENORM:
+            gb = q - p
+        else:
+            gb = q * mass - p
+        tl.store(gb_row + ids, (gb * w).to(gb_row.dtype.element_ty), mask=kv)
+
+
+@triton.jit
+def _topk_kl_fwd_kernel(
+    a_ptr, a_stride, b_ptr, b_stride, ids_ptr, ids_stride, cnt_ptr, pairs_ptr, pairs_stride, w_ptr, w_stride,
+    loss_ptr, mass_ptr, stats_ptr, V, K,
+    RENORM: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr, KEY_BITS: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_V: tl.constexpr, STREAM_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    a_row = a_ptr + row * a_stride
+    b_row = b_ptr + row * b_stride
+    ids_row = ids_ptr + row * ids_stride
+    cols0 = tl.arange(0, BLOCK_V)
+
+    # Pass 1: per-position running max and sum of both rows; reduced once, after the loop.
+    m_a = tl.full((BLOCK_V,), _EMPTY, dtype=tl.float32)
+    d_a = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    m_b = tl.full((BLOCK_V,), _EMPTY, dtype=tl.float32)
+    d_b = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for off in range(0, V, BLOCK_V):
+        cols = off + cols0
+        valid = cols < V
+        a = tl.load(a_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
+        b = tl.load(b_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
+        m_a, d_a = _lse_step(m_a, d_a, a)
+        m_b, d_b = _lse_step(m_b, d_b, b)
+    lse_a = _lse_finish(m_a, d_a)
+    lse_b = _lse_finish(m_b, d_b)
+
+    # Passes 2-3: the ids of S into ids_row[0:K].
+    if FAST:
+        # t0: the K-th largest of the per-position maxima, a lower bound of the row's K-th largest value.
+        t0, _ = _kth_largest(_ordered_key(m_a, 32), cols0 >= 0, K)
+        t0 = tl.where(t0 <= _EMPTY_KEY, -2147483647 - 1, t0)  # fewer than K finite positions: take everything
+        cols1 = tl.arange(0, STREAM_V)
+        cnt_row = cnt_ptr + row + tl.zeros((STREAM_V,), dtype=tl.int32)
+        for off in range(0, V, STREAM_V):
+            cols = off + cols1
+            valid = cols < V
+            a = tl.load(a_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
+            take = valid & (_ordered_key(a, 32) >= t0)
+            slot = tl.atomic_add(cnt_row, 1, mask=take)
+            tl.store(ids_row + slot, cols, mask=take & (slot < BLOCK_C))
+        tl.debug_barrier()
+        total = tl.atomic_add(cnt_ptr + row, 0)  # the final count, read where the atomics were made
+        if total <= BLOCK_C:
+            tl.debug_barrier()  # every candidate is stored before any thread reads them
+            cc = tl.arange(0, BLOCK_C)
+            cv = cc < total
+            cid = tl.load(ids_row + cc, mask=cv, other=0)
+            ckey = _ordered_key(tl.load(a_row + cid, mask=cv, other=float("-inf")).to(tl.float32), 32)
+            tau, need = _kth_largest(ckey, cv, K)  # the K-th largest value, and how many of its ties are in S
+            tied = cv & (ckey == tau)
+            lower_first = 2147483647 - cid  # larger for lower ids: ties go to the lower ids
+            tau_id, _ = _kth_largest(lower_first, tied, need)
+            take = (cv & (ckey > tau)) | (tied & (lower_first >= tau_id))
+            slot = tl.cumsum(take.to(tl.int32), 0) - 1
+            tl.debug_barrier()  # every thread has read the candidates before they are overwritten
+            tl.store(ids_row + slot, cid, mask=take)
+        else:
+            _radix_select(a_row, ids_row, V, K, KEY_BITS, BLOCK_V)
+    else:
+        _radix_select(a_row, ids_row, V, K, KEY_BITS, BLOCK_V)
     tl.debug_barrier()  # the ids written by every thread are read back below
 
     # Pass 4: loss, top-k mass and log normalisers from the k triples (id, a_id, b_id).
@@ -217,6 +322,10 @@ def _topk_kl_fwd_kernel(
         loss += tl.sum(tl.where(p > 0, p * (logp - (b - lse_b)), 0.0), 0)
         if RENORM:
             m_q, d_q = _online_lse(m_q, d_q, tl.where(kv, b, float("-inf")))
+        if GRAD_FIRST or GRAD_SECOND:  # pass 5 overwrites the logits: keep the pairs on S
+            pairs_row = pairs_ptr + row * pairs_stride
+            tl.store(pairs_row + kk, a, mask=kv)
+            tl.store(pairs_row + K + kk, b, mask=kv)
     if RENORM:
         ref_a = lse_a + tl.log(mass)
         ref_b = m_q + tl.log(d_q)
@@ -240,21 +349,29 @@ def _topk_kl_fwd_kernel(
     tl.store(stats_ptr + row * 4 + 1, ref_b)
     tl.store(stats_ptr + row * 4 + 2, loss)
     tl.store(stats_ptr + row * 4 + 3, mass)
-    tl.store(sel_ptr + row * 2 + 0, tau)
-    tl.store(sel_ptr + row * 2 + 1, need)
 
-    # Pass 5 (fused): the weighted gradients, in place of the logits.
+    # Pass 5 (fused): the weighted gradients, in place of the logits: the dense part, then S.
     if GRAD_FIRST or GRAD_SECOND:
         w = tl.load(w_ptr + row * w_stride).to(tl.float32)
-        _grad_row(a_row, b_row, a_row, b_row, w, ref_a, ref_b, loss, mass, tau, need, V,
-                  RENORM, GRAD_FIRST, GRAD_SECOND, KEY_BITS, BLOCK_V)
+        _dense_grads(a_row, b_row, a_row, b_row, w, ref_a, ref_b, loss, mass, V,
+                     RENORM, GRAD_FIRST, GRAD_SECOND, STREAM_V)
+        tl.debug_barrier()  # the dense values are written before S's are written over them
+        pairs_row = pairs_ptr + row * pairs_stride
+        for koff in range(0, K, BLOCK_K):
+            kk = koff + kk0
+            kv = kk < K
+            ids = tl.load(ids_row + kk, mask=kv, other=0)
+            a = tl.load(pairs_row + kk, mask=kv, other=0.0)
+            b = tl.load(pairs_row + K + kk, mask=kv, other=0.0)
+            _grads_on_s(ids, a, b, kv, a_row, b_row, w, ref_a, ref_b, loss, mass, RENORM, GRAD_FIRST, GRAD_SECOND)
 
 
 @triton.jit
 def _topk_kl_bwd_kernel(
-    a_ptr, a_stride, b_ptr, b_stride, ga_ptr, ga_stride, gb_ptr, gb_stride, w_ptr, w_stride, stats_ptr, sel_ptr, V,
-    RENORM: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr, KEY_BITS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    a_ptr, a_stride, b_ptr, b_stride, ga_ptr, ga_stride, gb_ptr, gb_stride, w_ptr, w_stride, stats_ptr,
+    ids_ptr, ids_stride, V, K,
+    RENORM: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr, STREAM_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     w = tl.load(w_ptr + row * w_stride).to(tl.float32)
@@ -262,12 +379,21 @@ def _topk_kl_bwd_kernel(
     ref_b = tl.load(stats_ptr + row * 4 + 1)
     loss = tl.load(stats_ptr + row * 4 + 2)
     mass = tl.load(stats_ptr + row * 4 + 3)
-    tau = tl.load(sel_ptr + row * 2 + 0)
-    need = tl.load(sel_ptr + row * 2 + 1)
-    _grad_row(
-        a_ptr + row * a_stride, b_ptr + row * b_stride, ga_ptr + row * ga_stride, gb_ptr + row * gb_stride,
-        w, ref_a, ref_b, loss, mass, tau, need, V, RENORM, GRAD_FIRST, GRAD_SECOND, KEY_BITS, BLOCK_V,
-    )
+    a_row = a_ptr + row * a_stride
+    b_row = b_ptr + row * b_stride
+    ga_row = ga_ptr + row * ga_stride
+    gb_row = gb_ptr + row * gb_stride
+    _dense_grads(a_row, b_row, ga_row, gb_row, w, ref_a, ref_b, loss, mass, V, RENORM, GRAD_FIRST, GRAD_SECOND,
+                 STREAM_V)
+    tl.debug_barrier()  # the dense values are written before S's are written over them
+    kk0 = tl.arange(0, BLOCK_K)
+    for koff in range(0, K, BLOCK_K):
+        kk = koff + kk0
+        kv = kk < K
+        ids = tl.load(ids_ptr + row * ids_stride + kk, mask=kv, other=0)
+        a = tl.load(a_row + ids, mask=kv, other=0.0).to(tl.float32)
+        b = tl.load(b_row + ids, mask=kv, other=0.0).to(tl.float32)
+        _grads_on_s(ids, a, b, kv, ga_row, gb_row, w, ref_a, ref_b, loss, mass, RENORM, GRAD_FIRST, GRAD_SECOND)
 
 
 def key_bits(dtype: torch.dtype) -> int:
@@ -292,21 +418,38 @@ def _require_runnable(x: torch.Tensor) -> None:
         )
 
 
-def _launch_config(V: int, k: int, block_v: int | None):
+def _launch_config(V: int, k: int, block_v: int | None, num_warps: int | None = None):
+    """(BLOCK_V, STREAM_V, BLOCK_K, BLOCK_C, FAST, warps): columns per block of the first pass and of the two
+    streaming passes (candidates, dense gradients: STREAM_FACTOR times wider, for more loads in flight per
+    thread), ids per block of the k-loops, candidate slots, whether the candidate filter applies (k no larger
+    than the padded k and the block), and warps per program."""
     block_v = block_v or min(DEFAULT_BLOCK_V, triton.next_power_of_2(V))
+    stream_v = max(block_v, min(block_v * STREAM_FACTOR, triton.next_power_of_2(V)))
     block_k = min(MAX_BLOCK_K, triton.next_power_of_2(k))
-    return block_v, block_k, (8 if block_v >= 2048 else 4)
+    fast = k <= block_k <= block_v
+    return block_v, stream_v, block_k, candidate_slots(k), fast, num_warps or (8 if block_v >= 2048 else 4)
+
+
+def candidate_slots(k: int) -> int:
+    """Candidates a row's buffer holds for ``k`` (a power of two, at least the padded k)."""
+    return min(MAX_CANDIDATES, CANDIDATE_FACTOR * min(MAX_BLOCK_K, triton.next_power_of_2(k)))
+
+
+def scratch_width(k: int) -> int:
+    """Columns of the int32 id scratch for ``k``: the candidate buffer, and room for k ids."""
+    return max(k, candidate_slots(k))
 
 
 def topk_kl_forward(first_NV, second_NV, k, renorm, weight_N=None, grad_first=True, grad_second=False,
-                    ids_Nk=None, block_v=None):
-    """Run the forward kernel on logits [N, V]; returns ``(loss_N, mass_N, stats_N4, sel_N2)`` (float32, int32).
+                    ids_Nc=None, block_v=None, num_warps=None):
+    """Run the forward kernel on logits [N, V]; returns ``(loss_N, mass_N, stats_N4, ids_Nk)``.
 
-    ``stats_N4`` holds (ref_a, ref_b, loss, top-k mass) and ``sel_N2`` holds (tau, need) per row, which is what
-    ``topk_kl_backward`` needs. With ``weight_N`` given, ``weight_N[n] * dloss_n/da`` is written over
-    ``first_NV`` in place if ``grad_first``, and ``weight_N[n] * dloss_n/db`` over ``second_NV`` if
-    ``grad_second`` (a tensor written in place needs a contiguous last dimension). ``ids_Nk``: optional int32
-    scratch of at least [N, k] for the top-k ids.
+    ``stats_N4`` (float32) holds (ref_a, ref_b, loss, top-k mass) per row and ``ids_Nk`` (int32, a view of the
+    id scratch) the ids of S per row, in no particular order: what ``topk_kl_backward`` needs. With
+    ``weight_N`` given, ``weight_N[n] * dloss_n/da`` is written over ``first_NV`` in place if ``grad_first``,
+    and ``weight_N[n] * dloss_n/db`` over ``second_NV`` if ``grad_second`` (a tensor written in place needs a
+    contiguous last dimension). ``ids_Nc``: optional int32 scratch of at least [N, ``scratch_width(k)``].
+    ``block_v`` and ``num_warps`` override the launch configuration (columns per block, warps per program).
     """
     _require_runnable(first_NV)
     N, V = first_NV.shape
@@ -317,32 +460,34 @@ def topk_kl_forward(first_NV, second_NV, k, renorm, weight_N=None, grad_first=Tr
             raise ValueError("a gradient is written in place over its logits, which need a contiguous last dimension")
     first_NV, second_NV = _last_dim_contiguous(first_NV), _last_dim_contiguous(second_NV)
     dev = first_NV.device
+    block_v, stream_v, block_k, block_c, fast, warps = _launch_config(V, k, block_v, num_warps)
     loss_N = torch.empty(N, dtype=torch.float32, device=dev)
     mass_N = torch.empty(N, dtype=torch.float32, device=dev)
     stats_N4 = torch.empty(N, 4, dtype=torch.float32, device=dev)
-    sel_N2 = torch.empty(N, 2, dtype=torch.int32, device=dev)
-    if ids_Nk is None:
-        ids_Nk = torch.empty(N, k, dtype=torch.int32, device=dev)
+    if ids_Nc is None or ids_Nc.shape[0] < N or ids_Nc.shape[1] < scratch_width(k):
+        ids_Nc = torch.empty(N, scratch_width(k), dtype=torch.int32, device=dev)
     if N == 0:
-        return loss_N, mass_N, stats_N4, sel_N2
+        return loss_N, mass_N, stats_N4, ids_Nc[:N, :k]
+    count_N = torch.zeros(N, dtype=torch.int32, device=dev)
+    pairs_N2k = torch.empty(N, 2 * k if (write_first or write_second) else 1, dtype=torch.float32, device=dev)
     w_N = loss_N if weight_N is None else weight_N  # never read without a gradient to write
-    block_v, block_k, warps = _launch_config(V, k, block_v)
     _topk_kl_fwd_kernel[(N,)](
-        first_NV, first_NV.stride(0), second_NV, second_NV.stride(0), ids_Nk, ids_Nk.stride(0),
-        w_N, w_N.stride(0), loss_N, mass_N, stats_N4, sel_N2, V, k,
+        first_NV, first_NV.stride(0), second_NV, second_NV.stride(0), ids_Nc, ids_Nc.stride(0), count_N,
+        pairs_N2k, pairs_N2k.stride(0), w_N, w_N.stride(0), loss_N, mass_N, stats_N4, V, k,
         RENORM=bool(renorm), GRAD_FIRST=write_first, GRAD_SECOND=write_second, KEY_BITS=key_bits(first_NV.dtype),
-        BLOCK_V=block_v, BLOCK_K=block_k, num_warps=warps,
+        FAST=fast, BLOCK_V=block_v, STREAM_V=stream_v, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=warps,
     )
-    return loss_N, mass_N, stats_N4, sel_N2
+    return loss_N, mass_N, stats_N4, ids_Nc[:N, :k]
 
 
-def topk_kl_backward(first_NV, second_NV, grad_loss_N, stats_N4, sel_N2, renorm, grad_first=True,
+def topk_kl_backward(first_NV, second_NV, grad_loss_N, stats_N4, ids_Nk, renorm, grad_first=True,
                      grad_second=False, block_v=None):
     """The dense gradients ``grad_loss_N[n] * dloss_n/da`` and ``grad_loss_N[n] * dloss_n/db`` as new [N, V]
-    tensors of the dtypes of ``first_NV`` and ``second_NV``; returns ``(grad_first_NV, grad_second_NV)``, each
-    None unless asked for."""
+    tensors of the dtypes of ``first_NV`` and ``second_NV``, from the forward's statistics and ids; returns
+    ``(grad_first_NV, grad_second_NV)``, each None unless asked for."""
     _require_runnable(first_NV)
     N, V = first_NV.shape
+    k = ids_Nk.shape[1]
     first_NV, second_NV = _last_dim_contiguous(first_NV), _last_dim_contiguous(second_NV)
     new = lambda x: torch.empty_like(x, memory_format=torch.contiguous_format)  # noqa: E731
     grad_first_NV = new(first_NV) if grad_first else None
@@ -351,12 +496,12 @@ def topk_kl_backward(first_NV, second_NV, grad_loss_N, stats_N4, sel_N2, renorm,
         return grad_first_NV, grad_second_NV
     ga_NV = first_NV if grad_first_NV is None else grad_first_NV  # an output not asked for is never written
     gb_NV = second_NV if grad_second_NV is None else grad_second_NV
-    block_v, _, warps = _launch_config(V, 1, block_v)
+    _, stream_v, block_k, _, _, warps = _launch_config(V, k, block_v)
     _topk_kl_bwd_kernel[(N,)](
         first_NV, first_NV.stride(0), second_NV, second_NV.stride(0), ga_NV, ga_NV.stride(0), gb_NV, gb_NV.stride(0),
-        grad_loss_N, grad_loss_N.stride(0), stats_N4, sel_N2, V,
-        RENORM=bool(renorm), GRAD_FIRST=bool(grad_first), GRAD_SECOND=bool(grad_second),
-        KEY_BITS=key_bits(first_NV.dtype), BLOCK_V=block_v, num_warps=warps,
+        grad_loss_N, grad_loss_N.stride(0), stats_N4, ids_Nk, ids_Nk.stride(0), V, k,
+        RENORM=bool(renorm), GRAD_FIRST=bool(grad_first), GRAD_SECOND=bool(grad_second), STREAM_V=stream_v,
+        BLOCK_K=block_k, num_warps=warps,
     )
     return grad_first_NV, grad_second_NV
 
@@ -366,17 +511,17 @@ class TopkKLTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, first_NV, second_NV, k, renorm, block_v):
-        loss_N, mass_N, stats_N4, sel_N2 = topk_kl_forward(first_NV, second_NV, k, renorm, block_v=block_v)
-        ctx.save_for_backward(first_NV, second_NV, stats_N4, sel_N2)
+        loss_N, mass_N, stats_N4, ids_Nk = topk_kl_forward(first_NV, second_NV, k, renorm, block_v=block_v)
+        ctx.save_for_backward(first_NV, second_NV, stats_N4, ids_Nk)
         ctx.renorm, ctx.block_v = renorm, block_v
         ctx.mark_non_differentiable(mass_N)
         return loss_N, mass_N
 
     @staticmethod
     def backward(ctx, grad_loss_N, _grad_mass_N):
-        first_NV, second_NV, stats_N4, sel_N2 = ctx.saved_tensors
+        first_NV, second_NV, stats_N4, ids_Nk = ctx.saved_tensors
         grad_first_NV, grad_second_NV = topk_kl_backward(
-            first_NV, second_NV, grad_loss_N.float(), stats_N4, sel_N2, ctx.renorm,
+            first_NV, second_NV, grad_loss_N.float(), stats_N4, ids_Nk, ctx.renorm,
             grad_first=ctx.needs_input_grad[0], grad_second=ctx.needs_input_grad[1], block_v=ctx.block_v,
         )
         return grad_first_NV, grad_second_NV, None, None, None

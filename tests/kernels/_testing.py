@@ -35,3 +35,15 @@ def assert_close(name: str, ref: torch.Tensor, got: torch.Tensor, atol: float, r
     print(report)
     bad = err > atol + rtol * ref[finite].abs()
     assert not bad.any(), f"{report}; {int(bad.sum())} of {err.numel()} elements out of tolerance"
+
+
+def assert_close_norm(name: str, ref: torch.Tensor, got: torch.Tensor, limit: float) -> None:
+    """||got - ref|| / ||ref|| <= limit (for matmul outputs of rounded operands, where an elementwise relative
+    bound is meaningless: one rounding flip of an operand moves entries that cancel to near zero)."""
+    ref = torch.as_tensor(ref).detach().double().cpu()
+    got = torch.as_tensor(got).detach().double().cpu()
+    assert ref.shape == got.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite entries"
+    err = ((got - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+    print(f"{name}: norm-wise rel err {err:.3e} (limit {limit:.1e})")
+    assert err <= limit, f"{name}: norm-wise relative error {err:.3e} > {limit:.1e}"

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU_PROVIDERS = {"eager", "torch_chunked", "liger_topk", "matmul_floor"}
-CUDA_PROVIDERS = {"triton", "liger_jsd_full"}
+CUDA_PROVIDERS = {"triton", "triton_c512", "liger_jsd_full"}
 
 
 @pytest.mark.slow  # several fresh Python processes: about 10 s
@@ -33,3 +33,15 @@ def test_smoke_mode_writes_every_cpu_provider(tmp_path):
         assert row["tflops"] > 0 and row["peak_mem_mb"] > 0, row
     for name in CUDA_PROVIDERS:
         assert rows[name]["status"] == "skipped" and rows[name]["reason"] == "needs CUDA"
+
+
+@pytest.mark.slow  # the Triton kernels through the interpreter: about 20 s
+def test_device_checks_pass_at_small_sizes():
+    """The on-device correctness checks of the GPU run, dry-run on the CPU: every case runs and passes."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_topk_kl
+
+    rows = bench_topk_kl.device_checks("cpu", small=True)
+    assert len(rows) == 12
+    assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]

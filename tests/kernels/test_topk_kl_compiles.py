@@ -28,8 +28,9 @@ SCRIPT = textwrap.dedent(
         os.unlink(f.name)
         return [line.strip() for line in usage.splitlines() if "REG:" in line][0]
 
-    ptr = {"a_ptr": "*bf16", "b_ptr": "*bf16", "ids_ptr": "*i32", "w_ptr": "*fp32", "loss_ptr": "*fp32",
-           "mass_ptr": "*fp32", "stats_ptr": "*fp32", "sel_ptr": "*i32", "ga_ptr": "*bf16", "gb_ptr": "*bf16"}
+    ptr = {"a_ptr": "*bf16", "b_ptr": "*bf16", "ids_ptr": "*i32", "cnt_ptr": "*i32", "pairs_ptr": "*fp32",
+           "w_ptr": "*fp32", "loss_ptr": "*fp32", "mass_ptr": "*fp32", "stats_ptr": "*fp32", "ga_ptr": "*bf16",
+           "gb_ptr": "*bf16"}
     def signature(fn, constexprs):
         return {
             n: "constexpr" if n in constexprs else ptr.get(n, "i64" if n.endswith("stride") else "i32")
@@ -37,12 +38,12 @@ SCRIPT = textwrap.dedent(
         }
 
     out = {}
-    # each gradient switch alone, and both at once (the largest pass 5)
-    for first, second in ((True, False), (False, True), (True, True)):
-        fwd = {"RENORM": True, "GRAD_FIRST": first, "GRAD_SECOND": second, "KEY_BITS": 16, "BLOCK_V": 2048,
-               "BLOCK_K": 256}
-        bwd = {"RENORM": False, "GRAD_FIRST": first, "GRAD_SECOND": second, "KEY_BITS": 16, "BLOCK_V": 2048}
-        out[f"fwd first={first} second={second}"] = compile_(
+    # each gradient switch alone, and both at once (the largest pass 5); the candidate path and the radix one
+    for first, second, fast in ((True, False, True), (False, True, True), (True, True, False)):
+        fwd = {"RENORM": True, "GRAD_FIRST": first, "GRAD_SECOND": second, "KEY_BITS": 16, "FAST": fast,
+               "BLOCK_V": 2048, "STREAM_V": 4096, "BLOCK_K": 256, "BLOCK_C": 1024}
+        bwd = {"RENORM": False, "GRAD_FIRST": first, "GRAD_SECOND": second, "STREAM_V": 4096, "BLOCK_K": 256}
+        out[f"fwd first={first} second={second} fast={fast}"] = compile_(
             m._topk_kl_fwd_kernel, signature(m._topk_kl_fwd_kernel, fwd), fwd
         )
         out[f"bwd first={first} second={second}"] = compile_(

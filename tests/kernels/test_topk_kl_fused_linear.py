@@ -13,7 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 from opcd_cli.kernels.fused_linear import chunk_rows, fused_linear_topk_reverse_kl_triton  # noqa: E402
 from opcd_cli.kernels.reference import fused_linear_topk_reverse_kl_torch, naive_topk_reverse_kl, topk_ids  # noqa: E402
 
-from _testing import LOSS_TOLERANCE, assert_close, tolerance  # noqa: E402
+from _testing import LOSS_TOLERANCE, assert_close, assert_close_norm, tolerance  # noqa: E402
 
 N, V, H, M = 37, 1271, 24, 40
 FUSED = {"torch": fused_linear_topk_reverse_kl_torch, "triton": fused_linear_topk_reverse_kl_triton}
@@ -60,7 +60,12 @@ def test_matches_logits_level(path, dtype, renorm):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_torch_and_triton_paths_agree(reduction):
-    """Same chunks, same logits: the two implementations give the same loss and gradients (bf16, no mask)."""
+    """Same chunks, same logits: the two implementations give the same loss and gradients (bf16, no mask).
+
+    Both round the logits' gradient to bf16 before the output layer's matmuls (as autograd does for bf16
+    logits), each after its own float32 arithmetic, so an entry can round one unit apart (and Triton's interpreter
+    truncates float32 to bf16 where a GPU rounds to nearest); the matmul outputs are compared norm-wise (bf16
+    operands: under 1e-2)."""
     hs, ws, ht, wt, _ = inputs(torch.bfloat16, 2)
     grads = {}
     for path, fn in FUSED.items():
@@ -69,8 +74,8 @@ def test_torch_and_triton_paths_agree(reduction):
         loss.backward()
         grads[path] = (loss.detach(), hs_.grad, ws_.grad)
     assert_close(f"loss {reduction}", grads["torch"][0], grads["triton"][0], *LOSS_TOLERANCE)
-    assert_close(f"grad hidden {reduction}", grads["torch"][1], grads["triton"][1], *tolerance(torch.bfloat16))
-    assert_close(f"grad weight {reduction}", grads["torch"][2], grads["triton"][2], *tolerance(torch.bfloat16))
+    assert_close_norm(f"grad hidden {reduction}", grads["torch"][1], grads["triton"][1], 1e-2)
+    assert_close_norm(f"grad weight {reduction}", grads["torch"][2], grads["triton"][2], 1e-2)
 
 
 def test_chunk_length_comes_from_the_byte_budget():

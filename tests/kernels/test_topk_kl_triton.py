@@ -116,10 +116,9 @@ def tied_rows(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_ties_at_the_kth_place_go_to_the_lower_id(dtype):
     student, teacher, k = tied_rows(dtype)
-    ids_Nk = torch.empty(student.shape[0], k, dtype=torch.int32)
-    topk_kl_forward(student, teacher, k, False, ids_Nk=ids_Nk, block_v=128)
+    _, _, _, ids_Nk = topk_kl_forward(student, teacher, k, False, block_v=128)
     expected = topk_ids(student.float(), k)
-    assert torch.equal(ids_Nk.long(), expected)
+    assert torch.equal(ids_Nk.long().sort(1).values, expected)  # the kernel's ids come in no particular order
     # the choice matters: the highest tied ids instead of the lowest give another loss
     flipped = topk_ids(student.float() * 1e4 + torch.arange(student.shape[1], dtype=torch.float32), k)
     assert not torch.equal(flipped, expected)
@@ -149,3 +148,66 @@ def test_teacher_requiring_grad_is_refused():
     student, teacher = logits(3, 50, torch.float32, 16), logits(3, 50, torch.float32, 17)
     with pytest.raises(ValueError, match="teacher"):
         topk_reverse_kl_triton(student.requires_grad_(), teacher.requires_grad_(), k=4)
+
+
+def candidate_count(first, k, block_v):
+    """How many elements the kernel's first pass keeps as candidates: those >= the k-th largest of the running
+    maxima of the block_v strided slices of the row (as the kernel computes it, in float32)."""
+    a = first.float()
+    pad = (-a.shape[1]) % block_v
+    a = torch.cat([a, torch.full((a.shape[0], pad), float("-inf"))], 1)
+    t0 = a.view(a.shape[0], -1, block_v).amax(1).topk(k, 1).values[:, -1:]
+    return (first.float() >= t0).sum(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_candidate_buffer_overflow_falls_back_to_radix_select(dtype, monkeypatch):
+    """Rows with more candidates than the buffer holds (many equal values at the k-th place, or a buffer made
+    as small as k) take the exact radix path: the same ids, loss and gradients as the reference."""
+    import opcd_cli.kernels.topk_kl_triton as kernel
+
+    student, teacher, k = tied_rows(dtype)
+    random_student = logits(6, 700, dtype, 18)
+    for factor in (kernel.CANDIDATE_FACTOR, 1):
+        monkeypatch.setattr(kernel, "CANDIDATE_FACTOR", factor)
+        slots = kernel.candidate_slots(k)
+        for first in (student, random_student):
+            if factor == 1 and first is student:  # a buffer of exactly k: every tied row overflows
+                assert (candidate_count(first, k, 128) > slots).all()
+            _, _, _, ids_Nk = topk_kl_forward(first, teacher, k, False, block_v=128)
+            assert torch.equal(ids_Nk.long().sort(1).values, topk_ids(first.float(), k))
+            upstream = torch.linspace(0.5, 1.5, first.shape[0])
+            loss_ref, grad_ref = loss_and_grad(naive_topk_reverse_kl, first, teacher, upstream, k=k)
+            loss_tri, grad_tri = loss_and_grad(topk_reverse_kl_triton, first, teacher, upstream, k=k, block_v=128)
+            assert_close(f"loss_N factor={factor}", loss_ref, loss_tri, *LOSS_TOLERANCE)
+            assert_close(f"grad factor={factor}", grad_ref, grad_tri, *tolerance(dtype))
+
+
+def test_tied_rows_fit_the_candidate_buffer():
+    """The tie test above runs the candidate path, not the fallback: its rows' candidates fit the buffer."""
+    import opcd_cli.kernels.topk_kl_triton as kernel
+
+    student, _, k = tied_rows(torch.bfloat16)
+    assert (candidate_count(student, k, 128) <= kernel.candidate_slots(k)).all()
+
+
+def test_k_larger_than_a_block_uses_radix_select():
+    """k above the block width cannot be bounded by the first pass: the radix path, still exact."""
+    n, v, k = 5, 900, 300
+    student, teacher = logits(n, v, torch.bfloat16, 19), logits(n, v, torch.bfloat16, 20)
+    assert not kernel_config_is_fast(v, k, 128)
+    _, _, _, ids_Nk = topk_kl_forward(student, teacher, k, False, block_v=128)
+    assert torch.equal(ids_Nk.long().sort(1).values, topk_ids(student.float(), k))
+    upstream = torch.full((n,), 0.7)
+    for renorm in (False, True):
+        loss_ref, grad_ref = loss_and_grad(naive_topk_reverse_kl, student, teacher, upstream, k=k, renorm=renorm)
+        loss_tri, grad_tri = loss_and_grad(topk_reverse_kl_triton, student, teacher, upstream, k=k, renorm=renorm,
+                                           block_v=128)
+        assert_close(f"loss_N renorm={renorm}", loss_ref, loss_tri, *LOSS_TOLERANCE)
+        assert_close(f"grad renorm={renorm}", grad_ref, grad_tri, *tolerance(torch.bfloat16))
+
+
+def kernel_config_is_fast(v, k, block_v):
+    from opcd_cli.kernels.topk_kl_triton import _launch_config
+
+    return _launch_config(v, k, block_v)[4]
