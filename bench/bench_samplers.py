@@ -47,7 +47,7 @@ from opcd_cli import models  # noqa: E402
 from opcd_cli.config import SamplingOptions  # noqa: E402
 from opcd_cli.data import examples_from_records  # noqa: E402
 from opcd_cli.prompts import ChatRenderer, with_context  # noqa: E402
-from opcd_cli.sampling import HFSampler, stop_ids  # noqa: E402
+from opcd_cli.sampling import make_sampler, stop_ids  # noqa: E402
 
 PROVIDERS = ("hf", "vllm")
 WORKLOADS = ("toy-small", "toy-random")
@@ -92,7 +92,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def bench_workload(workload: str, args, scratch: Path) -> tuple[list[dict], dict]:
-    from opcd_cli.sampling_vllm import VLLMSampler
+    from opcd_cli.sampling.vllm import VLLMSampler
 
     folder = model_folder(workload, scratch)
     tokenizer = models.load_tokenizer(folder)
@@ -100,7 +100,7 @@ def bench_workload(workload: str, args, scratch: Path) -> tuple[list[dict], dict
     dtype = models.resolve_dtype("auto")
     start = time.perf_counter()
     samplers = {
-        "hf": HFSampler(model, tokenizer, batch_size=max(args.batch_sizes)),
+        "hf": make_sampler("hf", tokenizer=tokenizer, model=model, batch_size=max(args.batch_sizes)),
         "vllm": VLLMSampler(folder, stop_ids(model, tokenizer), dtype=dtype, memory=args.vllm_memory, seed=0),
     }
     startup = {"workload": workload, "vllm_engine_start_s": round(time.perf_counter() - start, 2)}

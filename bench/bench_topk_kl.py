@@ -12,12 +12,12 @@ W_t [V, M]; loss = mean over tokens of sum_{i in top-k of z} p_i (log p_i - log 
 
 * ``eager``: full materialisation: z = h_s W_s^T and t = h_t W_t^T for all tokens, float32 log_softmax of
   both, torch.topk, gather, autograd;
-* ``torch_chunked``: the package's chunked PyTorch path (``fused_linear_topk_reverse_kl_torch``);
+* ``torch_chunked``: the package's chunked PyTorch path (``fused_linear_topk_kl_torch``);
 * ``liger_topk``: the same top-k loss as a ``LigerFusedLinearDistillationBase`` subclass (Liger's chunked
   torch.func loss; compiled with torch.compile on CUDA);
 * ``liger_jsd_full``: Liger-Kernel's ``LigerFusedLinearJSD`` with beta = 1, the full-vocabulary reverse KL
   (CUDA only);
-* ``triton``: the package's Triton path (``fused_linear_topk_reverse_kl_triton``, CUDA only);
+* ``triton``: the package's Triton path (``fused_linear_topk_kl_triton``, CUDA only);
 * ``triton_c512``: the same with a 512 MiB chunk budget instead of the default (less memory, smaller matmuls);
 * ``matmul_floor``: the four matmuls alone, chunk by chunk like the Triton path: z = h_s W_s^T, t = h_t W_t^T,
   dh_s = g W_s and dW_s += g^T h_s.
@@ -61,7 +61,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from opcd_cli.kernels.reference import DEFAULT_CHUNK_BYTES, fused_linear_topk_reverse_kl_torch  # noqa: E402
+from opcd_cli.kernels.torch_chunked import TORCH_CHUNK_BYTES, fused_linear_topk_kl_torch  # noqa: E402
 
 PROVIDERS = ("eager", "torch_chunked", "liger_topk", "liger_jsd_full", "triton", "triton_c512", "matmul_floor")
 GPU_DEFAULT_PROVIDERS = ("eager", "torch_chunked", "liger_jsd_full", "triton", "triton_c512", "matmul_floor")
@@ -112,13 +112,13 @@ def eager_step(hs, ws, ht, wt, k):
 
 
 def torch_chunked_step(hs, ws, ht, wt, k):
-    fused_linear_topk_reverse_kl_torch(hs, ws, ht, wt, k=k).backward()
+    fused_linear_topk_kl_torch(hs, ws, ht, wt, k=k).backward()
 
 
 def triton_step(hs, ws, ht, wt, k, chunk_bytes=None):
-    from opcd_cli.kernels.fused_linear import DEFAULT_CHUNK_BYTES, fused_linear_topk_reverse_kl_triton
+    from opcd_cli.kernels.fused_linear_triton import TRITON_CHUNK_BYTES, fused_linear_topk_kl_triton
 
-    loss = fused_linear_topk_reverse_kl_triton(hs, ws, ht, wt, k=k, chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES)
+    loss = fused_linear_topk_kl_triton(hs, ws, ht, wt, k=k, chunk_bytes=chunk_bytes or TRITON_CHUNK_BYTES)
     loss.backward()
 
 
@@ -175,12 +175,12 @@ def make_liger_jsd_step():
 def matmul_floor_step(hs, ws, ht, wt, k):
     """The four matmuls in the chunks the fused paths use, with nothing in between."""
     if hs.is_cuda:  # the Triton path's chunks and float32 weight-gradient accumulation
-        from opcd_cli.kernels.fused_linear import chunk_rows
+        from opcd_cli.kernels.fused_linear_triton import chunk_rows
         from opcd_cli.kernels.linear import accumulate_weight_grad
 
         rows = chunk_rows(ws.shape[0], k, hs.dtype, ht.dtype)
     else:  # the torch path's chunks; CPU inputs are float32
-        rows = max(1, DEFAULT_CHUNK_BYTES // (5 * 4 * ws.shape[0]))
+        rows = max(1, TORCH_CHUNK_BYTES // (5 * 4 * ws.shape[0]))
         accumulate_weight_grad = lambda grad, g, h: grad.addmm_(g.T, h)  # noqa: E731
     with torch.no_grad():
         grad_h = torch.empty_like(hs)
@@ -310,8 +310,8 @@ def device_checks(device: str = "cuda", small: bool = False) -> list[dict]:
     """The Triton paths against the PyTorch reference on this device: loss and gradients, per case.
 
     ``small`` shrinks every shape (for a dry run on a CPU through Triton's interpreter)."""
-    from opcd_cli.kernels.fused_linear import fused_linear_topk_kl_triton
-    from opcd_cli.kernels.reference import fused_linear_topk_kl_torch, naive_topk_kl
+    from opcd_cli.kernels.fused_linear_triton import fused_linear_topk_kl_triton
+    from opcd_cli.kernels.naive import naive_topk_kl
     from opcd_cli.kernels.topk_kl_triton import topk_kl_triton
 
     rows = []

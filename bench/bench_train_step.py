@@ -15,7 +15,7 @@ One step, as ``opcd_cli.distill.train`` does it, each phase timed with ``opcd_cl
 events, read once per step): ``teacher_forward`` (the teacher's final hidden states on [context; prompt;
 response]), ``student_forward``, ``loss`` (the fused top-k reverse KL with the output layers' matmuls and the
 gradients they produce), ``backward`` (through the student), ``optimizer`` (gradient clipping and AdamW).
-Rollouts are timed once before the steps (``HFSampler.generate``, the default sampler, on the live student:
+Rollouts are timed once before the steps (the default Hugging Face sampler, on the live student:
 ``--prompts`` prompts of ``--prompt-tokens`` random ids, ``--response-tokens`` new tokens at temperature 1; a
 random-weight model almost never stops early, so every response runs to the limit) and the steps train on
 those very responses. ``--kernels`` lists the loss implementations (``OPCD_KERNEL``); the first step of each
@@ -41,9 +41,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from opcd_cli.config import SamplingOptions  # noqa: E402
-from opcd_cli.kernels import fused_linear_topk_reverse_kl  # noqa: E402
-from opcd_cli.sampling import HFSampler  # noqa: E402
-from opcd_cli.scoring import final_hidden, output_weight, pack  # noqa: E402
+from opcd_cli.sampling import make_sampler  # noqa: E402
+from opcd_cli.loss import head_topk_kl, pack, with_head  # noqa: E402
 from opcd_cli.timing import StepTimer  # noqa: E402
 
 SIZES = {
@@ -82,12 +81,11 @@ def one_step(student, teacher, optimizer, student_in, teacher_in, n_tokens: int,
              timer: StepTimer, device) -> float:
     with autocast(device):
         with timer.phase("teacher_forward"), torch.no_grad():
-            teacher_h = final_hidden(teacher, teacher_in)
-        with timer.phase("student_forward"):
-            student_h = final_hidden(student, student_in)
+            teacher_head = with_head(teacher, teacher_in, True, lambda head: head)
+        with timer.phase("student_forward"):  # the head as the loss reads it, but the loss timed apart
+            student_head = with_head(student, student_in, True, lambda head: head)
         with timer.phase("loss"):
-            loss = fused_linear_topk_reverse_kl(student_h, output_weight(student)[:vocab], teacher_h,
-                                                output_weight(teacher)[:vocab], k=topk, reduction="sum")
+            loss, _ = head_topk_kl(student_head, teacher_head, topk, False, vocab)
     with timer.phase("backward"):
         (loss / n_tokens).backward()
     with timer.phase("optimizer"):
@@ -187,7 +185,7 @@ def main(argv=None) -> int:
 
     # Rollouts: the default sampler on the live float32 student under autocast, as the trainer runs it.
     tokenizer = SimpleNamespace(eos_token_id=vocab - 1, pad_token_id=0)  # random ids never include vocab - 1
-    sampler = HFSampler(student, tokenizer, batch_size=args.prompts)
+    sampler = make_sampler("hf", tokenizer=tokenizer, model=student, batch_size=args.prompts)
     result = {"meta": info}
     if args.rollout_probe:
         result["rollout_probe"] = rollout_probe(sampler, prompts, device)

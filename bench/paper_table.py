@@ -23,9 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from opcd_cli.config import build_distill_config
+from opcd_cli.config import build_distill_config, read_recipe
 from opcd_cli.distill import distill
-from opcd_cli.toy.world import TOY_SETTINGS
 from opcd_cli.ui import UI
 
 CONSISTENCY_WEIGHT = 0.02  # LAMBDA of the "OPCD + consistency" row unless --consistency-weight says otherwise
@@ -39,8 +38,8 @@ COLUMNS = ["test accuracy", "with context", "OOD", "context harm", "response tok
 
 
 def run_one(task: str, method: str, seed: int, work: Path, eval_before: bool) -> dict:
-    cfg = build_distill_config(TOY_SETTINGS, METHODS[method], {
-        "toy_task": task, "seed": seed, "eval_before": eval_before,
+    cfg = build_distill_config(read_recipe(f"toy-{task}"), METHODS[method], {
+        "seed": seed, "eval_before": eval_before,
         "output_dir": str(work / f"{task}-{method.replace(' ', '_').replace(',', '').replace('(', '').replace(')', '')}-{seed}"),
     })
     summary = distill(cfg, UI(quiet=True))
@@ -60,26 +59,26 @@ def percent_mean_std(values: list[float]) -> str:
 
 
 def table(runs: list[dict], tasks: list[str]) -> str:
+    """Rows read from the runs' ``EvalResult``s (``before`` of the base student, ``after`` of each method)."""
     lines = []
     for task in tasks:
         rows = [r for r in runs if r["task"] == task]
-        base = next(r for r in rows if r["student_no_context_before"] is not None)
+        base = next(r["before"] for r in rows if r["before"] is not None)
         lines += [f"### Task `{task}`", "", "| row | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-        harm = percent_mean_std([base["context_harm_before"]])
-        lines.append(f"| base student, without context | {percent_mean_std([base['student_no_context_before']])} | "
-                     f"{percent_mean_std([base['student_with_context_before']])} | {percent_mean_std([base['ood_before']])} | "
-                     f"{harm} | {base['mean_response_tokens_before']:.2f} |")
-        lines.append(f"| base student, with context | {percent_mean_std([base['student_with_context_before']])} | "
-                     f"{percent_mean_std([base['student_with_context_before']])} | {percent_mean_std([base['ood_before']])} | "
-                     f"{harm} | {base['mean_response_tokens_with_context_before']:.2f} |")
+        harm, ood = percent_mean_std([base["context_harm"]]), percent_mean_std([base["ood_accuracy"]])
+        with_context = percent_mean_std([base["accuracy_with_context"]])
+        lines.append(f"| base student, without context | {percent_mean_std([base['accuracy']])} | {with_context} | "
+                     f"{ood} | {harm} | {base['mean_response_tokens']:.2f} |")
+        lines.append(f"| base student, with context | {with_context} | {with_context} | {ood} | {harm} | "
+                     f"{base['mean_response_tokens_with_context']:.2f} |")
         for method in METHODS:
-            got = [r for r in rows if r["method"] == method]
+            got = [r["after"] for r in rows if r["method"] == method]
             lines.append(
-                f"| {method} | {percent_mean_std([r['student_no_context_after'] for r in got])} | "
-                f"{percent_mean_std([r['student_with_context_after'] for r in got])} | "
-                f"{percent_mean_std([r['ood_after'] for r in got])} | "
-                f"{percent_mean_std([r['context_harm_after'] for r in got])} | "
-                f"{mean_std([r['mean_response_tokens_after'] for r in got])} |"
+                f"| {method} | {percent_mean_std([a['accuracy'] for a in got])} | "
+                f"{percent_mean_std([a['accuracy_with_context'] for a in got])} | "
+                f"{percent_mean_std([a['ood_accuracy'] for a in got])} | "
+                f"{percent_mean_std([a['context_harm'] for a in got])} | "
+                f"{mean_std([a['mean_response_tokens'] for a in got])} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -124,7 +123,7 @@ def main() -> None:
                     first = seed == 0 and method == "OPCD"
                     runs.append(run_one(task, method, seed, Path(work), eval_before=first))
                     print(f"{time.time() - start:6.0f}s  {task:8s} seed {seed}  {method:34s} "
-                          f"no-context {runs[-1]['student_no_context_after']:.3f}", file=sys.stderr, flush=True)
+                          f"no-context {runs[-1]['after']['accuracy']:.3f}", file=sys.stderr, flush=True)
     markdown = table(runs, args.tasks)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text(markdown + "\n")

@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-KEYS = ("student_no_context_before", "student_no_context_after", "teacher_with_context",
-        "student_with_context_after", "context_harm_after", "ood_before", "ood_after")
+KEYS = (("before", "accuracy"), ("after", "accuracy"), ("before", "teacher_accuracy_with_context"),
+        ("after", "accuracy_with_context"), ("after", "context_harm"), ("before", "ood_accuracy"),
+        ("after", "ood_accuracy"))
 
 
 def opcd(*args: str, cwd: Path) -> tuple[float, dict]:
@@ -59,15 +60,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
-    def pct(summary: dict, key: str) -> str:
-        return f"{100 * summary[key]:.1f}%" if isinstance(summary.get(key), (int, float)) else "-"
+    def pct(values: dict, key: str) -> str:
+        return f"{100 * values[key]:.1f}%" if isinstance(values.get(key), (int, float)) else "-"
 
-    print("| run | wall s | " + " | ".join(KEYS) + " |")
+    print("| run | wall s | " + " | ".join(f"{key} {when}" for when, key in KEYS) + " |")
     print("|---|---:|" + "---:|" * len(KEYS))
     for r in runs:
         s = r["summary"]
         if "val_accuracy_best" not in s:
-            print(f"| `{r['run']}` | {r['wall_s']:.1f} | " + " | ".join(pct(s, k) for k in KEYS) + " |")
+            print(f"| `{r['run']}` | {r['wall_s']:.1f} | " + " | ".join(pct(s[when] or {}, k) for when, k in KEYS) + " |")
     for r in runs:
         s = r["summary"]
         if "val_accuracy_best" in s:

@@ -13,7 +13,10 @@ from typing import Optional
 
 import typer
 
-from .config import EvalConfig, ModelOptions, SamplingOptions, build_distill_config, build_extract_config, read_recipe
+from .config import (
+    CONTEXT_AS, DTYPES, KERNELS, SAMPLERS, VERIFIERS, EvalConfig, ExtractConfig, ModelOptions, SamplingOptions,
+    build_distill_config, build_extract_config, read_recipe,
+)
 from .errors import OpcdError
 from .ui import UI, percent, print_json
 
@@ -27,17 +30,32 @@ app = typer.Typer(
 )
 
 JSON_HELP = "Print one JSON object on stdout at the end (everything else goes to stderr)."
+TOY_TASKS = ("codes", "shift")
+
+
+def names(choices) -> str:
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
+
+
+def recipe_layers(recipe: str | None, model_key: str, model_flag: str | None, toy_recipe: str, cls=None):
+    """The settings layers under the flags: ``--recipe``, on top of the built-in ``toy_recipe`` when no model is
+    given anywhere (neither by flag nor by the recipe)."""
+    chosen = read_recipe(recipe, cls) if recipe else {}
+    if model_flag is not None or model_key in chosen:
+        return [chosen]
+    return [read_recipe(toy_recipe, cls), chosen]
 
 
 @app.command()
 def distill(
-    recipe: Optional[Path] = typer.Option(None, help="TOML recipe with default settings; flags override it."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe with default settings (a TOML file or a built-in name such as toy-shift); flags override it."),
     student: Optional[str] = typer.Option(None, help="Student: Hugging Face id or local folder. Omit to run the toy world."),
     teacher: Optional[str] = typer.Option(None, help="Frozen teacher. Omit for a frozen copy of the student."),
     data: Optional[str] = typer.Option(None, help="Prompts: JSONL, JSON, CSV, Parquet or a saved dataset folder."),
     context: Optional[str] = typer.Option(None, help="Context file to distil (- for stdin); rows may carry their own."),
     context_as: Optional[str] = typer.Option(None, help="system (a system message) or user-prefix (before the user turn)."),
-    toy_task: Optional[str] = typer.Option(None, help="Toy world task when no student is given: codes (the default) or shift."),
+    toy_task: Optional[str] = typer.Option(None, help=f"Run the toy world's task: {names(TOY_TASKS)} (the built-in recipe toy-TASK)."),
+    name: Optional[str] = typer.Option(None, help="Run name for the default output directory (default: the student's)."),
     mode: Optional[str] = typer.Option(None, help="on-policy (OPCD) or off-policy (train on the teacher's own responses)."),
     off_policy_loss: Optional[str] = typer.Option(None, help="Off-policy loss: forward-kl (teacher's top-k) or sft."),
     rollouts: Optional[str] = typer.Option(None, help="Off-policy: folder of saved teacher rollouts to reuse (made if missing)."),
@@ -64,25 +82,31 @@ def distill(
     eval_max_new_tokens: Optional[int] = typer.Option(None, help="Longest response when evaluating."),
     eval_before: Optional[bool] = typer.Option(None, "--eval-before/--no-eval-before", help="Also score the student before training."),
     eval_batch_size: Optional[int] = typer.Option(None, help="Prompts per generation batch when evaluating."),
-    verifier: Optional[str] = typer.Option(None, help="auto, exact, math, choice or yesno."),
-    dtype: Optional[str] = typer.Option(None, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
+    verifier: Optional[str] = typer.Option(None, help=f"{names(VERIFIERS)}."),
+    dtype: Optional[str] = typer.Option(None, help=f"{names(DTYPES)} (auto: bf16 on a GPU, fp32 on a CPU)."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub."),
-    sampler: Optional[str] = typer.Option(None, help="hf (Hugging Face generate) or vllm."),
+    sampler: Optional[str] = typer.Option(None, help=f"{names(SAMPLERS)} (hf: Hugging Face generate)."),
     vllm_memory: Optional[float] = typer.Option(None, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
-    kernel: Optional[str] = typer.Option(None, help="Loss implementation: auto, torch or triton."),
+    kernel: Optional[str] = typer.Option(None, help=f"Loss implementation: {names(KERNELS)}."),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Distil a context into a student's weights, on-policy (no model arguments: the built-in toy world)."""
     from .distill import distill as run_distill
 
     flags = dict(locals())
-    for name in ("recipe", "json_output", "run_distill"):
-        flags.pop(name, None)
-    cfg = build_distill_config(read_recipe(recipe) if recipe else {}, flags)
-    if cfg.is_toy:
-        from .toy.world import TOY_SETTINGS
-
-        cfg = build_distill_config(TOY_SETTINGS, read_recipe(recipe) if recipe else {}, flags)
+    for key in ("recipe", "json_output", "run_distill", "toy_task"):
+        flags.pop(key, None)
+    if toy_task is not None:
+        if toy_task not in TOY_TASKS:
+            raise OpcdError(f"--toy-task must be one of {', '.join(TOY_TASKS)}; got {toy_task!r}")
+        if student is not None:
+            raise OpcdError("--toy-task runs the toy world's student; drop --student or --toy-task")
+    if student is None and data is not None and recipe is None:
+        raise OpcdError("--data needs --student: give the model to train (or drop --data to run the toy world)")
+    layers = recipe_layers(recipe, "student", student, f"toy-{toy_task or 'codes'}")
+    if toy_task is not None and len(layers) == 1:
+        raise OpcdError(f"--toy-task runs the toy world's student, but {recipe} names a student; drop one of them")
+    cfg = build_distill_config(*layers, flags)
     ui = UI()
     summary = run_distill(cfg, ui)
     show_distill_summary(ui, summary)
@@ -90,17 +114,20 @@ def distill(
         print_json(summary)
 
 
+DISTILL_ROWS = [  # (label, EvalResult field)
+    ("student, no context", "accuracy"),
+    ("student, with context", "accuracy_with_context"),
+    ("teacher, with context", "teacher_accuracy_with_context"),
+    ("context harm", "context_harm"),
+    ("student, OOD (own contexts)", "ood_accuracy"),
+]
+
+
 def show_distill_summary(ui: UI, summary: dict) -> None:
-    rows = []
-    if summary.get("student_no_context_before") is not None:
-        rows += [
-            ["student, no context", percent(summary["student_no_context_before"]), percent(summary["student_no_context_after"])],
-            ["student, with context", percent(summary["student_with_context_before"]), percent(summary["student_with_context_after"])],
-            ["teacher, with context", percent(summary["teacher_with_context"]), ""],
-            ["context harm", percent(summary["context_harm_before"]), percent(summary["context_harm_after"])],
-        ]
-    if summary.get("ood_before") is not None:
-        rows.append(["student, OOD (own contexts)", percent(summary["ood_before"]), percent(summary["ood_after"])])
+    """The before/after table: one row per measured field of the two ``EvalResult``s."""
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    rows = [[label, percent(before[key]) if key in before else "", percent(after[key]) if key in after else ""]
+            for label, key in DISTILL_ROWS if key in before or key in after]
     if rows:
         ui.table("accuracy", ["", "before", "after"], rows)
     ui.info(f"{summary['steps']} steps in {summary['seconds']:.0f} s; student saved to {summary['output_dir']}")
@@ -108,6 +135,7 @@ def show_distill_summary(ui: UI, summary: dict) -> None:
 
 @app.command()
 def extract(
+    recipe: Optional[str] = typer.Option(None, help="Recipe with default settings (a TOML file or a built-in name such as toy-codes-extract); flags override it."),
     model: Optional[str] = typer.Option(None, help="Model that solves and extracts. Omit for the toy world."),
     data: Optional[str] = typer.Option(None, help="Training problems with answers."),
     val: Optional[str] = typer.Option(None, help="Validation problems with answers (selects the best round)."),
@@ -119,17 +147,17 @@ def extract(
     template: Optional[str] = typer.Option(None, help="Extraction prompt template; {traces} marks where attempts go."),
     traces_per_prompt: Optional[int] = typer.Option(None, help="Attempts shown per extraction prompt."),
     token_budget: Optional[int] = typer.Option(None, help="Keep the experience within this many tokens (whole items dropped, oldest first)."),
-    context_as: Optional[str] = typer.Option(None, help="system or user-prefix."),
-    verifier: Optional[str] = typer.Option(None, help="auto, exact, math, choice or yesno."),
+    context_as: Optional[str] = typer.Option(None, help=f"{names(CONTEXT_AS)}."),
+    verifier: Optional[str] = typer.Option(None, help=f"{names(VERIFIERS)}."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature of the attempts."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling threshold of the attempts."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Longest attempt."),
     extract_max_new_tokens: Optional[int] = typer.Option(None, help="Longest extraction response."),
     batch_size: Optional[int] = typer.Option(None, help="Prompts per generation batch."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
-    sampler: Optional[str] = typer.Option(None, help="hf (Hugging Face generate) or vllm."),
+    sampler: Optional[str] = typer.Option(None, help=f"{names(SAMPLERS)} (hf: Hugging Face generate)."),
     vllm_memory: Optional[float] = typer.Option(None, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
-    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16."),
+    dtype: Optional[str] = typer.Option(None, help=f"{names(DTYPES)}."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub."),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -137,13 +165,9 @@ def extract(
     from .extract import extract as run_extract
 
     flags = dict(locals())
-    for name in ("json_output", "run_extract"):
-        flags.pop(name, None)
-    cfg = build_extract_config(flags)
-    if cfg.is_toy:
-        from .toy.world import TOY_EXTRACT_SETTINGS
-
-        cfg = build_extract_config(TOY_EXTRACT_SETTINGS, flags)
+    for key in ("recipe", "json_output", "run_extract"):
+        flags.pop(key, None)
+    cfg = build_extract_config(*recipe_layers(recipe, "model", model, "toy-codes-extract", ExtractConfig), flags)
     ui = UI()
     summary = run_extract(cfg, ui)
     ui.table("experience by round", ["round", "items", "new", "attempts right", "val accuracy"], [
@@ -166,7 +190,7 @@ def eval_command(
     ood_data: Optional[str] = typer.Option(None, help="Out-of-distribution rows with answers (each with its own context)."),
     best: Optional[int] = typer.Option(None, help="Score a run directory as the mean of its N best checkpoints."),
     context_as: str = typer.Option("system", help="system (a system message) or user-prefix (before the user turn)."),
-    verifier: str = typer.Option("auto", help="auto (the row's `verifier`, else exact), exact, math, choice or yesno."),
+    verifier: str = typer.Option("auto", help=f"{names(VERIFIERS)} (auto: the row's `verifier`, else exact)."),
     temperature: float = typer.Option(0.0, help="0 for greedy decoding."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
     n: int = typer.Option(1, help="Samples per prompt (needs a temperature above 0)."),
@@ -174,9 +198,9 @@ def eval_command(
     batch_size: int = typer.Option(64, help="Prompts per generation batch."),
     limit: Optional[int] = typer.Option(None, help="Score only the first N rows."),
     seed: int = typer.Option(0, help="Seed for sampling."),
-    sampler: str = typer.Option("hf", help="hf (Hugging Face generate) or vllm."),
+    sampler: str = typer.Option("hf", help=f"{names(SAMPLERS)} (hf: Hugging Face generate)."),
     vllm_memory: float = typer.Option(0.2, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
+    dtype: str = typer.Option("auto", help=f"{names(DTYPES)} (auto: bf16 on a GPU, fp32 on a CPU)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub."),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:

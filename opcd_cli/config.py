@@ -1,7 +1,9 @@
-"""Frozen run configurations, built from defaults, a recipe file and command-line flags, validated here.
+"""Frozen run configurations, built from defaults, recipes and command-line flags, validated here.
 
-This is the one place where bad values become clear errors. Layers, later ones winning:
-dataclass defaults < the toy world's recipe (when no student is given) < ``--recipe FILE`` < flags.
+This is the one place where bad values become clear errors, and where the accepted names of every choice
+live (``DTYPES``, ``VERIFIERS``, ``SAMPLERS``, ``KERNELS``, ...). Layers, later ones winning: dataclass
+defaults < the built-in toy recipe (when no model is given anywhere) < ``--recipe`` < flags. A recipe is a
+TOML file or the name of a packaged one (``toy-codes``; see ``sources.py``).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OpcdError
+from .verifiers import VERIFIERS as VERIFIER_FUNCTIONS
 
 CONTEXT_AS = ("system", "user-prefix")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-VERIFIERS = ("auto", "exact", "math", "choice", "yesno")
+VERIFIERS = ("auto", *VERIFIER_FUNCTIONS)  # auto: the row's own `verifier`, else exact
 SAMPLERS = ("hf", "vllm")
 KERNELS = ("auto", "torch", "triton")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -59,12 +62,12 @@ class SamplingOptions:
 @dataclass(frozen=True)
 class DistillConfig:
     # what to distil
-    student: str | None = None  # None: the built-in toy world
+    name: str | None = None  # names the default output directory (default: the student's)
+    student: str | None = None  # an id, a folder, or a built-in name (toy:small)
     teacher: str | None = None  # None: a frozen copy of the student's initial weights
     data: str | None = None
-    context: str | None = None  # a file, or "-" for stdin; rows may carry their own `context`
+    context: str | None = None  # a file, "-" for stdin, or a built-in text; rows may carry their own `context`
     context_as: str = "system"
-    toy_task: str = "codes"
     mode: str = "on-policy"  # off-policy: the paper's baseline, training on the teacher's own responses
     off_policy_loss: str = "forward-kl"  # forward KL over the teacher's top-k, or sft (token cross-entropy)
     rollouts: str | None = None  # off-policy: a folder of saved teacher rollouts to reuse (written if missing)
@@ -112,6 +115,8 @@ class DistillConfig:
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("sampler", self.sampler, SAMPLERS)
         _fraction("vllm_memory", self.vllm_memory)
+        if self.ood_data is not None and self.eval_data is None:
+            raise OpcdError("--ood-data is scored beside --eval-data; give --eval-data too")
         if self.student is None and self.data is not None:
             raise OpcdError("--data needs --student: give the model to train (or drop --data to run the toy world)")
         if self.student is not None and self.data is None:
@@ -134,13 +139,9 @@ class DistillConfig:
         if self.sampling.n != 1:
             raise OpcdError("on-policy distillation samples one response per prompt; set n = 1 (raise batch_size instead)")
 
-    @property
-    def is_toy(self) -> bool:
-        return self.student is None
-
     def default_output_dir(self) -> str:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        name = f"toy-{self.toy_task}" if self.is_toy else Path(self.student).name
+        name = self.name or Path(str(self.student).replace(":", "-")).name
         return str(Path("runs") / f"{name}-{stamp}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,7 +185,7 @@ class EvalConfig:
 class ExtractConfig:
     """``opcd extract``: solve, extract experience items, accumulate, select on validation, for ``rounds`` rounds."""
 
-    model: str | None = None  # None: the toy world's experiential task
+    model: str | None = None  # an id, a folder, or a built-in name (toy:small)
     data: str | None = None  # training problems with answers
     val: str | None = None  # validation problems with answers
     output: str = "exp.txt"
@@ -215,9 +216,6 @@ class ExtractConfig:
         for name in ("rounds", "attempts", "traces_per_prompt", "token_budget", "batch_size", "extract_max_new_tokens"):
             _at_least(name, getattr(self, name), 1)
 
-    @property
-    def is_toy(self) -> bool:
-        return self.model is None
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -240,23 +238,34 @@ def _at_least(name: str, value: Any, low: float) -> None:
 _NESTED = {"sampling": SamplingOptions, "loading": ModelOptions}
 
 
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """A recipe file's settings as a flat dict (TOML; nested tables [sampling] and [loading] allowed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise OpcdError(f"recipe file {path} does not exist")
+def read_recipe(path: str | Path, cls=None) -> dict[str, Any]:
+    """A recipe's settings as a flat dict: a TOML file, or the name of a packaged recipe (``toy-codes``).
+
+    Nested tables ``[sampling]`` and ``[loading]`` are allowed; keys are checked against ``cls``
+    (``DistillConfig`` by default).
+    """
+    from .sources import builtin_recipes, recipe_file
+
+    file = Path(path)
+    if not file.is_file():
+        builtin = recipe_file(str(path)) if not any(sep in str(path) for sep in "/\\") else None
+        if builtin is None:
+            raise OpcdError(f"recipe file {path} does not exist (built-in recipes: {', '.join(builtin_recipes())})")
+        file = builtin
     try:
-        with path.open("rb") as f:
+        with file.open("rb") as f:
             data = tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise OpcdError(f"recipe file {path} is not valid TOML: {e}") from None
-    return flatten_settings(data, source=str(path))
+    return flatten_settings(data, source=str(path), cls=cls or DistillConfig)
 
 
-def flatten_settings(data: dict[str, Any], source: str = "settings") -> dict[str, Any]:
+def flatten_settings(data: dict[str, Any], source: str = "settings", cls=None) -> dict[str, Any]:
     """Turn ``{"sampling": {"temperature": 0.6}}`` into ``{"temperature": 0.6}`` and reject unknown keys."""
-    known = {f.name for f in fields(DistillConfig)} - set(_NESTED)
-    nested = {name: {f.name for f in fields(cls)} for name, cls in _NESTED.items()}
+    cls = cls or DistillConfig
+    known = {f.name for f in fields(cls)} - set(_NESTED)
+    nested = {name: {f.name for f in fields(nested_cls)} for name, nested_cls in _NESTED.items()}
+    command = "extract" if cls is ExtractConfig else "distill"
     flat: dict[str, Any] = {}
     for key, value in data.items():
         key = key.replace("-", "_")
@@ -269,7 +278,7 @@ def flatten_settings(data: dict[str, Any], source: str = "settings") -> dict[str
         elif key in known or any(key in names for names in nested.values()):
             flat[key] = value
         else:
-            raise OpcdError(f"{source}: unknown setting {key!r}; see `opcd distill --help` for the names")
+            raise OpcdError(f"{source}: unknown setting {key!r}; see `opcd {command} --help` for the names")
     return flat
 
 

@@ -1,17 +1,21 @@
-"""Loading rows (prompts, contexts, answers) from JSONL, JSON, CSV, Parquet or a saved ``datasets`` folder.
+"""Rows (prompts, contexts, answers): loading them, the helpers on them, and writing them back.
 
-Each row has ``prompt`` (a string) or ``messages`` (a chat: a list of ``{"role", "content"}`` ending with the
-user's turn), and optionally ``context`` (its own context, which wins over ``--context``), ``answer`` and
-``verifier`` (which verifier scores it; see ``verifiers.py``).
+Rows come from JSONL, JSON, CSV, Parquet, a saved ``datasets`` folder, or a built-in name (``toy:codes/test``,
+``sources.py``). Each has ``prompt`` (a string) or ``messages`` (a chat: a list of ``{"role", "content"}``
+ending with the user's turn), and optionally ``context`` (its own context, which wins over ``--context``),
+``answer`` and ``verifier`` (which verifier scores it; see ``verifiers.py``). A run writes the rows it used
+back as JSONL (``write_jsonl``), in the same form.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import sources
 from .errors import OpcdError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -29,11 +33,38 @@ class Example:
     def prompt(self) -> str:
         return self.messages[-1][1]
 
+    def to_record(self) -> dict:
+        """The row as a JSON object, in the form it is read in (``prompt`` for a single user turn)."""
+        if len(self.messages) == 1:
+            record = {"prompt": self.prompt}
+        else:
+            record = {"messages": [{"role": role, "content": content} for role, content in self.messages]}
+        for key in ("context", "answer", "verifier"):
+            if getattr(self, key) is not None:
+                record[key] = getattr(self, key)
+        return record
+
+
+def require_answers(examples: list[Example], path: str) -> None:
+    missing = next((e for e in examples if e.answer is None), None)
+    if missing is not None:
+        raise OpcdError(f"{path} row {missing.row} has no `answer`; evaluation needs an answer for every row")
+
+
+def has_context(examples: list[Example], context: str | None) -> bool:
+    return context is not None or any(e.context for e in examples)
+
+
+def strip_contexts(examples: list[Example]) -> list[Example]:
+    return [dataclasses.replace(e, context=None) for e in examples]
+
 
 def read_context(path: str | None) -> str | None:
     """The shared context: a file's text, or standard input for ``-``. Never truncated; empty is an error."""
     if path is None:
         return None
+    if sources.is_builtin(path):
+        return sources.text(path).strip("\n")
     if path == "-":
         text = sys.stdin.read()
         where = "standard input"
@@ -52,8 +83,10 @@ def read_context(path: str | None) -> str | None:
 
 
 def load_examples(path: str, *, what: str = "data") -> list[Example]:
-    """Rows of a data file or saved dataset, checked; raises ``OpcdError`` naming the first bad row."""
-    return examples_from_records(_read_records(path, what), path, what)
+    """Rows of a data file, a saved dataset or a built-in name, checked; raises ``OpcdError`` naming the first
+    bad row."""
+    records = sources.rows(path) if sources.is_builtin(path) else _read_records(path, what)
+    return examples_from_records(records, path, what)
 
 
 def examples_from_records(records: list[dict], path: str, what: str = "data") -> list[Example]:
@@ -171,5 +204,7 @@ def _optional_text(record: dict, key: str, where: str) -> str | None:
     return value
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+def write_jsonl(path: Path, examples: list[Example]) -> None:
+    """Rows as JSONL, one object a line, in the form they are read in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(e.to_record(), ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")

@@ -8,33 +8,31 @@ of the top-k reverse KL(student || teacher), plus, with ``--consistency-weight``
 term; the sampler follows the new weights. Off-policy (the paper's baseline), the responses are the
 teacher's own, written once with the context, and the loss a forward KL over the teacher's saved top-k (or
 the tokens' cross-entropy). ``prepare`` does everything that can fail on bad input before anything is
-written; ``distill`` is the loop.
+written; ``train`` is the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
-import os
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from . import models
 from . import rollouts as rollout_store
+from .checkpoint import save_model, save_state, step_prompts
 from .config import DistillConfig, SamplingOptions
-from .data import Example, examples_from_records, load_examples, read_context
+from .data import Example, has_context, load_examples, read_context, require_answers, write_jsonl
 from .errors import OpcdError
-from .evaluate import context_harm, has_context, require_answers, score, strip_contexts
-from .outputs import RUN_MARKER, RunDir, write_json_atomic
+from .evaluate import EvalResult, evaluate_model, passes, score
+from .loss import DistillLoss, pack
+from .outputs import RUN_MARKER, RunDir, write_json_atomic, write_text_atomic
 from .prompts import ChatRenderer, Views, build_views
-from .sampling import HFSampler, Sampler, stop_ids
-from .scoring import DistillLoss, pack
+from .sampling import Sampler, make_sampler, stop_ids
 from .ui import UI
 
 
@@ -53,108 +51,164 @@ class Run:
     student_renderer: ChatRenderer
     teacher_renderer: ChatRenderer
     loss: DistillLoss
-    sampler: Sampler | None  # None off-policy: the teacher's saved responses replace sampling
     stop_ids: set[int]
     eval_examples: list[Example] | None
     ood_examples: list[Example] | None
     rollouts: rollout_store.Rollouts | None  # off-policy: saved teacher rollouts, when --rollouts holds them
-    files: dict[str, str] = field(default_factory=dict)  # extra files to write into the run (toy data)
+
+    def sampler(self, which: str, batch_size: int, follows_training: bool = False) -> Sampler:
+        """A sampler (``--sampler``) for the student or the teacher; vLLM loads the model's own folder (the
+        frozen-copy teacher's is the student's)."""
+        cfg = self.cfg
+        model, tokenizer = (self.student, self.tokenizer) if which == "student" else (
+            self.teacher, self.teacher_renderer.tokenizer)
+        source = cfg.student if which == "student" else (cfg.teacher or cfg.student)
+        return make_sampler(cfg.sampler, tokenizer=tokenizer, model=model, source=source, batch_size=batch_size,
+                            dtype=cfg.loading.dtype, trust_remote_code=cfg.loading.trust_remote_code,
+                            vllm_memory=cfg.vllm_memory, seed=cfg.seed, follows_training=follows_training)
+
+    def eval_sampler(self, training: Sampler) -> Sampler:
+        """The sampler evaluation uses: the training one for vLLM (one engine, already following the weights),
+        else a Hugging Face sampler on the live student with the evaluation batch size."""
+        return training if training.name == "vllm" else self.sampler("student", self.cfg.eval_batch_size)
 
 
 def distill(cfg: DistillConfig, ui: UI) -> dict:
     """Run context distillation and return the summary (also written to ``summary.json``)."""
     started = time.time()
-    run = prepare(cfg, ui)
-    try:
-        return train(run, ui, started)
-    finally:
-        if run.sampler is not None:
-            run.sampler.close()  # a vLLM engine holds its share of memory until closed
+    return train(prepare(cfg, ui), ui, started)
 
 
 def train(run: Run, ui: UI, started: float) -> dict:
-    """The distillation loop on a prepared run, then the final model, evaluation and summary."""
-    cfg, student, sampler = run.cfg, run.student, run.sampler
+    """The distillation loop on a prepared run, with the evaluation before and after and the summary."""
+    cfg, student = run.cfg, run.student
     out = run.out.begin()
     write_json_atomic(out / RUN_MARKER, cfg.to_dict())
-    for name, text in run.files.items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(text, encoding="utf-8")
-    device, pad_id = models.device(), models.pad_id(run.tokenizer)
-    compute = autocast(cfg.loading.dtype)
-    before = evaluate_checkpoint(run, ui, "before") if cfg.eval_before else {}
+    inputs = write_inputs(run, out)
+    teacher_score = evaluate_teacher(run, ui) if cfg.eval_before and cfg.teacher is not None else None
     rollouts = run.rollouts or (make_rollouts(run, ui, out) if cfg.mode == "off-policy" else None)
-
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    order = prompt_order(len(run.examples), cfg.seed)
     per_step = cfg.batch_size * cfg.grad_accum
-    train_start, last = time.time(), {}
-    student.train()
-    with ui.progress(), (out / "metrics.jsonl").open("w") as metrics:
-        advance = ui.task(f"distill ({cfg.mode})", cfg.steps)
-        for step in range(1, cfg.steps + 1):
-            step_start = time.time()
-            batch = [next(order) for _ in range(per_step)]
-            views = [run.views[i] for i in batch]
-            # 1. responses: the student's own, sampled without the context (or, off-policy, the teacher's saved ones)
-            if rollouts is None:
-                with compute:
-                    responses = sampler.generate([v.student_ids for v in views], cfg.sampling)
-            else:
-                responses = [rollouts.responses[i] for i in batch]
-            n_tokens = sum(map(len, responses))
-            # 2-3. score the same tokens and take the loss, micro-batch by micro-batch (mean over the step's tokens)
-            sums = torch.zeros(4, device=device)  # loss, distillation term, consistency term, top-k mass (token sums)
-            for lo in range(0, per_step, cfg.batch_size):
-                part, answers = slice(lo, lo + cfg.batch_size), responses[lo : lo + cfg.batch_size]
-                student_in = pack([v.student_ids for v in views[part]], answers, pad_id, device)
-                with compute:
-                    if rollouts is None:  # the teacher reads the context; optionally the student does too
-                        teacher_in = pack([v.teacher_ids for v in views[part]], answers, pad_id, device)
-                        context_in = (pack([v.student_context_ids for v in views[part]], answers, pad_id, device)
-                                      if cfg.consistency_weight > 0 else None)
-                        parts = run.loss.on_policy(student_in, teacher_in, context_in)
-                    else:
-                        ids_Nk, logprobs_Nk = rollouts.targets(batch[part], cfg.off_policy_loss, device)
-                        parts = run.loss.off_policy(student_in, ids_Nk, logprobs_Nk)
-                (parts.total / n_tokens).backward()
-                sums += torch.stack([parts.total.detach(), parts.distill, parts.consistency,
-                                     parts.topk_mass * sum(map(len, answers))])
-            # 4. one optimiser step; the sampler follows the new weights
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            if rollouts is None:
-                sampler.update_weights(student)
-            # 5. log and checkpoint
-            loss, distill_loss, consistency_loss, mass = (sums / n_tokens).tolist()  # the step's one host sync
-            last = {
-                "step": step,
-                "loss": loss,
-                "distill_loss": distill_loss,
-                "consistency_loss": consistency_loss,
-                "topk_mass": mass,
-                "response_tokens": n_tokens / len(responses),
-                "truncated": sum(not finished(r, run.stop_ids) for r in responses) / len(responses),
-                "lr": schedule.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": n_tokens / (time.time() - step_start),
-                "seconds": round(time.time() - train_start, 3),
-            }
-            metrics.write(json.dumps(last) + "\n")
-            metrics.flush()
-            advance(1, status=f"loss {last['loss']:.4f} top-k mass {last['topk_mass']:.3f}")
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save_model(student, run.tokenizer, out / "checkpoints" / f"step-{step:06d}", cfg)
-    train_seconds = time.time() - train_start
+    sampler = run.sampler("student", per_step, follows_training=rollouts is None)
+    try:
+        before = evaluate_student(run, run.eval_sampler(sampler), ui, "before", teacher_score) if cfg.eval_before else None
+        optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        metrics = []
+        train_start = time.time()
+        student.train()
+        with ui.progress(), (out / "metrics.jsonl").open("w") as log:
+            advance = ui.task(f"distill ({cfg.mode})", cfg.steps)
+            for step in range(1, cfg.steps + 1):
+                step_start = time.time()
+                batch = step_prompts(len(run.examples), cfg.seed, step, per_step)
+                # 1. responses: the student's own, sampled without the context (or, off-policy, the teacher's)
+                responses = sample(run, sampler, batch) if rollouts is None else [rollouts.responses[i] for i in batch]
+                # 2-3. the teacher scores the same tokens with the context; the loss, micro-batch by micro-batch
+                sums = backward(run, batch, responses, rollouts)
+                # 4. one optimiser step; the sampler follows the new weights
+                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                if rollouts is None:
+                    sampler.update_weights(student)
+                # 5. log and checkpoint
+                metrics.append(step_record(run, step, responses, sums, grad_norm, schedule, step_start, train_start))
+                log.write(json.dumps(metrics[-1]) + "\n")
+                log.flush()
+                advance(1, status=f"loss {metrics[-1]['loss']:.4f} top-k mass {metrics[-1]['topk_mass']:.3f}")
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    save_checkpoint(run, out / "checkpoints" / f"step-{step:06d}", step, optimizer, schedule, metrics)
+        train_seconds = time.time() - train_start
+        student.eval()
+        save_model(student, run.tokenizer, out, models.resolve_dtype(cfg.loading.dtype))
+        if rollouts is not None:
+            sampler.update_weights(student)  # off-policy, the evaluation sampler has not followed training
+        after = evaluate_student(run, run.eval_sampler(sampler), ui, "after")
+    finally:
+        sampler.close()  # a vLLM engine holds its share of memory until closed
+    summary = build_summary(run, inputs, before, after, metrics, sampler, rollouts, started, train_seconds)
+    write_json_atomic(out / "summary.json", summary)
+    run.out.finish()
+    return summary
 
-    student.eval()
-    save_model(student, run.tokenizer, out, cfg)
-    after = evaluate_checkpoint(run, ui, "after")
-    summary = {
+
+def sample(run: Run, sampler: Sampler, batch: list[int]) -> list[list[int]]:
+    """The student's responses to the batch's prompts, without the context."""
+    with autocast(run.cfg.loading.dtype):
+        return sampler.generate([run.views[i].student_ids for i in batch], run.cfg.sampling)
+
+
+def backward(run: Run, batch: list[int], responses: list[list[int]], rollouts) -> torch.Tensor:
+    """Score the responses micro-batch by micro-batch and accumulate the gradient of the mean loss over the
+    step's response tokens; returns the token sums of (loss, distillation term, consistency term, top-k mass)."""
+    cfg, device, pad_id = run.cfg, models.device(), models.pad_id(run.tokenizer)
+    views = [run.views[i] for i in batch]
+    n_tokens = sum(map(len, responses))
+    sums = torch.zeros(4, device=device)
+    for lo in range(0, len(batch), cfg.batch_size):
+        part, answers = slice(lo, lo + cfg.batch_size), responses[lo : lo + cfg.batch_size]
+        student_in = pack([v.student_ids for v in views[part]], answers, pad_id, device)
+        with autocast(cfg.loading.dtype):
+            if rollouts is None:  # the teacher reads the context; with the regulariser the student does too
+                teacher_in = pack([v.teacher_ids for v in views[part]], answers, pad_id, device)
+                context_in = (pack([v.student_context_ids for v in views[part]], answers, pad_id, device)
+                              if cfg.consistency_weight > 0 else None)
+                parts = run.loss.on_policy(student_in, teacher_in, context_in)
+            else:
+                ids_Nk, logprobs_Nk = rollouts.targets(batch[part], cfg.off_policy_loss, device)
+                parts = run.loss.off_policy(student_in, ids_Nk, logprobs_Nk)
+        (parts.total / n_tokens).backward()
+        sums += torch.stack([parts.total.detach(), parts.distill, parts.consistency,
+                             parts.topk_mass * sum(map(len, answers))])
+    return sums
+
+
+def step_record(run: Run, step: int, responses, sums, grad_norm, schedule, step_start: float,
+                train_start: float) -> dict:
+    """One line of ``metrics.jsonl``."""
+    n_tokens = sum(map(len, responses))
+    loss, distill_loss, consistency_loss, mass = (sums / n_tokens).tolist()  # the step's one host sync
+    return {
+        "step": step,
+        "loss": loss,
+        "distill_loss": distill_loss,
+        "consistency_loss": consistency_loss,
+        "topk_mass": mass,
+        "response_tokens": n_tokens / len(responses),
+        "truncated": sum(not finished(r, run.stop_ids) for r in responses) / len(responses),
+        "lr": schedule.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "tokens_per_s": n_tokens / (time.time() - step_start),
+        "seconds": round(time.time() - train_start, 3),
+    }
+
+
+def save_checkpoint(run: Run, folder: Path, step: int, optimizer, schedule, metrics: list[dict]) -> None:
+    """A checkpoint of the student (Hugging Face format) with the training state that continues from it."""
+    save_model(run.student, run.tokenizer, folder, models.resolve_dtype(run.cfg.loading.dtype))
+    save_state(folder, step=step, optimizer=optimizer, scheduler=schedule, metrics=metrics)
+
+
+def write_inputs(run: Run, out: Path) -> dict[str, str]:
+    """The rows and the context the run used, in its ``data/`` folder; returns their paths."""
+    paths = {}
+    for name, rows in (("train", run.examples), ("test", run.eval_examples), ("ood", run.ood_examples)):
+        if rows:
+            write_jsonl(out / "data" / f"{name}.jsonl", rows)
+            paths[name] = str(run.out.final / "data" / f"{name}.jsonl")
+    if run.context is not None:
+        write_text_atomic(out / "data" / "context.txt", run.context + "\n")
+        paths["context"] = str(run.out.final / "data" / "context.txt")
+    return paths
+
+
+def build_summary(run: Run, inputs: dict, before: EvalResult | None, after: EvalResult | None,
+                  metrics: list[dict], sampler: Sampler, rollouts, started: float, train_seconds: float) -> dict:
+    cfg = run.cfg
+    last = metrics[-1] if metrics else {}
+    return {
         "output_dir": str(run.out.final),
         "mode": cfg.mode,
         "student": cfg.student,
@@ -164,29 +218,15 @@ def train(run: Run, ui: UI, started: float) -> dict:
         "train_seconds": round(train_seconds, 1),
         "final_loss": last.get("loss"),
         "final_topk_mass": last.get("topk_mass"),
-        "sampler": "teacher rollouts" if rollouts is not None else sampler.name,
+        "sampler": sampler.name,
+        "rollouts": "teacher" if rollouts is not None else "student",
         "kernel": "fused-linear" if run.loss.fused else "logits",
         "consistency_weight": cfg.consistency_weight,
         "context_file": cfg.context,
-        "test_data": cfg.eval_data,
-        "ood_data": cfg.ood_data,
-        "student_no_context_before": before.get("no_context"),
-        "student_no_context_after": after.get("no_context"),
-        "teacher_with_context": before.get("teacher_with_context"),
-        "student_with_context_before": before.get("with_context"),
-        "student_with_context_after": after.get("with_context"),
-        "context_harm_before": before.get("context_harm"),
-        "context_harm_after": after.get("context_harm"),
-        "ood_before": before.get("ood"),
-        "ood_after": after.get("ood"),
-        "mean_response_tokens_before": before.get("mean_response_tokens"),
-        "mean_response_tokens_after": after.get("mean_response_tokens"),
-        "mean_response_tokens_with_context_before": before.get("mean_response_tokens_with_context"),
-        "mean_response_tokens_with_context_after": after.get("mean_response_tokens_with_context"),
+        "inputs": inputs,
+        "before": None if before is None else before.to_dict(),
+        "after": None if after is None else after.to_dict(),
     }
-    write_json_atomic(out / "summary.json", summary)
-    run.out.finish()
-    return summary
 
 
 def rollouts_fingerprint(cfg: DistillConfig, context, examples, views) -> dict:
@@ -195,72 +235,53 @@ def rollouts_fingerprint(cfg: DistillConfig, context, examples, views) -> dict:
 
 
 def make_rollouts(run: Run, ui: UI, out: Path) -> rollout_store.Rollouts:
-    """Off-policy: the teacher answers every prompt with the context; saved to ``--rollouts`` (or the run) for reuse."""
+    """Off-policy: the teacher answers every prompt with the context (through ``--sampler``); saved to
+    ``--rollouts`` (or the run) for reuse."""
     cfg = run.cfg
     prompts = [v.teacher_ids for v in run.views]
     torch.manual_seed(cfg.seed)
-    sampler = HFSampler(run.teacher, run.teacher_renderer.tokenizer, batch_size=cfg.batch_size * cfg.grad_accum)
-    with ui.progress(), autocast(cfg.loading.dtype):
-        advance = ui.task("teacher rollouts", len(prompts))
-        made = rollout_store.generate(run.teacher, sampler, prompts, cfg.sampling, cfg.topk, models.pad_id(run.tokenizer),
-                                      cfg.batch_size, rollouts_fingerprint(cfg, run.context, run.examples, run.views), advance)
+    sampler = run.sampler("teacher", cfg.batch_size * cfg.grad_accum)
+    try:
+        with ui.progress(), autocast(cfg.loading.dtype):
+            advance = ui.task("teacher rollouts", len(prompts))
+            made = rollout_store.generate(run.teacher, sampler, prompts, cfg.sampling, cfg.topk,
+                                          models.pad_id(run.tokenizer), cfg.batch_size,
+                                          rollouts_fingerprint(cfg, run.context, run.examples, run.views), advance)
+    finally:
+        sampler.close()
     rollout_store.save(Path(cfg.rollouts) if cfg.rollouts else out / "rollouts", made)
     return made
 
 
 def prepare(cfg: DistillConfig, ui: UI) -> Run:
     """Load and check everything; raises ``OpcdError`` on bad input and writes nothing."""
-    if cfg.kernel != "auto":  # the loss functions read their backend from the environment
-        os.environ["OPCD_KERNEL"] = cfg.kernel
-    if cfg.sampler == "vllm" and cfg.mode == "on-policy":
-        from .sampling_vllm import import_vllm
+    if cfg.student is None:
+        raise OpcdError("give --student (or no model arguments at all, to run the built-in toy world)")
+    if cfg.sampler == "vllm":
+        from .sampling.vllm import import_vllm
 
         import_vllm()  # a missing vLLM is reported before any model is loaded
-    if cfg.is_toy:
-        cfg, files = toy_config(cfg)
-    else:
-        files = {}
     out = RunDir(cfg.output_dir or cfg.default_output_dir(), cfg.overwrite)
-    cfg = dataclasses.replace(cfg, output_dir=str(out.final))
-    if files:
-        examples = examples_from_records(_rows(files["data/train.jsonl"]), cfg.data)
-        eval_examples = examples_from_records(_rows(files["data/test.jsonl"]), cfg.eval_data)
-        ood_examples = examples_from_records(_rows(files["data/ood.jsonl"]), cfg.ood_data)
-        context = files["data/context.txt"].strip("\n") if "data/context.txt" in files else read_context(cfg.context)
-    else:
-        examples = load_examples(cfg.data)
-        context = read_context(cfg.context)
-        eval_examples = load_examples(cfg.eval_data, what="eval data") if cfg.eval_data else None
-        ood_examples = load_examples(cfg.ood_data, what="OOD data") if cfg.ood_data else None
+    cfg = replace(cfg, output_dir=str(out.final))
+    examples, context = load_examples(cfg.data), read_context(cfg.context)
+    eval_examples = load_examples(cfg.eval_data, what="eval data") if cfg.eval_data else None
+    ood_examples = load_examples(cfg.ood_data, what="OOD data") if cfg.ood_data else None
     for rows, path in ((eval_examples, cfg.eval_data), (ood_examples, cfg.ood_data)):
         if rows is not None:
             require_answers(rows, path)
     if not has_context(examples, context):
         raise OpcdError("nothing to distil: give --context FILE (or -) or rows with a `context` field")
-
-    load = cfg.loading
-    with ui.status(f"loading student {cfg.student}"):
-        tokenizer = models.load_tokenizer(cfg.student, load.trust_remote_code)
-        student = models.load_model(cfg.student, "float32", load.trust_remote_code)  # float32 master weights
-    if cfg.teacher is None:
-        teacher = models.frozen(models.frozen_copy(student).to(models.resolve_dtype(load.dtype)))
-        teacher_tokenizer, teacher_name = tokenizer, cfg.student
-    else:
-        with ui.status(f"loading teacher {cfg.teacher}"):
-            teacher_tokenizer = models.load_tokenizer(cfg.teacher, load.trust_remote_code)
-            models.check_same_vocabulary(tokenizer, teacher_tokenizer, cfg.student, cfg.teacher)
-            teacher = models.frozen(models.load_model(cfg.teacher, load.dtype, load.trust_remote_code))
-        teacher_name = cfg.teacher
+    student, teacher, tokenizer, teacher_tokenizer, teacher_name = load_models(cfg, ui)
     vocab = models.shared_vocab_size(student, teacher, tokenizer, cfg.student, teacher_name)
     if cfg.topk > vocab:
         raise OpcdError(f"topk {cfg.topk} is larger than the vocabulary ({vocab} tokens); choose at most {vocab}")
-
+    load = cfg.loading
     student_renderer = ChatRenderer(tokenizer, cfg.student, load.chat_template_kwargs)
     teacher_renderer = (student_renderer if teacher_tokenizer is tokenizer
                         else ChatRenderer(teacher_tokenizer, teacher_name, load.chat_template_kwargs))
     views = build_views(examples, context, cfg.context_as, student_renderer, teacher_renderer)
     check_windows(examples, views, cfg.sampling.max_new_tokens, student, teacher, cfg.student, teacher_name)
-    loss = DistillLoss(student, teacher, vocab, cfg.topk, cfg.topk_renorm, cfg.consistency_weight)
+    loss = DistillLoss(student, teacher, vocab, cfg.topk, cfg.topk_renorm, cfg.consistency_weight, cfg.kernel)
     saved = None
     if cfg.mode == "off-policy" and cfg.rollouts:
         folder = Path(cfg.rollouts)
@@ -268,20 +289,26 @@ def prepare(cfg: DistillConfig, ui: UI) -> Run:
             saved = rollout_store.load(folder, rollouts_fingerprint(cfg, context, examples, views))
         elif folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise OpcdError(f"--rollouts {folder} exists and holds no rollouts; give an empty or new folder")
-    sampler = make_sampler(cfg, student, tokenizer) if cfg.mode == "on-policy" else None
     torch.manual_seed(cfg.seed)
     return Run(cfg, out, examples, views, context, student, teacher, tokenizer, student_renderer, teacher_renderer,
-               loss, sampler, stop_ids(student, tokenizer), eval_examples, ood_examples, saved, files)
+               loss, stop_ids(student, tokenizer), eval_examples, ood_examples, saved)
 
 
-def make_sampler(cfg: DistillConfig, student, tokenizer) -> Sampler:
-    if cfg.sampler == "vllm":  # an engine in this process, loaded from the student's folder, fed each update
-        from .sampling_vllm import VLLMSampler
-
-        return VLLMSampler(models.resolve(cfg.student), stop_ids(student, tokenizer),
-                           dtype=models.resolve_dtype(cfg.loading.dtype), memory=cfg.vllm_memory, seed=cfg.seed,
-                           trust_remote_code=cfg.loading.trust_remote_code, sleep_between_batches=True)
-    return HFSampler(student, tokenizer, batch_size=cfg.batch_size * cfg.grad_accum)
+def load_models(cfg: DistillConfig, ui: UI):
+    """(student, teacher, student tokenizer, teacher tokenizer, teacher name): the student in float32 master
+    weights, the teacher frozen in the compute dtype (a copy of the student's initial weights by default)."""
+    load = cfg.loading
+    with ui.status(f"loading student {cfg.student}"):
+        tokenizer = models.load_tokenizer(cfg.student, load.trust_remote_code)
+        student = models.load_model(cfg.student, "float32", load.trust_remote_code)
+    if cfg.teacher is None:
+        teacher = models.frozen(models.frozen_copy(student).to(models.resolve_dtype(load.dtype)))
+        return student, teacher, tokenizer, tokenizer, cfg.student
+    with ui.status(f"loading teacher {cfg.teacher}"):
+        teacher_tokenizer = models.load_tokenizer(cfg.teacher, load.trust_remote_code)
+        models.check_same_vocabulary(tokenizer, teacher_tokenizer, cfg.student, cfg.teacher)
+        teacher = models.frozen(models.load_model(cfg.teacher, load.dtype, load.trust_remote_code))
+    return student, teacher, tokenizer, teacher_tokenizer, cfg.teacher
 
 
 def check_windows(examples, views, max_new_tokens, student, teacher, student_name, teacher_name) -> None:
@@ -300,61 +327,55 @@ def check_windows(examples, views, max_new_tokens, student, teacher, student_nam
                 )
 
 
-def evaluate_checkpoint(run: Run, ui: UI, when: str) -> dict:
-    """Greedy scores of the student on the eval split without and with the context (and the context harm:
-    the share of rows solved without it but failed with it), of the teacher with it (before training), and of
-    the student on the OOD split with each row's own context."""
-    cfg, result = run.cfg, {}
-    greedy = SamplingOptions(temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens or cfg.sampling.max_new_tokens)
-    jobs = []
-    if run.eval_examples:
-        jobs.append(("no_context", run.student, run.student_renderer, strip_contexts(run.eval_examples), None))
-        jobs.append(("with_context", run.student, run.student_renderer, run.eval_examples, run.context))
-        if when == "before" and run.cfg.teacher is not None:
-            jobs.append(("teacher_with_context", run.teacher, run.teacher_renderer, run.eval_examples, run.context))
-    if run.ood_examples:
-        jobs.append(("ood", run.student, run.student_renderer, run.ood_examples, None))
-    scores = {}
-    with ui.progress(), autocast(cfg.loading.dtype):
-        for key, model, renderer, rows, context in jobs:
+def greedy(cfg: DistillConfig) -> SamplingOptions:
+    return SamplingOptions(temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens or cfg.sampling.max_new_tokens)
+
+
+def evaluate_teacher(run: Run, ui: UI) -> float | None:
+    """The teacher's greedy accuracy on the eval split with the context (a teacher other than the student)."""
+    if not run.eval_examples:
+        return None
+    cfg = run.cfg
+    sampler = run.sampler("teacher", cfg.eval_batch_size)
+    try:
+        with ui.progress(), autocast(cfg.loading.dtype):
             torch.manual_seed(cfg.seed)
-            sampler = HFSampler(model, renderer.tokenizer, batch_size=cfg.eval_batch_size)
-            advance = ui.task(f"eval {when}: {key.replace('_', ' ')}", len(rows))
-            scores[key] = score(sampler, renderer, rows, context=context, context_as=cfg.context_as, sampling=greedy,
-                                verifier=cfg.verifier, advance=advance)
-            result[key] = scores[key].accuracy
-    if "no_context" in scores:
-        result["mean_response_tokens"] = scores["no_context"].mean_response_tokens
-        result["mean_response_tokens_with_context"] = scores["with_context"].mean_response_tokens
-        result["context_harm"] = context_harm(scores["no_context"], scores["with_context"])
-        if "teacher_with_context" not in result:  # the teacher is the student's frozen initial weights
-            result["teacher_with_context"] = result["with_context"] if when == "before" else None
+            advance = ui.task("eval before: teacher with context", len(run.eval_examples))
+            scores = score(sampler, run.teacher_renderer, run.eval_examples, context=run.context,
+                           context_as=cfg.context_as, sampling=greedy(cfg), verifier=cfg.verifier, advance=advance)
+    finally:
+        sampler.close()
+    return scores.accuracy
+
+
+def evaluate_student(run: Run, sampler: Sampler, ui: UI, when: str, teacher_score: float | None = None):
+    """The student's greedy ``EvalResult`` on the eval split (without and with the context) and the OOD split.
+
+    Before training, the teacher's accuracy with the context goes in too: measured for a separate teacher,
+    and for the default teacher (the student's frozen initial weights) the student's own with the context.
+    """
+    cfg = run.cfg
+    if not run.eval_examples:
+        return None
+    was_training = run.student.training
+    run.student.eval()
+    try:
+        with ui.progress(), autocast(cfg.loading.dtype):
+            torch.manual_seed(cfg.seed)
+            advance = ui.task(f"eval {when}", passes(run.eval_examples, run.context, run.ood_examples))
+            result = evaluate_model(sampler, run.student_renderer, run.eval_examples, context=run.context,
+                                    context_as=cfg.context_as, sampling=greedy(cfg), verifier=cfg.verifier,
+                                    ood=run.ood_examples, advance=advance)
+    finally:
+        run.student.train(was_training)
+    if when == "before":
+        teacher = teacher_score if cfg.teacher is not None else result.accuracy_with_context
+        result = replace(result, teacher_accuracy_with_context=teacher)
     return result
-
-
-def save_model(student, tokenizer, folder: Path, cfg: DistillConfig) -> None:
-    """The student in Hugging Face format (safetensors, config, tokenizer, chat template)."""
-    dtype = models.resolve_dtype(cfg.loading.dtype)
-    state = {k: v.detach().to(dtype) for k, v in student.state_dict().items()}
-    student.save_pretrained(folder, state_dict=state, safe_serialization=True)
-    if hasattr(student.config, "dtype"):
-        config = json.loads((folder / "config.json").read_text())
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tokenizer.save_pretrained(folder)
 
 
 def finished(response: list[int], stop: set[int]) -> bool:
     return bool(response) and response[-1] in stop
-
-
-def prompt_order(n: int, seed: int):
-    """Prompt indices forever: a fresh shuffle each epoch."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        yield from order
 
 
 def lr_lambda(cfg: DistillConfig):
@@ -377,38 +398,3 @@ def autocast(dtype_name: str):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(models.device().type, dtype=dtype)
-
-
-def _rows(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def toy_config(cfg: DistillConfig) -> tuple[DistillConfig, dict[str, str]]:
-    """The toy world's settings and data files for a run with no student given.
-
-    The task's own context is used unless ``--context`` gives another (an experience file from ``opcd extract``).
-    """
-    from .toy import world
-
-    splits = world.splits(cfg.toy_task)
-    out = cfg.output_dir or cfg.default_output_dir()
-    data = Path(out) / "data"
-    files = {
-        "data/train.jsonl": splits.train,
-        "data/val.jsonl": splits.val,
-        "data/test.jsonl": splits.test,
-        "data/ood.jsonl": splits.ood,
-    }
-    files = {name: "".join(json.dumps(r) + "\n" for r in rows) for name, rows in files.items()}
-    if cfg.context is None:
-        files["data/context.txt"] = splits.context + "\n"
-    cfg = dataclasses.replace(
-        cfg,
-        student=str(world.model_path("small")),
-        data=str(data / "train.jsonl"),
-        context=cfg.context or str(data / "context.txt"),
-        eval_data=str(data / "test.jsonl"),
-        ood_data=str(data / "ood.jsonl"),
-        output_dir=out,
-    )
-    return cfg, files

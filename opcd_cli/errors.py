@@ -6,3 +6,9 @@ class OpcdError(Exception):
 
     Messages say what is wrong and what to do about it, in one sentence, without a traceback.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,12 +1,13 @@
-"""Accuracy of a model on rows with answers, without and with their context.
+"""Accuracy of a model on rows with answers, without and with their context: one function, one result type.
 
-``score`` works on a model already in memory (the trainer uses it before and after distillation);
-``evaluate`` loads models by name for ``opcd eval``. Both render prompts with ``prompts.py`` and generate with
-a ``Sampler``, so ``opcd eval`` on a saved run reproduces the numbers the run printed.
+``evaluate_model`` scores a model through a ``Sampler`` and returns an ``EvalResult``; ``opcd eval`` (``evaluate``),
+the before/after table of ``opcd distill`` and ``bench/paper_table.py`` all read that one type, under the same
+names, so ``opcd eval`` on a saved run reproduces the numbers the run printed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,11 +15,10 @@ from typing import Callable
 import torch
 
 from .config import EvalConfig, SamplingOptions
-from .data import Example, load_examples, read_context
-from .errors import OpcdError
+from .data import Example, has_context, load_examples, read_context, require_answers, strip_contexts
 from .models import load_tokenizer
 from .prompts import ChatRenderer, with_context
-from .sampling import Sampler, open_sampler
+from .sampling import Sampler, make_sampler
 from .verifiers import is_correct
 
 
@@ -49,14 +49,22 @@ def context_harm(without: Scores, with_context: Scores) -> float:
     return sum(a and not b for a, b in pairs) / len(pairs)
 
 
-def require_answers(examples: list[Example], path: str) -> None:
-    missing = next((e for e in examples if e.answer is None), None)
-    if missing is not None:
-        raise OpcdError(f"{path} row {missing.row} has no `answer`; evaluation needs an answer for every row")
+@dataclass(frozen=True)
+class EvalResult:
+    """What one evaluation measured; fields that were not measured are None (and left out of ``to_dict``)."""
 
+    n: int  # examples scored
+    samples_per_example: int
+    accuracy: float  # without the context
+    mean_response_tokens: float
+    accuracy_with_context: float | None = None
+    context_harm: float | None = None  # share solved without the context but failed with it
+    mean_response_tokens_with_context: float | None = None
+    ood_accuracy: float | None = None  # out-of-distribution rows, each with its own context
+    teacher_accuracy_with_context: float | None = None  # the teacher of a distillation run, with the context
 
-def has_context(examples: list[Example], context: str | None) -> bool:
-    return context is not None or any(e.context for e in examples)
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def score(
@@ -86,12 +94,6 @@ def score(
     return Scores(tuple(correct), tuple(lengths), sampling.n)
 
 
-def strip_contexts(examples: list[Example]) -> list[Example]:
-    from dataclasses import replace
-
-    return [replace(e, context=None) for e in examples]
-
-
 def evaluate_model(
     sampler: Sampler,
     renderer: ChatRenderer,
@@ -103,29 +105,25 @@ def evaluate_model(
     verifier: str = "auto",
     ood: list[Example] | None = None,
     advance: Callable[[int], None] | None = None,
-) -> dict:
-    """Accuracy and response length without the context and, when there is one, with it, and the context harm;
-    with ``ood``, accuracy there too (each OOD row with its own context)."""
-    without = score(sampler, renderer, strip_contexts(examples), context=None, context_as=context_as,
-                    sampling=sampling, verifier=verifier, advance=advance)
-    result = {
-        "n": len(examples),
-        "samples_per_example": sampling.n,
-        "accuracy": without.accuracy,
-        "mean_response_tokens": without.mean_response_tokens,
-    }
+) -> EvalResult:
+    """Accuracy and response length without the context and, when there is one (``context`` or the rows' own),
+    with it, and the context harm; with ``ood``, accuracy there too (each OOD row with its own context)."""
+    kw = dict(context_as=context_as, sampling=sampling, verifier=verifier, advance=advance)
+    without = score(sampler, renderer, strip_contexts(examples), context=None, **kw)
+    result = EvalResult(len(examples), sampling.n, without.accuracy, without.mean_response_tokens)
     if has_context(examples, context):
-        with_ctx = score(sampler, renderer, examples, context=context, context_as=context_as,
-                         sampling=sampling, verifier=verifier, advance=advance)
-        result |= {
-            "accuracy_with_context": with_ctx.accuracy,
-            "context_harm": context_harm(without, with_ctx),
-            "mean_response_tokens_with_context": with_ctx.mean_response_tokens,
-        }
+        with_ctx = score(sampler, renderer, examples, context=context, **kw)
+        result = dataclasses.replace(result, accuracy_with_context=with_ctx.accuracy,
+                                     context_harm=context_harm(without, with_ctx),
+                                     mean_response_tokens_with_context=with_ctx.mean_response_tokens)
     if ood:
-        result["ood_accuracy"] = score(sampler, renderer, ood, context=None, context_as=context_as, sampling=sampling,
-                                       verifier=verifier, advance=advance).accuracy
+        result = dataclasses.replace(result, ood_accuracy=score(sampler, renderer, ood, context=None, **kw).accuracy)
     return result
+
+
+def passes(examples: list[Example], context: str | None, ood: list[Example] | None) -> int:
+    """How many rows ``evaluate_model`` generates for (for a progress bar)."""
+    return len(examples) * (2 if has_context(examples, context) else 1) + len(ood or [])
 
 
 def checkpoints_of(run_dir: Path) -> list[Path]:
@@ -142,7 +140,8 @@ def mean_of_best(results: list[dict], best: int) -> dict:
 
 
 def evaluate(cfg: EvalConfig, progress=None) -> list[dict]:
-    """``opcd eval``: every model in ``cfg.models`` on ``cfg.data``, one result dict each.
+    """``opcd eval``: every model in ``cfg.models`` on ``cfg.data``, one result dict each (``EvalResult``'s
+    fields, with the model, the data and the sampler).
 
     With ``cfg.best``, a run directory scores as the mean of its ``best`` best checkpoints (the paper's protocol
     for system prompts); other models score as themselves.
@@ -155,7 +154,6 @@ def evaluate(cfg: EvalConfig, progress=None) -> list[dict]:
     if ood:
         require_answers(ood, cfg.ood_data)
     context = read_context(cfg.context)
-    passes = len(examples) * (2 if has_context(examples, context) else 1) + len(ood or [])
     results = []
     for name in cfg.models:
         run = Path(name)
@@ -165,16 +163,16 @@ def evaluate(cfg: EvalConfig, progress=None) -> list[dict]:
             torch.manual_seed(cfg.seed)
             tokenizer = load_tokenizer(str(target), cfg.loading.trust_remote_code)
             renderer = ChatRenderer(tokenizer, str(target), cfg.loading.chat_template_kwargs)
-            sampler = open_sampler(cfg.sampler, str(target), tokenizer, batch_size=cfg.batch_size, dtype=cfg.loading.dtype,
-                                   trust_remote_code=cfg.loading.trust_remote_code, vllm_memory=cfg.vllm_memory,
-                                   seed=cfg.seed)
-            advance = progress.task(f"eval {target}", passes) if progress else None
+            sampler = make_sampler(cfg.sampler, tokenizer=tokenizer, source=str(target), batch_size=cfg.batch_size,
+                                   dtype=cfg.loading.dtype, trust_remote_code=cfg.loading.trust_remote_code,
+                                   vllm_memory=cfg.vllm_memory, seed=cfg.seed)
+            advance = progress.task(f"eval {target}", passes(examples, context, ood)) if progress else None
             try:
                 result = evaluate_model(sampler, renderer, examples, context=context, context_as=cfg.context_as,
                                         sampling=cfg.sampling, verifier=cfg.verifier, ood=ood, advance=advance)
             finally:
                 sampler.close()
-            scored.append({"model": str(target), "sampler": sampler.name} | result)
+            scored.append({"model": str(target), "sampler": sampler.name} | result.to_dict())
         row = scored[0] if len(scored) == 1 else mean_of_best(scored, cfg.best) | {"model": name}
         results.append({"model": name, "data": cfg.data} | row)
     return results

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from . import models, sources
 from .config import ExtractConfig, SamplingOptions
-from .data import Example, examples_from_records, load_examples
+from .data import load_examples, require_answers
 from .errors import OpcdError
-from .evaluate import require_answers, score
+from .evaluate import score
 from .experience import ITEM_PREFIX, add_items, parse_items, render_items, trace_line
 from .outputs import write_json_atomic, write_text_atomic
 from .prompts import ChatRenderer, with_context
-from .sampling import open_sampler
+from .sampling import make_sampler
 from .ui import UI, percent
 from .verifiers import is_correct
 
@@ -62,6 +62,8 @@ def within_budget(items: list[str], tokenizer, budget: int) -> list[str]:
 def read_template(path: str | None) -> str:
     if path is None:
         return DEFAULT_TEMPLATE
+    if sources.is_builtin(path):
+        return sources.text(path)
     file = Path(path)
     if not file.is_file():
         raise OpcdError(f"template file {path} does not exist")
@@ -81,17 +83,62 @@ def read_experience(path: str) -> list[str]:
     return items
 
 
+class Rounds:
+    """One model's rounds of solve, extract, accumulate and select (``round``), and the validation score of an
+    experience (``val_accuracy``)."""
+
+    def __init__(self, cfg: ExtractConfig, sampler, renderer: ChatRenderer, template: str, train, val):
+        self.cfg, self.sampler, self.renderer, self.template, self.train, self.val = (
+            cfg, sampler, renderer, template, train, val)
+        self.tokenizer = renderer.tokenizer
+
+    def val_accuracy(self, items) -> float:
+        greedy = SamplingOptions(temperature=0.0, max_new_tokens=self.cfg.sampling.max_new_tokens)
+        return score(self.sampler, self.renderer, self.val, context=render_items(items) or None,
+                     context_as=self.cfg.context_as, sampling=greedy, verifier=self.cfg.verifier).accuracy
+
+    def round(self, number: int, experience: list[str], advance) -> Round:
+        cfg, tokenizer = self.cfg, self.tokenizer
+        # 1. solve, with the experience so far in context
+        context = render_items(experience) or None
+        prompts = [self.renderer.prompt_ids(with_context(e.messages, context, cfg.context_as)) for e in self.train]
+        attempts = self.sampler.generate(prompts, dataclasses.replace(cfg.sampling, n=cfg.attempts))
+        traces, right = [], 0
+        for i, ids in enumerate(attempts):
+            example = self.train[i // cfg.attempts]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            ok = is_correct(text, example.answer, example.verifier, cfg.verifier)
+            right += ok
+            traces.append(trace_line(example.prompt, text, ok))
+        advance(1, status=f"round {number}: {right}/{len(traces)} attempts right")
+        # 2. extract items from the attempts and their verdicts, a few at a time
+        chunks = [traces[i : i + cfg.traces_per_prompt] for i in range(0, len(traces), cfg.traces_per_prompt)]
+        asks = [self.renderer.prompt_ids([{"role": "user", "content": self.template.replace("{traces}", "\n".join(c))}])
+                for c in chunks]
+        extracting = SamplingOptions(temperature=0.0, max_new_tokens=cfg.extract_max_new_tokens)
+        found = [item for ids in self.sampler.generate(asks, extracting)
+                 for item in parse_items(tokenizer.decode(ids, skip_special_tokens=True))]
+        advance(1, status=f"round {number}: {len(found)} items written")
+        # 3. accumulate within the token budget
+        known = set(experience)
+        experience = within_budget(add_items(experience, found), tokenizer, cfg.token_budget)
+        # 4. score on validation
+        accuracy = self.val_accuracy(experience)
+        advance(1, status=f"round {number}: val {percent(accuracy)} with {len(experience)} items")
+        return Round(number, tuple(experience), sum(item not in known for item in experience), right / len(traces),
+                     accuracy)
+
+
 def extract(cfg: ExtractConfig, ui: UI) -> dict:
     """Run the rounds, write the best experience to ``cfg.output``, and return the summary."""
     output = Path(cfg.output)
     rounds_dir = output.with_name(output.stem + ".rounds")
     if (output.exists() or rounds_dir.exists()) and not cfg.overwrite:
         raise OpcdError(f"{output if output.exists() else rounds_dir} already exists; pass --overwrite to replace it")
-    if cfg.is_toy:
-        cfg, train, val, template = toy_inputs(cfg)
-    else:
-        train, val = load_examples(cfg.data), load_examples(cfg.val, what="validation data")
-        template = read_template(cfg.template)
+    if cfg.model is None:
+        raise OpcdError("give --model, --data and --val (or no model arguments at all, to run the toy world)")
+    train, val = load_examples(cfg.data), load_examples(cfg.val, what="validation data")
+    template = read_template(cfg.template)
     require_answers(train, cfg.data)
     require_answers(val, cfg.val)
     experience = read_experience(cfg.experience) if cfg.experience else []
@@ -99,54 +146,26 @@ def extract(cfg: ExtractConfig, ui: UI) -> dict:
     torch.manual_seed(cfg.seed)
     with ui.status(f"loading {cfg.model}"):
         tokenizer = models.load_tokenizer(cfg.model, cfg.loading.trust_remote_code)
-        sampler = open_sampler(cfg.sampler, cfg.model, tokenizer, batch_size=cfg.batch_size, dtype=cfg.loading.dtype,
-                               trust_remote_code=cfg.loading.trust_remote_code, vllm_memory=cfg.vllm_memory, seed=cfg.seed)
-    renderer = ChatRenderer(tokenizer, cfg.model, cfg.loading.chat_template_kwargs)
-    greedy = SamplingOptions(temperature=0.0, max_new_tokens=cfg.sampling.max_new_tokens)
-    extracting = SamplingOptions(temperature=0.0, max_new_tokens=cfg.extract_max_new_tokens)
-
-    def val_accuracy(items) -> float:
-        context = render_items(items) or None
-        return score(sampler, renderer, val, context=context, context_as=cfg.context_as, sampling=greedy,
-                     verifier=cfg.verifier).accuracy
-
+        sampler = make_sampler(cfg.sampler, tokenizer=tokenizer, source=cfg.model, batch_size=cfg.batch_size,
+                               dtype=cfg.loading.dtype, trust_remote_code=cfg.loading.trust_remote_code,
+                               vllm_memory=cfg.vllm_memory, seed=cfg.seed)
+    runner = Rounds(cfg, sampler, ChatRenderer(tokenizer, cfg.model, cfg.loading.chat_template_kwargs), template,
+                    train, val)
     rounds: list[Round] = []
     try:
         with ui.progress():
             advance = ui.task("extract", cfg.rounds * 3 + 1)
-            without = val_accuracy([])
+            without = runner.val_accuracy([])
             advance(1, status=f"val {percent(without)} without experience")
             for number in range(1, cfg.rounds + 1):
-                # 1. solve, with the experience so far in context
-                context = render_items(experience) or None
-                prompts = [renderer.prompt_ids(with_context(e.messages, context, cfg.context_as)) for e in train]
-                attempts = sampler.generate(prompts, dataclasses.replace(cfg.sampling, n=cfg.attempts))
-                traces, right = [], 0
-                for i, ids in enumerate(attempts):
-                    example = train[i // cfg.attempts]
-                    text = tokenizer.decode(ids, skip_special_tokens=True)
-                    ok = is_correct(text, example.answer, example.verifier, cfg.verifier)
-                    right += ok
-                    traces.append(trace_line(example.prompt, text, ok))
-                advance(1, status=f"round {number}: {right}/{len(traces)} attempts right")
-                # 2. extract items from the attempts and their verdicts, a few at a time
-                chunks = [traces[i : i + cfg.traces_per_prompt] for i in range(0, len(traces), cfg.traces_per_prompt)]
-                asks = [renderer.prompt_ids([{"role": "user", "content": template.replace("{traces}", "\n".join(c))}])
-                        for c in chunks]
-                found = [item for ids in sampler.generate(asks, extracting)
-                         for item in parse_items(tokenizer.decode(ids, skip_special_tokens=True))]
-                advance(1, status=f"round {number}: {len(found)} items written")
-                # 3. accumulate within the token budget
-                known = set(experience)
-                experience = within_budget(add_items(experience, found), tokenizer, cfg.token_budget)
-                # 4. score on validation
-                accuracy = val_accuracy(experience)
-                new = sum(item not in known for item in experience)
-                rounds.append(Round(number, tuple(experience), new, right / len(traces), accuracy))
-                advance(1, status=f"round {number}: val {percent(accuracy)} with {len(experience)} items")
+                rounds.append(runner.round(number, list(rounds[-1].items) if rounds else experience, advance))
     finally:
         sampler.close()
+    return write_outputs(cfg, output, rounds_dir, rounds, without)
 
+
+def write_outputs(cfg: ExtractConfig, output: Path, rounds_dir: Path, rounds: list[Round], without: float) -> dict:
+    """The best round's experience to ``output``, every round's beside it, and the summary."""
     best = max(rounds, key=lambda r: (r.val_accuracy, -r.number))
     if not best.items:
         raise OpcdError(f"no experience items were extracted in {cfg.rounds} rounds; try more --attempts or another --template")
@@ -166,15 +185,3 @@ def extract(cfg: ExtractConfig, ui: UI) -> dict:
     }
     write_json_atomic(rounds_dir / "summary.json", summary)
     return summary
-
-
-def toy_inputs(cfg: ExtractConfig) -> tuple[ExtractConfig, list[Example], list[Example], str]:
-    """The toy world's experiential task: code questions whose answers follow a law the model never saw."""
-    from .toy import tasks, world
-
-    splits = world.splits("codes")
-    train = examples_from_records(splits.train[: world.EXTRACT_TRAIN], "toy:codes/train")
-    val = examples_from_records(splits.val, "toy:codes/val")
-    cfg = dataclasses.replace(cfg, model=str(world.model_path("small")), data="toy:codes/train", val="toy:codes/val",
-                              traces_per_prompt=world.EXTRACT_TRACES_PER_PROMPT)
-    return cfg, train, val, tasks.EXTRACTION_TEMPLATE

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import OpcdError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from . import sources
+from .errors import OpcdError, first_line
 
 
 def quiet_transformers() -> None:
@@ -26,18 +25,16 @@ def device() -> torch.device:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """``auto`` is bfloat16 on a GPU and float32 on a CPU."""
+    """A dtype name of ``config.DTYPES`` as a torch dtype; ``auto`` is bfloat16 on a GPU and float32 on a CPU."""
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return DTYPES[name]
+    return getattr(torch, name)
 
 
 def resolve(name: str) -> str:
-    """A model name as a loadable id or folder: ``toy:small`` and ``toy:large`` are the shipped toy models."""
-    if name.startswith("toy:"):
-        from .toy.world import model_path
-
-        return str(model_path(name.removeprefix("toy:")))
+    """A model name as a loadable id or folder (built-in names such as ``toy:small`` resolve to their folders)."""
+    if sources.is_builtin(name):
+        return sources.model_folder(name)
     return os.path.expanduser(name)
 
 
@@ -60,7 +57,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as e:  # OSError for missing files, ValueError for unknown classes, hub errors offline
-        raise OpcdError(f"cannot load the tokenizer of {name}: {_first_line(e)}") from None
+        raise OpcdError(f"cannot load the tokenizer of {name}: {first_line(e)}") from None
 
 
 def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False):
@@ -73,7 +70,7 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False):
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise OpcdError(f"cannot load model {name}: {_first_line(e)}") from None
+        raise OpcdError(f"cannot load model {name}: {first_line(e)}") from None
     return model.to(device()).eval()
 
 
@@ -115,13 +112,22 @@ def shared_vocab_size(student_model, teacher_model, tokenizer, student: str, tea
 
 
 def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    """The id that pads batches (for generation and for the loss): the tokenizer's pad, else its EOS, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def generation_config(folder: str):
+    """A model folder's generation config without loading the model (None when it has none)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone ends responses
+        return None
 
 
 def context_window(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

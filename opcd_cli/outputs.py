@@ -55,15 +55,17 @@ class RunDir:
         if self.partial.exists() and not overwrite:
             raise OpcdError(f"{self.partial} exists (a run in progress, or one that stopped early); remove it or pass --overwrite")
 
-    @property
-    def path(self) -> Path:
-        """Where the run writes while it is in progress."""
-        return self.partial
-
     def begin(self) -> Path:
+        """Start writing the run: a fresh ``.partial`` folder (an old one is only there with ``overwrite``)."""
         if self.partial.exists():
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
+        return self.partial
+
+    def reopen(self) -> Path:
+        """Continue writing a run that stopped early: its ``.partial`` folder as it is."""
+        if not self.partial.is_dir():
+            raise OpcdError(f"{self.partial} does not exist; there is no stopped run to continue")
         return self.partial
 
     def finish(self) -> Path:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import OpcdError
 from .sampling import Sampler
-from .scoring import pack, response_logits
+from .loss import pack, with_head
 
 TENSORS, META = "rollouts.safetensors", "rollouts.json"
 
@@ -72,7 +72,7 @@ def generate(teacher, sampler: Sampler, teacher_prompts, sampling, k: int, pad_i
     ids, logprobs = [], []
     for lo in range(0, len(responses), batch_size):
         prompts, answers = teacher_prompts[lo : lo + batch_size], responses[lo : lo + batch_size]
-        logits_NV = response_logits(teacher, pack(prompts, answers, pad_id, device))
+        logits_NV = with_head(teacher, pack(prompts, answers, pad_id, device), False, lambda head: head.logits_NV)
         top = torch.log_softmax(logits_NV.float(), dim=-1).topk(k, dim=-1)
         for part_ids, part_logprobs in zip(top.indices.split([len(a) for a in answers]),
                                            top.values.split([len(a) for a in answers])):

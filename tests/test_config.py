@@ -63,7 +63,7 @@ def test_configs_are_frozen():
     cfg = DistillConfig()
     with pytest.raises(Exception):
         cfg.lr = 1.0  # type: ignore[misc]
-    assert cfg.is_toy and cfg.default_output_dir().startswith("runs/toy-codes-")
+    assert build_distill_config(read_recipe("toy-codes")).default_output_dir().startswith("runs/toy-codes-")
 
 
 def test_eval_config_rules():

@@ -19,9 +19,9 @@ def default_run(tmp_path_factory):
     with contextlib.chdir(folder), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["distill", "--json"])
     summary = json.loads(out.getvalue()) if code == 0 else {}
-    for key in ("output_dir", "test_data", "context_file"):
-        if key in summary:
-            summary[key] = str(folder / summary[key])  # relative paths are relative to the run's folder
+    if summary:  # relative paths are relative to the run's folder
+        summary["output_dir"] = str(folder / summary["output_dir"])
+        summary["inputs"] = {name: str(folder / path) for name, path in summary["inputs"].items()}
     return code, summary, err.getvalue()
 
 
@@ -31,18 +31,19 @@ def test_default_run_internalises_the_system_prompt(default_run, cli):
     assert code == 0, stderr
     assert Path(summary["output_dir"]).name.startswith("toy-codes-") and Path(summary["output_dir"]).is_dir()
     assert Path(summary["output_dir"]).parent.name == "runs"
-    assert Path(summary["test_data"]).is_file() and Path(summary["context_file"]).is_file()
+    assert Path(summary["inputs"]["test"]).is_file() and Path(summary["inputs"]["context"]).is_file()
     assert summary["sampler"] == "hf"
+    before, after = summary["before"], summary["after"]
     # the toy base model follows the rule in context and not without it ...
-    assert summary["teacher_with_context"] >= 0.90
-    assert summary["student_no_context_before"] <= 0.20
+    assert before["teacher_accuracy_with_context"] >= 0.90
+    assert before["accuracy"] <= 0.20
     # ... and after distillation follows it without the context, keeping its in-context skills elsewhere
-    assert summary["student_no_context_after"] >= summary["teacher_with_context"] - 0.10
-    assert summary["ood_after"] >= summary["ood_before"] - 0.05
+    assert after["accuracy"] >= before["teacher_accuracy_with_context"] - 0.10
+    assert after["ood_accuracy"] >= before["ood_accuracy"] - 0.05
 
-    code, stdout, stderr = cli("eval", "--model", summary["output_dir"], "--data", summary["test_data"], "--json")
+    code, stdout, stderr = cli("eval", "--model", summary["output_dir"], "--data", summary["inputs"]["test"], "--json")
     assert code == 0, stderr
-    assert json.loads(stdout)["accuracy"] == summary["student_no_context_after"]
+    assert json.loads(stdout)["accuracy"] == after["accuracy"]
 
 
 @pytest.mark.slow
@@ -55,5 +56,5 @@ def test_vllm_sampler_internalises_as_well_as_hugging_face(default_run, cli, tmp
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert summary["sampler"] == "vllm" and summary["steps"] == hf["steps"]
-    assert abs(summary["student_no_context_after"] - hf["student_no_context_after"]) <= 0.05
-    assert summary["student_no_context_after"] >= summary["teacher_with_context"] - 0.10
+    assert abs(summary["after"]["accuracy"] - hf["after"]["accuracy"]) <= 0.05
+    assert summary["after"]["accuracy"] >= summary["before"]["teacher_accuracy_with_context"] - 0.10

@@ -104,4 +104,4 @@ def test_toy_extraction_finds_the_law_and_distillation_internalises_it(cli, tmp_
     assert code == 0, err
     distilled = json.loads(out)
     assert distilled["context_file"] == str(exp)
-    assert distilled["student_no_context_after"] > distilled["student_no_context_before"] + 0.2
+    assert distilled["after"]["accuracy"] > distilled["before"]["accuracy"] + 0.2

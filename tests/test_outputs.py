@@ -21,9 +21,9 @@ def test_existing_run_needs_overwrite_and_is_kept_until_the_new_one_is_done(tmp_
     with pytest.raises(OpcdError, match="--overwrite"):
         RunDir(str(old), overwrite=False)
     run = RunDir(str(old), overwrite=True)
-    run.begin()
+    work = run.begin()
     assert (old / "old.txt").exists()  # still there while the new run works
-    (run.path / RUN_MARKER).write_text("{}")
+    (work / RUN_MARKER).write_text("{}")
     run.finish()
     assert not (old / "old.txt").exists() and (old / RUN_MARKER).exists()
 
@@ -47,3 +47,12 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     write_text_atomic(target, "new")
     assert target.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["exp.txt"]
+
+
+def test_a_stopped_run_is_reopened_as_it_is(tmp_path):
+    run = RunDir(str(tmp_path / "run"), overwrite=False)
+    work = run.begin()
+    (work / "metrics.jsonl").write_text("{}\n")
+    assert run.reopen() == work and (work / "metrics.jsonl").read_text() == "{}\n"
+    with pytest.raises(OpcdError, match="no stopped run"):
+        RunDir(str(tmp_path / "other"), overwrite=False).reopen()

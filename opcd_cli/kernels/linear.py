@@ -1,6 +1,6 @@
 """The output layer around the fused losses: ``logits = hidden @ weight.T`` chunk by chunk, and back through it.
 
-Both fused paths (plain PyTorch in ``reference.py``, Triton in ``fused_linear.py``) make each chunk's logits,
+Both fused paths (PyTorch in ``torch_chunked.py``, Triton in ``fused_linear_triton.py``) make each chunk's logits,
 turn them into that chunk's gradient, and push it back through the same two matmuls:
 
     dloss/dh[chunk] = g_nV @ W                 dloss/dW += g_nV.T @ h[chunk]   (float32 accumulator)
@@ -90,6 +90,28 @@ def scale_grad(g: torch.Tensor, grad_total: torch.Tensor, dtype: torch.dtype) ->
     for s in range(0, g.shape[0], SCALE_ROWS):
         out[s : s + SCALE_ROWS] = g[s : s + SCALE_ROWS] * grad_total
     return out
+
+
+def gradient_buffers(tensors, needs_grad) -> list:
+    """Buffers for the gradients a fused loss computes in its forward pass, for the (hidden, weight, hidden,
+    weight) tensors that need one: hidden-state gradients in their own dtype, weight gradients in float32."""
+    buffers = []
+    for i, (x, need) in enumerate(zip(tensors, needs_grad)):
+        if not need:
+            buffers.append(None)
+        elif i % 2 == 0:
+            buffers.append(torch.empty_like(x, memory_format=torch.contiguous_format))
+        else:
+            buffers.append(torch.zeros(x.shape, dtype=torch.float32, device=x.device))
+    return buffers
+
+
+def finish_forward(ctx, grads: list, tensors, loss_N: torch.Tensor, weight_N: torch.Tensor, mass_N: torch.Tensor):
+    """Keep the gradients for ``backward`` (``scale_saved_grads``) and return (weighted loss, top-k masses)."""
+    ctx.save_for_backward(*grads)
+    ctx.dtypes = [x.dtype for x in tensors]
+    ctx.mark_non_differentiable(mass_N)
+    return (loss_N * weight_N).sum(), mass_N
 
 
 def scale_saved_grads(ctx, grad_total: torch.Tensor) -> list:

@@ -17,7 +17,8 @@ vocabulary, loss_n is KL(q || p) exactly; otherwise it is the part of that KL ca
 Argument order everywhere: target first (``target_ids_Nk``, ``target_logprobs_Nk``), then the trainable side
 (``logits_NV``, or ``hidden_NH`` and ``weight_VH`` whose product ``hidden @ weight.T`` is the logits).
 
-* ``naive_sparse_target_kl``: the formula with autograd on full tensors (the reference for the tests).
+The formula with autograd on full tensors is ``naive.naive_sparse_target_kl`` (the tests' reference).
+
 * ``sparse_target_kl``: chunked over rows, analytic gradient recomputed in backward.
 * ``fused_linear_sparse_target_kl``: logits made chunk by chunk from hidden states; no [N, V] tensor exists.
 """
@@ -26,34 +27,9 @@ from __future__ import annotations
 
 import torch
 
+from .arguments import check_targets, reduce_loss, token_weights
 from .linear import autocast_off, backprop_chunk, compute_dtype, logits, scale_saved_grads
-from .reference import _reduce, _rows_per_chunk, token_weights
-
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check(target_ids_Nk, target_logprobs_Nk, N: int, mask_N, reduction: str, reductions=REDUCTIONS) -> None:
-    if target_ids_Nk.dim() != 2 or target_ids_Nk.shape != target_logprobs_Nk.shape or target_ids_Nk.shape[0] != N:
-        raise ValueError(
-            f"target ids and log-probabilities must both be [N, k] with N = {N}; "
-            f"got {tuple(target_ids_Nk.shape)} and {tuple(target_logprobs_Nk.shape)}"
-        )
-    if target_logprobs_Nk.requires_grad:
-        raise ValueError("the target log-probabilities require grad; the target is fixed (detach it)")
-    if mask_N is not None and mask_N.shape != (N,):
-        raise ValueError(f"mask must be [N] = [{N}]; got {tuple(mask_N.shape)}")
-    if reduction not in reductions:
-        raise ValueError(f"reduction must be one of {reductions}; got {reduction!r}")
-
-
-def naive_sparse_target_kl(target_ids_Nk, target_logprobs_Nk, logits_NV, mask=None, reduction="mean"):
-    """The loss straight from its definition, with autograd to the logits."""
-    _check(target_ids_Nk, target_logprobs_Nk, logits_NV.shape[0], mask, reduction)
-    logp_Nk = torch.log_softmax(logits_NV.float(), dim=-1).gather(1, target_ids_Nk.long())
-    lq_Nk = target_logprobs_Nk.float()
-    q_Nk = lq_Nk.exp()
-    loss_N = torch.where(q_Nk > 0, q_Nk * (lq_Nk - logp_Nk), torch.zeros_like(q_Nk)).sum(-1)
-    return _reduce(loss_N, mask, reduction)
+from .torch_chunked import rows_per_chunk
 
 
 def sparse_target_kl_rows(ids_nk, lq_nk, logits_nV, want_grad: bool):
@@ -107,10 +83,10 @@ def sparse_target_kl(target_ids_Nk, target_logprobs_Nk, logits_NV, mask=None, re
     """
     if logits_NV.dim() != 2:
         raise ValueError(f"logits must be [N, V]; got {tuple(logits_NV.shape)}")
-    _check(target_ids_Nk, target_logprobs_Nk, logits_NV.shape[0], mask, reduction)
-    rows = _rows_per_chunk(logits_NV.shape[1], chunk_size, tensors=3)
+    check_targets(target_ids_Nk, target_logprobs_Nk, logits_NV.shape[0], mask, reduction)
+    rows = rows_per_chunk(logits_NV.shape[1], chunk_size, tensors=3)
     loss_N = _SparseTargetKL.apply(target_ids_Nk.long(), target_logprobs_Nk, logits_NV, rows)
-    return _reduce(loss_N, mask, reduction)
+    return reduce_loss(loss_N, mask, reduction)
 
 
 class _FusedLinearSparseTargetKL(torch.autograd.Function):
@@ -158,9 +134,9 @@ def fused_linear_sparse_target_kl(
         raise ValueError(
             f"hidden [N, H] and weight [V, H] do not line up: {tuple(hidden_NH.shape)}, {tuple(weight_VH.shape)}"
         )
-    _check(target_ids_Nk, target_logprobs_Nk, N, mask, reduction, reductions=("mean", "sum"))
+    check_targets(target_ids_Nk, target_logprobs_Nk, N, mask, reduction, reductions=("mean", "sum"))
     weight_N = token_weights(mask, N, reduction, hidden_NH.device)
-    rows = _rows_per_chunk(V, chunk_size, tensors=3)
+    rows = rows_per_chunk(V, chunk_size, tensors=3)
     return _FusedLinearSparseTargetKL.apply(
         target_ids_Nk.long(), target_logprobs_Nk, hidden_NH, weight_VH, weight_N, rows
     )

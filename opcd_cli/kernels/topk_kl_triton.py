@@ -50,8 +50,8 @@ gradient written once, plus a few k scattered accesses; the scratch is an int32 
 written in place) and [N, 4] row statistics.
 
 Layers: ``@triton.jit`` kernels, the launch functions ``topk_kl_forward`` and ``topk_kl_backward``,
-``TopkKLTriton`` (a ``torch.autograd.Function``), the functional ``topk_kl_triton``, and the OPCD entry point
-``topk_reverse_kl_triton`` (the same with the teacher refused if it requires grad).
+``TopkKLTriton`` (a ``torch.autograd.Function``) and the functional ``topk_kl_triton``; the fused-linear
+path over them is ``fused_linear_triton.py``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _check, _reduce, refuse_teacher_grad
+from .arguments import check_logits, reduce_loss
 
 # Columns per block of the first pass (2048 at 8 warps was the fastest of the launch configurations measured on
 # an H200 inside the fused loss), and the width of the streaming passes as a multiple of it (twice as many loads
@@ -241,19 +241,10 @@ def _grads_on_s(ids, a, b, kv, ga_row, gb_row, w, ref_a, ref_b, loss, mass,
 
 
 @triton.jit
-def _topk_kl_fwd_kernel(
-    a_ptr, a_stride, b_ptr, b_stride, ids_ptr, ids_stride, cnt_ptr, pairs_ptr, pairs_stride, w_ptr, w_stride,
-    loss_ptr, mass_ptr, stats_ptr, V, K,
-    RENORM: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr, KEY_BITS: tl.constexpr,
-    FAST: tl.constexpr, BLOCK_V: tl.constexpr, STREAM_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    a_row = a_ptr + row * a_stride
-    b_row = b_ptr + row * b_stride
-    ids_row = ids_ptr + row * ids_stride
+def _row_statistics(a_row, b_row, V, BLOCK_V: tl.constexpr):
+    """Pass 1: the log-sum-exps of both rows, and the per-position running maxima of a (from which a lower bound
+    of the k-th largest logit comes). The running sums are per position; they are reduced once, after the loop."""
     cols0 = tl.arange(0, BLOCK_V)
-
-    # Pass 1: per-position running max and sum of both rows; reduced once, after the loop.
     m_a = tl.full((BLOCK_V,), _EMPTY, dtype=tl.float32)
     d_a = tl.zeros((BLOCK_V,), dtype=tl.float32)
     m_b = tl.full((BLOCK_V,), _EMPTY, dtype=tl.float32)
@@ -265,46 +256,61 @@ def _topk_kl_fwd_kernel(
         b = tl.load(b_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
         m_a, d_a = _lse_step(m_a, d_a, a)
         m_b, d_b = _lse_step(m_b, d_b, b)
-    lse_a = _lse_finish(m_a, d_a)
-    lse_b = _lse_finish(m_b, d_b)
+    return _lse_finish(m_a, d_a), _lse_finish(m_b, d_b), m_a
 
-    # Passes 2-3: the ids of S into ids_row[0:K].
-    if FAST:
-        # t0: the K-th largest of the per-position maxima, a lower bound of the row's K-th largest value.
-        t0, _ = _kth_largest(_ordered_key(m_a, 32), cols0 >= 0, K)
-        t0 = tl.where(t0 <= _EMPTY_KEY, -2147483647 - 1, t0)  # fewer than K finite positions: take everything
-        cols1 = tl.arange(0, STREAM_V)
-        cnt_row = cnt_ptr + row + tl.zeros((STREAM_V,), dtype=tl.int32)
-        for off in range(0, V, STREAM_V):
-            cols = off + cols1
-            valid = cols < V
-            a = tl.load(a_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
-            take = valid & (_ordered_key(a, 32) >= t0)
-            slot = tl.atomic_add(cnt_row, 1, mask=take)
-            tl.store(ids_row + slot, cols, mask=take & (slot < BLOCK_C))
-        tl.debug_barrier()
-        total = tl.atomic_add(cnt_ptr + row, 0)  # the final count, read where the atomics were made
-        if total <= BLOCK_C:
-            tl.debug_barrier()  # every candidate is stored before any thread reads them
-            cc = tl.arange(0, BLOCK_C)
-            cv = cc < total
-            cid = tl.load(ids_row + cc, mask=cv, other=0)
-            ckey = _ordered_key(tl.load(a_row + cid, mask=cv, other=float("-inf")).to(tl.float32), 32)
-            tau, need = _kth_largest(ckey, cv, K)  # the K-th largest value, and how many of its ties are in S
-            tied = cv & (ckey == tau)
-            lower_first = 2147483647 - cid  # larger for lower ids: ties go to the lower ids
-            tau_id, _ = _kth_largest(lower_first, tied, need)
-            take = (cv & (ckey > tau)) | (tied & (lower_first >= tau_id))
-            slot = tl.cumsum(take.to(tl.int32), 0) - 1
-            tl.debug_barrier()  # every thread has read the candidates before they are overwritten
-            tl.store(ids_row + slot, cid, mask=take)
-        else:
-            _radix_select(a_row, ids_row, V, K, KEY_BITS, BLOCK_V)
+
+@triton.jit
+def _select_candidates(a_row, ids_row, cnt_ptr, row, m_a, V, K, KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr,
+                       STREAM_V: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Passes 2-3: the ids of S into ``ids_row[0:K]`` through the candidates >= t0 (radix select on overflow)."""
+    # t0: the K-th largest of the per-position maxima, a lower bound of the row's K-th largest value
+    t0, _ = _kth_largest(_ordered_key(m_a, 32), tl.arange(0, BLOCK_V) >= 0, K)
+    t0 = tl.where(t0 <= _EMPTY_KEY, -2147483647 - 1, t0)  # fewer than K finite positions: take everything
+    cols1 = tl.arange(0, STREAM_V)
+    cnt_row = cnt_ptr + row + tl.zeros((STREAM_V,), dtype=tl.int32)
+    for off in range(0, V, STREAM_V):
+        cols = off + cols1
+        valid = cols < V
+        a = tl.load(a_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
+        take = valid & (_ordered_key(a, 32) >= t0)
+        slot = tl.atomic_add(cnt_row, 1, mask=take)
+        tl.store(ids_row + slot, cols, mask=take & (slot < BLOCK_C))
+    tl.debug_barrier()
+    total = tl.atomic_add(cnt_ptr + row, 0)  # the final count, read where the atomics were made
+    if total <= BLOCK_C:
+        tl.debug_barrier()  # every candidate is stored before any thread reads them
+        cc = tl.arange(0, BLOCK_C)
+        cv = cc < total
+        cid = tl.load(ids_row + cc, mask=cv, other=0)
+        ckey = _ordered_key(tl.load(a_row + cid, mask=cv, other=float("-inf")).to(tl.float32), 32)
+        tau, need = _kth_largest(ckey, cv, K)  # the K-th largest value, and how many of its ties are in S
+        tied = cv & (ckey == tau)
+        lower_first = 2147483647 - cid  # larger for lower ids: ties go to the lower ids
+        tau_id, _ = _kth_largest(lower_first, tied, need)
+        take = (cv & (ckey > tau)) | (tied & (lower_first >= tau_id))
+        slot = tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.debug_barrier()  # every thread has read the candidates before they are overwritten
+        tl.store(ids_row + slot, cid, mask=take)
     else:
         _radix_select(a_row, ids_row, V, K, KEY_BITS, BLOCK_V)
-    tl.debug_barrier()  # the ids written by every thread are read back below
 
-    # Pass 4: loss, top-k mass and log normalisers from the k triples (id, a_id, b_id).
+
+@triton.jit
+def _pairs_at(ids_row, a_row, b_row, kk, K):
+    """The ids of S at positions ``kk`` of the row's id buffer, and the two logits there (float32)."""
+    kv = kk < K
+    ids = tl.load(ids_row + kk, mask=kv, other=0)
+    a = tl.load(a_row + ids, mask=kv, other=0.0).to(tl.float32)
+    b = tl.load(b_row + ids, mask=kv, other=0.0).to(tl.float32)
+    return ids, a, b, kv
+
+
+@triton.jit
+def _topk_loss(a_row, b_row, ids_row, pairs_row, lse_a, lse_b, K, RENORM: tl.constexpr, KEEP_PAIRS: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """Pass 4: (loss, top-k mass, ref_a, ref_b) from the k triples (id, a_id, b_id); ref_a and ref_b are the log
+    normalisers (full vocabulary, or over S with renorm). With ``KEEP_PAIRS`` the pairs (a_id, b_id) are saved
+    to ``pairs_row`` for the gradient pass, which overwrites the logits."""
     kk0 = tl.arange(0, BLOCK_K)
     mass = 0.0
     loss = 0.0
@@ -312,18 +318,14 @@ def _topk_kl_fwd_kernel(
     d_q = 0.0
     for koff in range(0, K, BLOCK_K):
         kk = koff + kk0
-        kv = kk < K
-        ids = tl.load(ids_row + kk, mask=kv, other=0)
-        a = tl.load(a_row + ids, mask=kv, other=0.0).to(tl.float32)
-        b = tl.load(b_row + ids, mask=kv, other=0.0).to(tl.float32)
+        ids, a, b, kv = _pairs_at(ids_row, a_row, b_row, kk, K)
         logp = a - lse_a
         p = tl.where(kv, tl.exp(logp), 0.0)
         mass += tl.sum(p, 0)
         loss += tl.sum(tl.where(p > 0, p * (logp - (b - lse_b)), 0.0), 0)
         if RENORM:
             m_q, d_q = _online_lse(m_q, d_q, tl.where(kv, b, float("-inf")))
-        if GRAD_FIRST or GRAD_SECOND:  # pass 5 overwrites the logits: keep the pairs on S
-            pairs_row = pairs_ptr + row * pairs_stride
+        if KEEP_PAIRS:
             tl.store(pairs_row + kk, a, mask=kv)
             tl.store(pairs_row + K + kk, b, mask=kv)
     if RENORM:
@@ -331,32 +333,49 @@ def _topk_kl_fwd_kernel(
         ref_b = m_q + tl.log(d_q)
         loss = 0.0
         for koff in range(0, K, BLOCK_K):
-            kk = koff + kk0
-            kv = kk < K
-            ids = tl.load(ids_row + kk, mask=kv, other=0)
-            a = tl.load(a_row + ids, mask=kv, other=0.0).to(tl.float32)
-            b = tl.load(b_row + ids, mask=kv, other=0.0).to(tl.float32)
+            ids, a, b, kv = _pairs_at(ids_row, a_row, b_row, koff + kk0, K)
             logp = a - ref_a
             p = tl.where(kv, tl.exp(logp), 0.0)
             loss += tl.sum(tl.where(p > 0, p * (logp - (b - ref_b)), 0.0), 0)
     else:
         ref_a = lse_a
         ref_b = lse_b
+    return loss, mass, ref_a, ref_b
 
+
+@triton.jit
+def _topk_kl_fwd_kernel(
+    a_ptr, a_stride, b_ptr, b_stride, ids_ptr, ids_stride, cnt_ptr, pairs_ptr, pairs_stride, w_ptr, w_stride,
+    loss_ptr, mass_ptr, stats_ptr, V, K,
+    RENORM: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr, KEY_BITS: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_V: tl.constexpr, STREAM_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    a_row = a_ptr + row * a_stride
+    b_row = b_ptr + row * b_stride
+    ids_row = ids_ptr + row * ids_stride
+    lse_a, lse_b, m_a = _row_statistics(a_row, b_row, V, BLOCK_V)
+    if FAST:
+        _select_candidates(a_row, ids_row, cnt_ptr, row, m_a, V, K, KEY_BITS, BLOCK_V, STREAM_V, BLOCK_C)
+    else:
+        _radix_select(a_row, ids_row, V, K, KEY_BITS, BLOCK_V)
+    tl.debug_barrier()  # the ids written by every thread are read back below
+    # the row's pairs pointer is made where it is used (kept alive across the passes it was spilled to the stack)
+    loss, mass, ref_a, ref_b = _topk_loss(a_row, b_row, ids_row, pairs_ptr + row * pairs_stride, lse_a, lse_b, K,
+                                          RENORM, GRAD_FIRST or GRAD_SECOND, BLOCK_K)
     tl.store(loss_ptr + row, loss)
     tl.store(mass_ptr + row, mass)
     tl.store(stats_ptr + row * 4 + 0, ref_a)
     tl.store(stats_ptr + row * 4 + 1, ref_b)
     tl.store(stats_ptr + row * 4 + 2, loss)
     tl.store(stats_ptr + row * 4 + 3, mass)
-
-    # Pass 5 (fused): the weighted gradients, in place of the logits: the dense part, then S.
-    if GRAD_FIRST or GRAD_SECOND:
+    if GRAD_FIRST or GRAD_SECOND:  # pass 5, fused: the weighted gradients in place of the logits
         w = tl.load(w_ptr + row * w_stride).to(tl.float32)
         _dense_grads(a_row, b_row, a_row, b_row, w, ref_a, ref_b, loss, mass, V,
                      RENORM, GRAD_FIRST, GRAD_SECOND, STREAM_V)
         tl.debug_barrier()  # the dense values are written before S's are written over them
         pairs_row = pairs_ptr + row * pairs_stride
+        kk0 = tl.arange(0, BLOCK_K)
         for koff in range(0, K, BLOCK_K):
             kk = koff + kk0
             kv = kk < K
@@ -388,11 +407,7 @@ def _topk_kl_bwd_kernel(
     tl.debug_barrier()  # the dense values are written before S's are written over them
     kk0 = tl.arange(0, BLOCK_K)
     for koff in range(0, K, BLOCK_K):
-        kk = koff + kk0
-        kv = kk < K
-        ids = tl.load(ids_ptr + row * ids_stride + kk, mask=kv, other=0)
-        a = tl.load(a_row + ids, mask=kv, other=0.0).to(tl.float32)
-        b = tl.load(b_row + ids, mask=kv, other=0.0).to(tl.float32)
+        ids, a, b, kv = _pairs_at(ids_ptr + row * ids_stride, a_row, b_row, koff + kk0, K)
         _grads_on_s(ids, a, b, kv, ga_row, gb_row, w, ref_a, ref_b, loss, mass, RENORM, GRAD_FIRST, GRAD_SECOND)
 
 
@@ -535,22 +550,10 @@ def topk_kl_triton(
 
     ``block_v`` overrides the number of columns per block (the tests use small blocks to cover several).
     """
-    _check(first_logits, second_logits, k, mask, reduction)
+    check_logits(first_logits, second_logits, k, mask, reduction)
     loss_N, mass_N = TopkKLTriton.apply(first_logits, second_logits, k, renorm, block_v)
     mask_f = None if mask is None else mask.float()
-    loss = _reduce(loss_N, mask_f, reduction)
+    loss = reduce_loss(loss_N, mask_f, reduction)
     if return_topk_mass:
-        return loss, _reduce(mass_N, mask_f, "mean").detach()
+        return loss, reduce_loss(mass_N, mask_f, "mean").detach()
     return loss
-
-
-def topk_reverse_kl_triton(
-    student_logits, teacher_logits, k=256, mask=None, renorm=False, reduction="mean", return_topk_mass=False,
-    block_v=None,
-):
-    """``topk_kl_triton`` with the student first and the teacher refused if it requires grad."""
-    refuse_teacher_grad(teacher_logits)
-    return topk_kl_triton(
-        student_logits, teacher_logits, k=k, mask=mask, renorm=renorm, reduction=reduction,
-        return_topk_mass=return_topk_mass, block_v=block_v,
-    )

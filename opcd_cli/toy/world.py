@@ -1,4 +1,5 @@
-"""The toy world as ``opcd distill`` sees it with no model arguments: models, a context, and data splits.
+"""The toy world's models, contexts and data splits (served by name through ``sources.py``; the settings of its
+runs are the built-in recipes in ``toy/recipes/``).
 
 Tasks:
 
@@ -26,31 +27,6 @@ TOY_TASKS = ("shift", "codes")
 WORLD_SEED = 2026
 CODE_LETTERS = "bdgkmprt"  # the letters whose codes the `codes` task distils
 EXTRACT_TRAIN = 48  # training problems `opcd extract` attempts in the toy world
-EXTRACT_TRACES_PER_PROMPT = 6  # the toy models saw at most 6 attempts per extraction prompt in pretraining
-
-# The toy recipe: settings that differ from `opcd distill`'s defaults for real models.
-TOY_SETTINGS = {
-    "steps": 60,
-    "batch_size": 16,
-    "lr": 1e-4,
-    "warmup_steps": 5,
-    "topk": 16,
-    "temperature": 1.0,
-    "max_new_tokens": 24,
-    "eval_batch_size": 64,
-}
-
-
-# `opcd extract` with no model arguments: the toy answers ("k-words have code K7") and items are one short line each.
-TOY_EXTRACT_SETTINGS = {
-    "rounds": 3,
-    "attempts": 4,
-    "temperature": 1.0,
-    "max_new_tokens": 24,
-    "extract_max_new_tokens": 400,
-    "output": "exp.txt",
-}
-
 
 def model_path(size: str = "small") -> Path:
     if size not in ("small", "large"):

@@ -13,9 +13,11 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from opcd_cli.kernels.fused_linear import fused_linear_topk_kl_triton  # noqa: E402
-from opcd_cli.kernels.reference import fused_linear_topk_kl_torch, naive_topk_kl  # noqa: E402
-from opcd_cli.kernels.sparse_target import fused_linear_sparse_target_kl, naive_sparse_target_kl  # noqa: E402
+from opcd_cli.kernels.fused_linear_triton import fused_linear_topk_kl_triton  # noqa: E402
+from opcd_cli.kernels.naive import naive_topk_kl  # noqa: E402
+from opcd_cli.kernels.torch_chunked import fused_linear_topk_kl_torch  # noqa: E402
+from opcd_cli.kernels.naive import naive_sparse_target_kl  # noqa: E402
+from opcd_cli.kernels.sparse_target import fused_linear_sparse_target_kl  # noqa: E402
 
 from _testing import assert_close  # noqa: E402
 

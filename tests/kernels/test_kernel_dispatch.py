@@ -118,3 +118,31 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert "ERROR:" in out.stdout, out.stdout + out.stderr
     assert "TRITON_INTERPRET=1" in out.stdout
+
+
+@pytest.mark.parametrize("backend, logits_node, fused_node", [
+    ("torch", "_TopkKLBackward", "_FusedLinearTopkKLBackward"),
+    ("triton", "TopkKLTritonBackward", "FusedLinearTopkKLTritonBackward"),
+])
+def test_the_backend_argument_wins_over_the_environment(monkeypatch, backend, logits_node, fused_node):
+    """The loss passes its backend down; OPCD_KERNEL only decides what ``auto`` means."""
+    monkeypatch.setenv("OPCD_KERNEL", "triton" if backend == "torch" else "torch")
+    student, teacher = logits_inputs()
+    assert logits_node in graph_names(topk_reverse_kl(student, teacher, k=8, backend=backend))
+    assert fused_node in graph_names(fused_linear_topk_reverse_kl(*hidden_inputs(), k=8, backend=backend))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        topk_reverse_kl(student, teacher, k=8, backend="cuda")
+
+
+def test_distill_loss_passes_its_backend_down(monkeypatch, tiny_student):
+    """`--kernel triton` reaches the kernels through the loss, with no environment variable involved."""
+    from opcd_cli import models
+    from opcd_cli.loss import DistillLoss, pack
+
+    monkeypatch.delenv("OPCD_KERNEL", raising=False)
+    student = models.load_model(str(tiny_student)).train()
+    teacher = models.frozen_copy(student)
+    packed = pack([[1, 20, 21]], [[30, 31, 2]], pad_id=0, device="cpu")
+    parts = DistillLoss(student, teacher, vocab=112, topk=8, renorm=False, backend="triton").on_policy(packed, packed)
+    assert "FusedLinearTopkKLTritonBackward" in graph_names(parts.total)
+    assert "OPCD_KERNEL" not in os.environ

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from opcd_cli import kernels
-from opcd_cli.kernels.sparse_target import fused_linear_sparse_target_kl, naive_sparse_target_kl, sparse_target_kl
+from opcd_cli.kernels.naive import naive_sparse_target_kl
+from opcd_cli.kernels.sparse_target import fused_linear_sparse_target_kl, sparse_target_kl
 
 from _testing import LOSS_TOLERANCE, assert_close, tolerance
 

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 # the suite's own conftest module.)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from opcd_cli.kernels.reference import topk_reverse_kl_torch  # noqa: E402
-from opcd_cli.kernels.topk_kl_triton import topk_reverse_kl_triton  # noqa: E402
+from opcd_cli.kernels.torch_chunked import topk_kl_torch  # noqa: E402
+from opcd_cli.kernels.topk_kl_triton import topk_kl_triton  # noqa: E402
 
 from _testing import assert_close  # noqa: E402
 
 N, V = 7, 300
-IMPLEMENTATIONS = {"torch": topk_reverse_kl_torch, "triton": topk_reverse_kl_triton}
+IMPLEMENTATIONS = {"torch": topk_kl_torch, "triton": topk_kl_triton}
 
 
 def logits():

@@ -10,13 +10,15 @@ import torch
 # the suite's own conftest module.)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from opcd_cli.kernels.fused_linear import chunk_rows, fused_linear_topk_reverse_kl_triton  # noqa: E402
-from opcd_cli.kernels.reference import fused_linear_topk_reverse_kl_torch, naive_topk_reverse_kl, topk_ids  # noqa: E402
+from opcd_cli.kernels import fused_linear_topk_reverse_kl  # noqa: E402
+from opcd_cli.kernels.fused_linear_triton import chunk_rows, fused_linear_topk_kl_triton  # noqa: E402
+from opcd_cli.kernels.naive import naive_topk_kl, topk_ids  # noqa: E402
+from opcd_cli.kernels.torch_chunked import fused_linear_topk_kl_torch  # noqa: E402
 
 from _testing import LOSS_TOLERANCE, assert_close, assert_close_norm, tolerance  # noqa: E402
 
 N, V, H, M = 37, 1271, 24, 40
-FUSED = {"torch": fused_linear_topk_reverse_kl_torch, "triton": fused_linear_topk_reverse_kl_triton}
+FUSED = {"torch": fused_linear_topk_kl_torch, "triton": fused_linear_topk_kl_triton}
 
 
 def inputs(dtype, seed):
@@ -33,7 +35,7 @@ def logits_level(hs, ws, ht, wt, chunk, **kw):
     """The loss and gradients through materialised logits, each chunk's logits made as the fused paths make them."""
     z = torch.cat([hs[s : s + chunk] @ ws.T for s in range(0, N, chunk)]).float().requires_grad_()
     t = torch.cat([ht[s : s + chunk] @ wt.T for s in range(0, N, chunk)]).float()
-    loss = naive_topk_reverse_kl(z, t, **kw)
+    loss = naive_topk_kl(z, t, **kw)
     (grad_z,) = torch.autograd.grad(loss * 2.5, z)
     return loss.detach(), grad_z @ ws.float(), grad_z.T @ hs.float(), z.detach()
 
@@ -84,9 +86,9 @@ def test_chunk_length_comes_from_the_byte_budget():
     assert chunk_rows(1271, 16, torch.bfloat16, torch.float32, budget_bytes=1000 * per_row) == 960  # whole tiles of 64
     assert chunk_rows(1271, 16, torch.float32, torch.float32, budget_bytes=1) == 1
     hs, ws, ht, wt, mask = inputs(torch.float32, 3)
-    one_chunk = fused_linear_topk_reverse_kl_triton(hs, ws, ht, wt, k=8, mask=mask, chunk_size=N)
+    one_chunk = fused_linear_topk_kl_triton(hs, ws, ht, wt, k=8, mask=mask, chunk_size=N)
     budget = 7 * (1271 * 8 + 4 * 8)  # 7 tokens per chunk
-    many_chunks = fused_linear_topk_reverse_kl_triton(hs, ws, ht, wt, k=8, mask=mask, chunk_bytes=budget)
+    many_chunks = fused_linear_topk_kl_triton(hs, ws, ht, wt, k=8, mask=mask, chunk_bytes=budget)
     assert_close("loss over 6 chunks", one_chunk, many_chunks, *LOSS_TOLERANCE)
 
 
@@ -94,6 +96,6 @@ def test_chunk_length_comes_from_the_byte_budget():
 def test_teacher_requiring_grad_is_refused(path):
     hs, ws, ht, wt, _ = inputs(torch.float32, 4)
     with pytest.raises(ValueError, match="teacher"):
-        FUSED[path](hs, ws, ht, wt.requires_grad_(), k=4)
+        fused_linear_topk_reverse_kl(hs, ws, ht, wt.requires_grad_(), k=4, backend=path)
     with pytest.raises(ValueError, match="reduction"):
         FUSED[path](hs, ws, ht, wt.detach(), k=4, reduction="none")

@@ -12,8 +12,9 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from opcd_cli import kernels  # noqa: E402
-from opcd_cli.kernels.fused_linear import fused_linear_topk_kl_triton  # noqa: E402
-from opcd_cli.kernels.reference import fused_linear_topk_kl_torch, naive_topk_kl, topk_kl_torch  # noqa: E402
+from opcd_cli.kernels.fused_linear_triton import fused_linear_topk_kl_triton  # noqa: E402
+from opcd_cli.kernels.naive import naive_topk_kl  # noqa: E402
+from opcd_cli.kernels.torch_chunked import fused_linear_topk_kl_torch, topk_kl_torch  # noqa: E402
 from opcd_cli.kernels.topk_kl_triton import topk_kl_triton  # noqa: E402
 
 from _testing import LOSS_TOLERANCE, assert_close, tolerance  # noqa: E402

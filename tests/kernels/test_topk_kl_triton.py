@@ -10,8 +10,9 @@ import torch
 # the suite's own conftest module.)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from opcd_cli.kernels.reference import naive_topk_reverse_kl, topk_ids, topk_reverse_kl_torch  # noqa: E402
-from opcd_cli.kernels.topk_kl_triton import topk_kl_forward, topk_reverse_kl_triton  # noqa: E402
+from opcd_cli.kernels.naive import naive_topk_kl, topk_ids  # noqa: E402
+from opcd_cli.kernels.torch_chunked import topk_kl_torch  # noqa: E402
+from opcd_cli.kernels.topk_kl_triton import topk_kl_forward, topk_kl_triton  # noqa: E402
 
 from _testing import LOSS_TOLERANCE, assert_close, tolerance  # noqa: E402
 
@@ -39,9 +40,9 @@ def test_matches_reference(dtype, k, renorm):
     mask = torch.rand(N, generator=torch.Generator().manual_seed(3)) > 0.25
     upstream = torch.randn(N, generator=torch.Generator().manual_seed(4))
     kw = dict(k=k, mask=mask, renorm=renorm)
-    loss_ref, grad_ref = loss_and_grad(naive_topk_reverse_kl, student, teacher, upstream, **kw)
-    loss_chunked, grad_chunked = loss_and_grad(topk_reverse_kl_torch, student, teacher, upstream, chunk_size=8, **kw)
-    loss_tri, grad_tri = loss_and_grad(topk_reverse_kl_triton, student, teacher, upstream, **kw)
+    loss_ref, grad_ref = loss_and_grad(naive_topk_kl, student, teacher, upstream, **kw)
+    loss_chunked, grad_chunked = loss_and_grad(topk_kl_torch, student, teacher, upstream, chunk_size=8, **kw)
+    loss_tri, grad_tri = loss_and_grad(topk_kl_triton, student, teacher, upstream, **kw)
     atol, rtol = tolerance(dtype)
     assert grad_tri.dtype == dtype
     assert (loss_tri[~mask] == 0).all() and (grad_tri[~mask] == 0).all()
@@ -54,8 +55,8 @@ def test_matches_reference(dtype, k, renorm):
 def test_float16_three_radix_passes():
     student, teacher = logits(N, V, torch.float16, 5), logits(N, V, torch.float16, 6)
     upstream = torch.randn(N, generator=torch.Generator().manual_seed(7))
-    loss_ref, grad_ref = loss_and_grad(naive_topk_reverse_kl, student, teacher, upstream, k=16)
-    loss_tri, grad_tri = loss_and_grad(topk_reverse_kl_triton, student, teacher, upstream, k=16)
+    loss_ref, grad_ref = loss_and_grad(naive_topk_kl, student, teacher, upstream, k=16)
+    loss_tri, grad_tri = loss_and_grad(topk_kl_triton, student, teacher, upstream, k=16)
     assert_close("loss_N", loss_ref, loss_tri, *LOSS_TOLERANCE)
     assert_close("grad", grad_ref, grad_tri, *tolerance(torch.float16))
 
@@ -66,8 +67,8 @@ def test_reductions_and_topk_mass(reduction):
     student, teacher = logits(n, V, torch.float32, 8), logits(n, V, torch.float32, 9)
     mask = torch.tensor([True, False] * 5 + [True])
     s_ref, s_tri = student.clone().requires_grad_(), student.clone().requires_grad_()
-    loss_ref = naive_topk_reverse_kl(s_ref, teacher, k=16, mask=mask, reduction=reduction)
-    loss_tri, mass = topk_reverse_kl_triton(s_tri, teacher, k=16, mask=mask, reduction=reduction, return_topk_mass=True)
+    loss_ref = naive_topk_kl(s_ref, teacher, k=16, mask=mask, reduction=reduction)
+    loss_tri, mass = topk_kl_triton(s_tri, teacher, k=16, mask=mask, reduction=reduction, return_topk_mass=True)
     assert loss_tri.shape == loss_ref.shape == ((n,) if reduction == "none" else ())
     assert_close(f"loss {reduction}", loss_ref, loss_tri, *LOSS_TOLERANCE)
     # an upstream gradient other than 1 reaches every element
@@ -87,9 +88,9 @@ def test_rows_of_several_blocks():
     teacher = logits(n, V, torch.bfloat16, 11)
     upstream = torch.randn(n, generator=torch.Generator().manual_seed(12))
     for renorm in (False, True):
-        loss_ref, grad_ref = loss_and_grad(naive_topk_reverse_kl, student, teacher, upstream, k=100, renorm=renorm)
+        loss_ref, grad_ref = loss_and_grad(naive_topk_kl, student, teacher, upstream, k=100, renorm=renorm)
         loss_tri, grad_tri = loss_and_grad(
-            topk_reverse_kl_triton, student, teacher, upstream, k=100, renorm=renorm, block_v=256
+            topk_kl_triton, student, teacher, upstream, k=100, renorm=renorm, block_v=256
         )
         assert_close(f"loss_N renorm={renorm}", loss_ref, loss_tri, *LOSS_TOLERANCE)
         assert_close(f"grad renorm={renorm}", grad_ref, grad_tri, *tolerance(torch.bfloat16))
@@ -123,8 +124,8 @@ def test_ties_at_the_kth_place_go_to_the_lower_id(dtype):
     flipped = topk_ids(student.float() * 1e4 + torch.arange(student.shape[1], dtype=torch.float32), k)
     assert not torch.equal(flipped, expected)
     upstream = torch.ones(student.shape[0])
-    loss_ref, grad_ref = loss_and_grad(naive_topk_reverse_kl, student, teacher, upstream, k=k)
-    loss_tri, grad_tri = loss_and_grad(topk_reverse_kl_triton, student, teacher, upstream, k=k, block_v=128)
+    loss_ref, grad_ref = loss_and_grad(naive_topk_kl, student, teacher, upstream, k=k)
+    loss_tri, grad_tri = loss_and_grad(topk_kl_triton, student, teacher, upstream, k=k, block_v=128)
     assert_close("loss_N with ties", loss_ref, loss_tri, *LOSS_TOLERANCE)
     assert_close("grad with ties", grad_ref, grad_tri, *tolerance(dtype))
 
@@ -136,8 +137,8 @@ def test_minus_infinity_logits_contribute_nothing():
     student[:, 250:] = float("-inf")
     upstream = torch.full((5,), 0.5)
     for k in (16, 300):
-        loss_ref, grad_ref = loss_and_grad(topk_reverse_kl_torch, student, teacher, upstream, k=k)
-        loss_tri, grad_tri = loss_and_grad(topk_reverse_kl_triton, student, teacher, upstream, k=k)
+        loss_ref, grad_ref = loss_and_grad(topk_kl_torch, student, teacher, upstream, k=k)
+        loss_tri, grad_tri = loss_and_grad(topk_kl_triton, student, teacher, upstream, k=k)
         assert torch.isfinite(loss_tri).all() and torch.isfinite(grad_tri).all()
         assert (grad_tri[:, 250:] == 0).all()
         assert_close(f"loss_N k={k}", loss_ref, loss_tri, *LOSS_TOLERANCE)
@@ -145,9 +146,11 @@ def test_minus_infinity_logits_contribute_nothing():
 
 
 def test_teacher_requiring_grad_is_refused():
+    from opcd_cli.kernels import topk_reverse_kl
+
     student, teacher = logits(3, 50, torch.float32, 16), logits(3, 50, torch.float32, 17)
     with pytest.raises(ValueError, match="teacher"):
-        topk_reverse_kl_triton(student.requires_grad_(), teacher.requires_grad_(), k=4)
+        topk_reverse_kl(student.requires_grad_(), teacher.requires_grad_(), k=4, backend="triton")
 
 
 def candidate_count(first, k, block_v):
@@ -177,8 +180,8 @@ def test_candidate_buffer_overflow_falls_back_to_radix_select(dtype, monkeypatch
             _, _, _, ids_Nk = topk_kl_forward(first, teacher, k, False, block_v=128)
             assert torch.equal(ids_Nk.long().sort(1).values, topk_ids(first.float(), k))
             upstream = torch.linspace(0.5, 1.5, first.shape[0])
-            loss_ref, grad_ref = loss_and_grad(naive_topk_reverse_kl, first, teacher, upstream, k=k)
-            loss_tri, grad_tri = loss_and_grad(topk_reverse_kl_triton, first, teacher, upstream, k=k, block_v=128)
+            loss_ref, grad_ref = loss_and_grad(naive_topk_kl, first, teacher, upstream, k=k)
+            loss_tri, grad_tri = loss_and_grad(topk_kl_triton, first, teacher, upstream, k=k, block_v=128)
             assert_close(f"loss_N factor={factor}", loss_ref, loss_tri, *LOSS_TOLERANCE)
             assert_close(f"grad factor={factor}", grad_ref, grad_tri, *tolerance(dtype))
 
@@ -200,8 +203,8 @@ def test_k_larger_than_a_block_uses_radix_select():
     assert torch.equal(ids_Nk.long().sort(1).values, topk_ids(student.float(), k))
     upstream = torch.full((n,), 0.7)
     for renorm in (False, True):
-        loss_ref, grad_ref = loss_and_grad(naive_topk_reverse_kl, student, teacher, upstream, k=k, renorm=renorm)
-        loss_tri, grad_tri = loss_and_grad(topk_reverse_kl_triton, student, teacher, upstream, k=k, renorm=renorm,
+        loss_ref, grad_ref = loss_and_grad(naive_topk_kl, student, teacher, upstream, k=k, renorm=renorm)
+        loss_tri, grad_tri = loss_and_grad(topk_kl_triton, student, teacher, upstream, k=k, renorm=renorm,
                                            block_v=128)
         assert_close(f"loss_N renorm={renorm}", loss_ref, loss_tri, *LOSS_TOLERANCE)
         assert_close(f"grad renorm={renorm}", grad_ref, grad_tri, *tolerance(torch.bfloat16))

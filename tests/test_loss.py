@@ -1,8 +1,18 @@
+"""Packing, the heads read from a model's forward, and the distillation losses on tiny models."""
+
 import torch
 
 from opcd_cli import models
-from opcd_cli.kernels import naive_topk_reverse_kl, topk_ids
-from opcd_cli.scoring import DistillLoss, final_hidden, logits_are_linear, pack, response_logits
+from opcd_cli.kernels.naive import naive_topk_kl, topk_ids
+from opcd_cli.loss import DistillLoss, logits_are_linear, pack, with_head
+
+
+def final_hidden(model, packed):
+    return with_head(model, packed, True, lambda head: head.hidden_NH)
+
+
+def response_logits(model, packed):
+    return with_head(model, packed, False, lambda head: head.logits_NV)
 
 
 def test_pack_points_at_the_positions_that_predict_each_response_token():
@@ -25,6 +35,29 @@ def test_hidden_states_times_the_output_layer_are_the_logits(tiny_student):
     full = model(input_ids=torch.tensor([[1, 20, 21, 30, 31, 2]])).logits[0, 2:5]
     torch.testing.assert_close(logits[:3], full, rtol=1e-4, atol=1e-4)
     assert logits_are_linear(model)
+
+
+def test_the_fused_head_is_read_inside_the_output_layers_forward(tiny_student):
+    """The loss sees the output layer's weight while the layer's own forward runs (where a sharded model's
+    hooks have gathered it), and the layer is itself again afterwards."""
+    model = models.load_model(str(tiny_student))
+    layer = model.get_output_embeddings()
+    events = []
+    pre = layer.register_forward_pre_hook(lambda module, args: events.append("layer forward begins"))
+    post = layer.register_forward_hook(lambda module, args, out: events.append("layer forward ends"))
+    packed = pack([[1, 20, 21]], [[30, 31]], pad_id=0, device="cpu")
+
+    def use(head):
+        events.append("loss")
+        assert head.weight_VH is layer.weight and head.hidden_NH.shape == (2, layer.weight.shape[1])
+        return head.hidden_NH.sum()
+
+    with_head(model, packed, True, use)
+    assert events == ["layer forward begins", "loss", "layer forward ends"]
+    pre.remove(), post.remove()
+    assert "forward" not in vars(layer)  # the replacement was for that call only
+    logits = model(input_ids=torch.tensor([[1, 20, 21]])).logits
+    assert logits.shape == (1, 3, layer.weight.shape[0])
 
 
 def _models(tiny_student, tiny_teacher):
@@ -56,7 +89,7 @@ def test_fused_and_logits_paths_agree_with_the_naive_loss(tiny_student, tiny_tea
     torch.testing.assert_close(fused_grad, _grads_of(student, logits.total), rtol=1e-3, atol=1e-5)
 
     with torch.no_grad():
-        expected = naive_topk_reverse_kl(response_logits(student, s_in)[:, :112], response_logits(teacher, t_in)[:, :112],
+        expected = naive_topk_kl(response_logits(student, s_in)[:, :112], response_logits(teacher, t_in)[:, :112],
                                          k=8, reduction="sum")
     torch.testing.assert_close(fused.distill, expected, rtol=1e-4, atol=1e-5)
     assert 0 < float(fused.topk_mass) <= 1 and float(fused.consistency) == 0
@@ -77,7 +110,7 @@ def test_consistency_term_is_kl_from_the_frozen_no_context_student_to_the_with_c
     p = torch.log_softmax(z_s.detach(), -1)
     ids = topk_ids(z_s.detach(), 8)
     consistency = (p.gather(1, ids).exp() * (p.gather(1, ids) - torch.log_softmax(z_c, -1).gather(1, ids))).sum()
-    expected = naive_topk_reverse_kl(z_s, z_t, k=8, reduction="sum") + weight * consistency
+    expected = naive_topk_kl(z_s, z_t, k=8, reduction="sum") + weight * consistency
     torch.testing.assert_close(parts.total, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(parts.consistency, weight * consistency.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got, _grads_of(student, expected), rtol=1e-3, atol=1e-5)

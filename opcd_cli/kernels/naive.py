@@ -1,0 +1,65 @@
+"""The losses written straight from their definitions, with autograd on full tensors.
+
+Short and obviously right, and memory-hungry (several [N, V] float32 tensors): the tests and benchmarks compare
+every other implementation with these; the trainer never calls them.
+
+For each token n, with first logits a and second logits b (rows of ``[N, V]``), p = softmax(a),
+q = softmax(b), and S the k ids with the largest first logits (ties go to the lower id):
+
+    top-k KL:           loss_n = KL_S(p || q) = sum_{i in S} p_i * (log p_i - log q_i)
+
+with both softmaxes normalised over the full vocabulary; with ``renorm`` both distributions are first
+renormalised within S, which makes loss_n a true KL divergence on S. In OPCD the first argument is the
+student (without the context) and the second the frozen teacher (with it).
+
+    sparse-target KL:   loss_n = sum_{i = 1..k} q_i * (lq_i - log p_{id_i})
+
+for a fixed target given as k ids and their full-vocabulary log-probabilities lq_i (off-policy distillation
+from a teacher's saved top-k), q_i = exp(lq_i), p = softmax(logits); an entry with lq_i = -inf contributes
+nothing (0 log 0 = 0), which is how shorter lists are padded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arguments import check_logits, check_targets, reduce_loss
+
+
+def topk_ids(logits_NV: torch.Tensor, k: int) -> torch.Tensor:
+    """The k ids with the largest logits per row, ties broken towards the lower id, in ascending id order.
+
+    ``torch.topk`` does not promise which of several equal values it returns, and bf16 logits tie often,
+    so the last place is filled explicitly: every id above the k-th value, then the lowest ids equal to it.
+    """
+    kth_N1 = torch.topk(logits_NV, k, dim=-1, sorted=True).values[:, -1:]
+    above_NV = logits_NV > kth_N1
+    tied_NV = logits_NV == kth_N1
+    wanted_N1 = k - above_NV.sum(-1, keepdim=True)
+    take_NV = above_NV | (tied_NV & (tied_NV.cumsum(-1) <= wanted_N1))
+    return take_NV.nonzero()[:, 1].view(logits_NV.shape[0], k)
+
+
+def naive_topk_kl(first_logits, second_logits, k=256, mask=None, renorm=False, reduction="mean"):
+    """The top-k KL from its definition, with autograd to both arguments."""
+    check_logits(first_logits, second_logits, k, mask, reduction)
+    logp = torch.log_softmax(first_logits.float(), dim=-1)
+    logq = torch.log_softmax(second_logits.float(), dim=-1)
+    ids = topk_ids(first_logits.detach().float(), k)
+    logp_k, logq_k = logp.gather(1, ids), logq.gather(1, ids)
+    if renorm:
+        logp_k = torch.log_softmax(logp_k, dim=-1)
+        logq_k = torch.log_softmax(logq_k, dim=-1)
+    p_k = logp_k.exp()
+    loss_N = torch.where(p_k > 0, p_k * (logp_k - logq_k), torch.zeros_like(p_k)).sum(-1)  # 0 log 0 = 0
+    return reduce_loss(loss_N, mask, reduction)
+
+
+def naive_sparse_target_kl(target_ids_Nk, target_logprobs_Nk, logits_NV, mask=None, reduction="mean"):
+    """The sparse-target KL from its definition, with autograd to the logits."""
+    check_targets(target_ids_Nk, target_logprobs_Nk, logits_NV.shape[0], mask, reduction)
+    logp_Nk = torch.log_softmax(logits_NV.float(), dim=-1).gather(1, target_ids_Nk.long())
+    lq_Nk = target_logprobs_Nk.float()
+    q_Nk = lq_Nk.exp()
+    loss_N = torch.where(q_Nk > 0, q_Nk * (lq_Nk - logp_Nk), torch.zeros_like(q_Nk)).sum(-1)
+    return reduce_loss(loss_N, mask, reduction)

@@ -1,0 +1,190 @@
+"""The top-k KL in plain PyTorch, chunk by chunk: what runs on a CPU, and the reference the Triton path matches.
+
+The maths is in ``naive.py``. Here the same loss is a ``torch.autograd.Function`` that works on chunks of rows
+and writes the analytic gradients, so only one chunk of float32 temporaries is alive at a time:
+
+    dloss_n / da_j = p_j * ([j in S] * (r_j + 1) - (loss_n + P))                       (renorm=False)
+    dloss_n / da_j = [j in S] * p~_j * (log p~_j - log q~_j - loss_n)                    (renorm=True)
+    dloss_n / db_j = q_j * P - [j in S] * p_j                                            (renorm=False)
+    dloss_n / db_j = [j in S] * (q~_j - p~_j)                                            (renorm=True)
+
+with r_i = log p_i - log q_i and P = sum_S p_i (S is piecewise constant in a: it has no gradient). Each
+argument gets its gradient when it requires grad.
+
+* ``topk_kl_torch``: from logits [N, V];
+* ``fused_linear_topk_kl_torch``: from hidden states and output weights, the logits made chunk by chunk
+  (``linear.py``), so no [N, V] tensor ever exists.
+
+Rows per chunk come from ``TORCH_CHUNK_BYTES``, a budget for one chunk's float32 temporaries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arguments import check_fused_linear, check_logits, reduce_loss, token_weights
+from .linear import autocast_off, backprop_chunk, compute_dtype, finish_forward, gradient_buffers, logits, scale_saved_grads
+from .naive import topk_ids
+
+# Bytes of float32 temporaries one chunk of rows may hold.
+TORCH_CHUNK_BYTES = 256 * 2**20
+
+
+def rows_per_chunk(V: int, chunk_size: int | None, tensors: int = 6) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else what fits ``TORCH_CHUNK_BYTES`` with ``tensors`` float32
+    [rows, V] temporaries (log-softmaxes, the gradients, and top-k's masks and int64 running count)."""
+    if chunk_size is not None:
+        return max(1, chunk_size)
+    return max(1, TORCH_CHUNK_BYTES // (tensors * 4 * V))
+
+
+def topk_kl_rows(first_nV: torch.Tensor, second_nV: torch.Tensor, k: int, renorm: bool,
+                 grad_first: bool = False, grad_second: bool = False):
+    """Loss, top-k mass and the requested gradients for a chunk of rows, all in float32.
+
+    Returns ``(loss_n, mass_n, grad_first_nV or None, grad_second_nV or None)``, the gradients unscaled
+    (d loss_n / d row). This is the row computation every torch path shares.
+    """
+    a = first_nV.float()
+    logp = torch.log_softmax(a, dim=-1)
+    logq = torch.log_softmax(second_nV.float(), dim=-1)
+    ids = topk_ids(a, k)
+    logp_k, logq_k = logp.gather(1, ids), logq.gather(1, ids)
+    mass_n = logp_k.exp().sum(-1)
+    if renorm:
+        logp_k = logp_k - torch.logsumexp(logp_k, dim=-1, keepdim=True)
+        logq_k = logq_k - torch.logsumexp(logq_k, dim=-1, keepdim=True)
+    p_k = logp_k.exp()
+    r_k = logp_k - logq_k
+    live_k = p_k > 0  # 0 * log 0 is 0: ids with zero first probability (from -inf logits) contribute nothing
+    loss_n = torch.where(live_k, p_k * r_k, torch.zeros_like(p_k)).sum(-1)
+    grad_first_nV = grad_second_nV = None
+    if grad_first:
+        if renorm:
+            grad_first_nV = torch.zeros_like(logp)
+            grad_first_nV.scatter_(1, ids, torch.where(live_k, p_k * (r_k - loss_n[:, None]), torch.zeros_like(p_k)))
+        else:
+            # off S: p * -(L + P), in logp's storage; on S: p * (r + 1 - (L + P)), written whole (as the kernel does)
+            grad_first_nV = logp.exp_().mul_(-(loss_n + mass_n)[:, None])
+            on_s = p_k * (r_k + 1 - (loss_n + mass_n)[:, None])
+            grad_first_nV.scatter_(1, ids, torch.where(live_k, on_s, torch.zeros_like(p_k)))
+    if grad_second:
+        if renorm:
+            grad_second_nV = torch.zeros_like(logq).scatter_(1, ids, logq_k.exp() - p_k)
+        else:
+            # off S: q * P, in logq's storage; on S: q * P - p
+            grad_second_nV = logq.exp_().mul_(mass_n[:, None])
+            grad_second_nV.scatter_(1, ids, logq_k.exp() * mass_n[:, None] - p_k)
+    return loss_n, mass_n, grad_first_nV, grad_second_nV
+
+
+class _TopkKL(torch.autograd.Function):
+    """Chunked over rows: forward keeps no float32 [N, V] copy; backward recomputes each chunk's gradients."""
+
+    @staticmethod
+    def forward(ctx, first_NV, second_NV, k, renorm, chunk_rows):
+        N = first_NV.shape[0]
+        loss_N = first_NV.new_empty(N, dtype=torch.float32)
+        mass_N = first_NV.new_empty(N, dtype=torch.float32)
+        for s in range(0, N, chunk_rows):
+            loss_N[s : s + chunk_rows], mass_N[s : s + chunk_rows], _, _ = topk_kl_rows(
+                first_NV[s : s + chunk_rows], second_NV[s : s + chunk_rows], k, renorm
+            )
+        ctx.save_for_backward(first_NV, second_NV)
+        ctx.k, ctx.renorm, ctx.chunk_rows = k, renorm, chunk_rows
+        ctx.mark_non_differentiable(mass_N)
+        return loss_N, mass_N
+
+    @staticmethod
+    def backward(ctx, grad_loss_N, _grad_mass):
+        first_NV, second_NV = ctx.saved_tensors
+        need_first, need_second = ctx.needs_input_grad[:2]
+        grad_first_NV = torch.empty_like(first_NV) if need_first else None
+        grad_second_NV = torch.empty_like(second_NV) if need_second else None
+        rows = ctx.chunk_rows
+        for s in range(0, first_NV.shape[0], rows):
+            _, _, g_first, g_second = topk_kl_rows(
+                first_NV[s : s + rows], second_NV[s : s + rows], ctx.k, ctx.renorm, need_first, need_second
+            )
+            upstream_n1 = grad_loss_N[s : s + rows, None]
+            if need_first:
+                grad_first_NV[s : s + rows] = g_first.mul_(upstream_n1)
+            if need_second:
+                grad_second_NV[s : s + rows] = g_second.mul_(upstream_n1)
+        return grad_first_NV, grad_second_NV, None, None, None
+
+
+def topk_kl_torch(
+    first_logits, second_logits, k=256, mask=None, renorm=False, reduction="mean", chunk_size=None,
+    return_topk_mass=False,
+):
+    """Top-k KL_S(p || q) from logits, chunked over rows (see the module docstring for the maths).
+
+    ``first_logits`` and ``second_logits``: [N, V], any float dtype, each differentiable if it requires grad;
+    ``mask``: [N] bool, False excludes a token. ``reduction``: "mean" over unmasked tokens, "sum", or "none"
+    (per-token, masked tokens 0). With ``return_topk_mass`` also returns the mean first-argument probability
+    inside the top-k (unmasked tokens).
+    """
+    check_logits(first_logits, second_logits, k, mask, reduction)
+    rows = rows_per_chunk(first_logits.shape[1], chunk_size)
+    loss_N, mass_N = _TopkKL.apply(first_logits, second_logits, k, renorm, rows)
+    loss = reduce_loss(loss_N, mask, reduction)
+    if return_topk_mass:
+        return loss, reduce_loss(mass_N, mask, "mean").detach()
+    return loss
+
+
+class _FusedLinearTopkKL(torch.autograd.Function):
+    """Logits made chunk by chunk from hidden states; gradients computed in the forward pass and scaled later.
+
+    The matmuls run in the compute dtype (autocast's when it is on), as in ``linear.py``."""
+
+    @staticmethod
+    def forward(ctx, h1_NH, w1_VH, h2_NM, w2_VM, weight_N, k, renorm, chunk_rows):
+        N = h1_NH.shape[0]
+        need = ctx.needs_input_grad[:4]
+        dt1, dt2 = compute_dtype(h1_NH, w1_VH), compute_dtype(h2_NM, w2_VM)
+        loss_N = h1_NH.new_zeros(N, dtype=torch.float32)
+        mass_N = h1_NH.new_zeros(N, dtype=torch.float32)
+        grads = gradient_buffers((h1_NH, w1_VH, h2_NM, w2_VM), need)
+        with autocast_off(h1_NH.device):
+            w1, w2 = w1_VH.to(dt1), w2_VM.to(dt2)  # cast once per call
+            for s in range(0, N, chunk_rows):
+                e = min(N, s + chunk_rows)
+                h1, h2 = h1_NH[s:e].to(dt1), h2_NM[s:e].to(dt2)
+                loss_N[s:e], mass_N[s:e], g_first, g_second = topk_kl_rows(
+                    logits(h1, w1, dt1), logits(h2, w2, dt2), k, renorm, need[0] or need[1], need[2] or need[3]
+                )
+                sides = ((g_first, h1, w1, grads[0], grads[1]), (g_second, h2, w2, grads[2], grads[3]))
+                for g_nV, h, w, grad_h, grad_w in sides:
+                    if g_nV is not None:  # float32 gradient of the chunk's logits, weighted, in the compute dtype
+                        g_nV = g_nV.mul_(weight_N[s:e, None]).to(w.dtype)
+                        backprop_chunk(g_nV, h, w, None if grad_h is None else grad_h[s:e], grad_w)
+        return finish_forward(ctx, grads, (h1_NH, w1_VH, h2_NM, w2_VM), loss_N, weight_N, mass_N)
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_mass):
+        return (*scale_saved_grads(ctx, grad_total), None, None, None, None)
+
+
+def fused_linear_topk_kl_torch(
+    first_hidden, first_weight, second_hidden, second_weight, k=256, mask=None, renorm=False,
+    reduction="mean", chunk_size=None, return_topk_mass=False,
+):
+    """Top-k KL_S(p || q) of ``p = softmax(first_hidden @ first_weight.T)``, ``q = softmax(second_hidden @
+    second_weight.T)``, without materialising the logits for all tokens.
+
+    ``first_hidden``: [N, H], ``first_weight``: [V, H]; ``second_hidden``: [N, M], ``second_weight``: [V, M].
+    Each of the four that requires grad gets its gradient (weights accumulated in float32). ``reduction`` is
+    "mean" (over unmasked tokens) or "sum".
+    """
+    check_fused_linear(first_hidden, first_weight, second_hidden, second_weight, k, mask, reduction)
+    N, V = first_hidden.shape[0], first_weight.shape[0]
+    weight_N = token_weights(mask, N, reduction, first_hidden.device)
+    rows = rows_per_chunk(V, chunk_size, tensors=7)
+    loss, mass_N = _FusedLinearTopkKL.apply(
+        first_hidden, first_weight, second_hidden, second_weight, weight_N, k, renorm, rows
+    )
+    if return_topk_mass:
+        return loss, reduce_loss(mass_N, mask, "mean").detach()
+    return loss

@@ -1,0 +1,185 @@
+"""What a model predicts for each response token, and the distillation losses on it.
+
+A micro-batch of prompt + response sequences is packed (``pack``). Running a model over it gives a ``Head``:
+its output at the positions that predict response tokens, either final hidden states with the output layer's
+weight (the fused path: the kernels make logits chunk by chunk and never hold [tokens x vocab]) or, for
+models whose logits are not a plain ``hidden @ weight.T`` (soft-capping, scaling), logits.
+
+The output layer is read inside the model's own forward (``with_head``): for that one call its forward is
+replaced by a function that hands the kept hidden states and the layer's weight to the loss. A sharded
+model (FSDP) gathers a layer's weight only for the duration of its module's forward, so that is where the
+loss must see it; an unsharded model behaves the same either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+from .kernels import fused_linear_sparse_target_kl, fused_linear_topk_kl, sparse_target_kl, topk_kl
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A right-padded batch of prompt + response sequences and where its response tokens are predicted."""
+
+    input_ids_BT: torch.Tensor
+    attention_BT: torch.Tensor
+    rows_N: torch.Tensor  # the sequence of each response token
+    cols_N: torch.Tensor  # the position whose output predicts it
+    first_col: int  # the earliest such position in the batch
+
+    @property
+    def tokens(self) -> int:
+        return self.rows_N.shape[0]
+
+
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device) -> Packed:
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    rows, cols = [], []
+    for b, (prompt, response) in enumerate(zip(prompts, responses)):
+        ids = list(prompt) + list(response)
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        attention[b, : len(ids)] = 1
+        rows += [b] * len(response)
+        cols += range(len(prompt) - 1, len(prompt) - 1 + len(response))
+    return Packed(
+        input_ids.to(device), attention.to(device), torch.tensor(rows, device=device), torch.tensor(cols, device=device),
+        min(cols) if cols else 0,
+    )
+
+
+@dataclass(frozen=True)
+class Head:
+    """A model's output at the response positions: hidden states [N, H] and the output weight [V', H], or
+    logits [N, V']. V' may exceed the shared vocabulary (padded output layers); losses keep its first rows."""
+
+    hidden_NH: torch.Tensor | None = None
+    weight_VH: torch.Tensor | None = None
+    logits_NV: torch.Tensor | None = None
+
+    def detach(self) -> "Head":
+        detach = lambda x: None if x is None else x.detach()  # noqa: E731
+        return Head(detach(self.hidden_NH), detach(self.weight_VH), detach(self.logits_NV))
+
+
+def _run(model, packed: Packed):
+    keep = packed.input_ids_BT.shape[1] - packed.first_col
+    return model(input_ids=packed.input_ids_BT, attention_mask=packed.attention_BT, logits_to_keep=keep,
+                 use_cache=False)
+
+
+def with_head(model, packed: Packed, fused: bool, use: Callable[[Head], T]) -> T:
+    """Run ``model`` over ``packed`` and return ``use(head)``, called inside the model's forward when ``fused``
+    (where a sharded output layer is whole), else on the logits the forward returns."""
+    if not fused:
+        logits_BKV = _run(model, packed).logits
+        return use(Head(logits_NV=logits_BKV[packed.rows_N, packed.cols_N - packed.first_col]))
+    layer = model.get_output_embeddings()
+    result = []
+
+    def forward(hidden_BKH):  # the model hands its output layer the hidden states of the kept positions
+        hidden_NH = hidden_BKH[packed.rows_N, packed.cols_N - packed.first_col]
+        result.append(use(Head(hidden_NH, layer.weight)))
+        return hidden_BKH.new_zeros(())  # stands in for the logits, which nothing reads
+
+    layer.forward = forward
+    try:
+        _run(model, packed)
+    finally:
+        del layer.forward
+    return result[0]
+
+
+@torch.no_grad()
+def logits_are_linear(model) -> bool:
+    """True when the model's logits are exactly ``final hidden @ output weight.T`` (so the fused path applies)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return False
+    packed = pack([[0, 1, 2]], [[3]], pad_id=0, device=head.weight.device)
+    fused = with_head(model, packed, True, lambda h: h.hidden_NH.float() @ h.weight_VH.float().T)
+    plain = with_head(model, packed, False, lambda h: h.logits_NV.float())
+    return torch.allclose(fused, plain, rtol=1e-2, atol=1e-2)
+
+
+def head_topk_kl(first: Head, second: Head, k: int, renorm: bool, vocab: int, backend: str = "auto"):
+    """Sum over tokens of the top-k KL(first || second) over the first's top-k, and its mean top-k mass."""
+    kw = dict(k=k, renorm=renorm, reduction="sum", return_topk_mass=True, backend=backend)
+    if first.logits_NV is None:
+        return fused_linear_topk_kl(first.hidden_NH, first.weight_VH[:vocab], second.hidden_NH,
+                                    second.weight_VH[:vocab], **kw)
+    return topk_kl(first.logits_NV[:, :vocab], second.logits_NV[:, :vocab], **kw)
+
+
+def head_sparse_target_kl(target_ids_Nk: torch.Tensor, target_logprobs_Nk: torch.Tensor, head: Head, vocab: int):
+    """Sum over tokens of the KL from a saved sparse target to the head's distribution."""
+    if head.logits_NV is None:
+        return fused_linear_sparse_target_kl(target_ids_Nk, target_logprobs_Nk, head.hidden_NH,
+                                             head.weight_VH[:vocab], reduction="sum")
+    return sparse_target_kl(target_ids_Nk, target_logprobs_Nk, head.logits_NV[:, :vocab], reduction="sum")
+
+
+@dataclass
+class LossParts:
+    """Sums over one micro-batch's response tokens (divide by the step's token count for the mean)."""
+
+    total: torch.Tensor  # what is differentiated
+    distill: torch.Tensor  # the distillation term
+    consistency: torch.Tensor  # the context-removability term (already weighted), 0 when off
+    topk_mass: torch.Tensor  # mean student probability inside its top-k (on-policy) or the teacher's (off-policy)
+
+
+class DistillLoss:
+    """The losses of one micro-batch.
+
+    * on-policy: top-k reverse KL(student without context || teacher with context) over the student's top-k;
+      with ``consistency_weight`` > 0, plus that weight times KL(stopgrad(student without context) || student
+      with context) over the top-k of the no-context student: the same top-k KL, differentiated on its
+      second side (one extra student forward pass with the context).
+    * off-policy: KL(teacher || student) over the teacher's saved top-k, or the teacher tokens' cross-entropy
+      (a saved distribution with all its mass on the token the teacher wrote).
+    """
+
+    def __init__(self, student, teacher, vocab: int, topk: int, renorm: bool, consistency_weight: float = 0.0,
+                 backend: str = "auto"):
+        self.student, self.teacher = student, teacher
+        self.vocab, self.topk, self.renorm, self.backend = vocab, topk, renorm, backend
+        self.consistency_weight = consistency_weight
+        self.fused = logits_are_linear(student) and (teacher is None or logits_are_linear(teacher))
+
+    def _kl(self, first: Head, second: Head):
+        return head_topk_kl(first, second, self.topk, self.renorm, self.vocab, self.backend)
+
+    def on_policy(self, student_in: Packed, teacher_in: Packed, context_in: Packed | None = None) -> LossParts:
+        with torch.no_grad():
+            teacher = with_head(self.teacher, teacher_in, self.fused, lambda head: head)
+        kept = []
+
+        def distill(student: Head):
+            kept.append(student.hidden_NH if self.fused else student.logits_NV)
+            return self._kl(student, teacher)
+
+        distill_sum, mass = with_head(self.student, student_in, self.fused, distill)
+        consistency = torch.zeros((), device=distill_sum.device)
+        if context_in is not None and self.consistency_weight > 0:
+            def regularise(with_context: Head):  # the anchor: the no-context output, without gradient
+                anchor = (Head(kept[0].detach(), with_context.weight_VH.detach()) if self.fused
+                          else Head(logits_NV=kept[0].detach()))
+                return self._kl(anchor, with_context)[0]
+
+            consistency = self.consistency_weight * with_head(self.student, context_in, self.fused, regularise)
+        return LossParts(distill_sum + consistency, distill_sum.detach(), consistency.detach(), mass)
+
+    def off_policy(self, student_in: Packed, target_ids_Nk: torch.Tensor, target_logprobs_Nk: torch.Tensor) -> LossParts:
+        loss = with_head(self.student, student_in, self.fused,
+                         lambda head: head_sparse_target_kl(target_ids_Nk, target_logprobs_Nk, head, self.vocab))
+        with torch.no_grad():
+            mass = target_logprobs_Nk.exp().sum(-1).mean()
+        return LossParts(loss, loss.detach(), torch.zeros((), device=loss.device), mass)
