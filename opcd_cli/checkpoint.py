@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import OpcdError
+from .outputs import DIR_MODE, FILE_MODE
 
 STATE_FILE = "training_state.pt"
 
@@ -32,6 +33,7 @@ def save_model(model, tokenizer, folder: Path, dtype: torch.dtype) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
+        os.chmod(tmp, DIR_MODE)
         state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if hasattr(model.config, "dtype"):  # record the dtype the weights were saved in, not the training one
@@ -88,6 +90,7 @@ def save_state(folder: Path, *, step: int, optimizer, scheduler, metrics: list[d
     os.close(fd)
     try:
         torch.save(state, tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, folder / STATE_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

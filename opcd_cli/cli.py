@@ -17,7 +17,7 @@ from .config import (
     CONTEXT_AS, DTYPES, KERNELS, SAMPLERS, VERIFIERS, EvalConfig, ExtractConfig, ModelOptions, SamplingOptions,
     build_distill_config, build_extract_config, read_recipe,
 )
-from .errors import OpcdError
+from .errors import Interrupted, OpcdError
 from .ui import UI, percent, print_json
 
 app = typer.Typer(
@@ -84,17 +84,17 @@ def distill(
     eval_batch_size: Optional[int] = typer.Option(None, help="Prompts per generation batch when evaluating."),
     verifier: Optional[str] = typer.Option(None, help=f"{names(VERIFIERS)}."),
     dtype: Optional[str] = typer.Option(None, help=f"{names(DTYPES)} (auto: bf16 on a GPU, fp32 on a CPU)."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Run a model's own Python code (its config's auto_map); only for code you trust."),
+    allow_bin_weights: Optional[bool] = typer.Option(None, "--allow-bin-weights", help="Also load pickled *.bin weights (through PyTorch's weights-only unpickler); safetensors only by default."),
     sampler: Optional[str] = typer.Option(None, help=f"{names(SAMPLERS)} (hf: Hugging Face generate)."),
     vllm_memory: Optional[float] = typer.Option(None, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
+    vllm_eager: Optional[bool] = typer.Option(None, "--vllm-eager", help="Start vLLM without compilation or graphs: faster to start, slower to sample."),
     kernel: Optional[str] = typer.Option(None, help=f"Loss implementation: {names(KERNELS)}."),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Distil a context into a student's weights, on-policy (no model arguments: the built-in toy world)."""
-    from .distill import distill as run_distill
-
     flags = dict(locals())
-    for key in ("recipe", "json_output", "run_distill", "toy_task"):
+    for key in ("recipe", "json_output", "toy_task"):
         flags.pop(key, None)
     if toy_task is not None:
         if toy_task not in TOY_TASKS:
@@ -107,6 +107,8 @@ def distill(
     if toy_task is not None and len(layers) == 1:
         raise OpcdError(f"--toy-task runs the toy world's student, but {recipe} names a student; drop one of them")
     cfg = build_distill_config(*layers, flags)
+    from .distill import distill as run_distill  # torch and transformers load here, after the flags are checked
+
     ui = UI()
     summary = run_distill(cfg, ui)
     show_distill_summary(ui, summary)
@@ -157,17 +159,19 @@ def extract(
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     sampler: Optional[str] = typer.Option(None, help=f"{names(SAMPLERS)} (hf: Hugging Face generate)."),
     vllm_memory: Optional[float] = typer.Option(None, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
+    vllm_eager: Optional[bool] = typer.Option(None, "--vllm-eager", help="Start vLLM without compilation or graphs: faster to start, slower to sample."),
     dtype: Optional[str] = typer.Option(None, help=f"{names(DTYPES)}."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Run a model's own Python code (its config's auto_map); only for code you trust."),
+    allow_bin_weights: Optional[bool] = typer.Option(None, "--allow-bin-weights", help="Also load pickled *.bin weights (through PyTorch's weights-only unpickler); safetensors only by default."),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Turn a model's own right and wrong attempts into experience items (no model arguments: the toy world)."""
-    from .extract import extract as run_extract
-
     flags = dict(locals())
-    for key in ("recipe", "json_output", "run_extract"):
+    for key in ("recipe", "json_output"):
         flags.pop(key, None)
     cfg = build_extract_config(*recipe_layers(recipe, "model", model, "toy-codes-extract", ExtractConfig), flags)
+    from .extract import extract as run_extract  # torch and transformers load here, after the flags are checked
+
     ui = UI()
     summary = run_extract(cfg, ui)
     ui.table("experience by round", ["round", "items", "new", "attempts right", "val accuracy"], [
@@ -200,19 +204,21 @@ def eval_command(
     seed: int = typer.Option(0, help="Seed for sampling."),
     sampler: str = typer.Option("hf", help=f"{names(SAMPLERS)} (hf: Hugging Face generate)."),
     vllm_memory: float = typer.Option(0.2, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
+    vllm_eager: bool = typer.Option(False, "--vllm-eager", help="Start vLLM without compilation or graphs: faster to start, slower to sample."),
     dtype: str = typer.Option("auto", help=f"{names(DTYPES)} (auto: bf16 on a GPU, fp32 on a CPU)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run a model's own Python code (its config's auto_map); only for code you trust."),
+    allow_bin_weights: bool = typer.Option(False, "--allow-bin-weights", help="Also load pickled *.bin weights (through PyTorch's weights-only unpickler); safetensors only by default."),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Accuracy of one or more models, without the context and (when one is given) with it."""
-    from .evaluate import evaluate
-
     cfg = EvalConfig(
         models=tuple(model), data=data, ood_data=ood_data, best=best, context=context, context_as=context_as, verifier=verifier,
-        batch_size=batch_size, seed=seed, limit=limit, sampler=sampler, vllm_memory=vllm_memory,
+        batch_size=batch_size, seed=seed, limit=limit, sampler=sampler, vllm_memory=vllm_memory, vllm_eager=vllm_eager,
         sampling=SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n),
-        loading=ModelOptions(dtype=dtype, trust_remote_code=trust_remote_code),
+        loading=ModelOptions(dtype=dtype, trust_remote_code=trust_remote_code, allow_bin_weights=allow_bin_weights),
     )
+    from .evaluate import evaluate  # torch and transformers load here, after the flags are checked
+
     ui = UI()
     with ui.progress():
         results = evaluate(cfg, progress=ui)
@@ -243,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
     try:
         result = app(args=argv, standalone_mode=False, prog_name="opcd")
+    except Interrupted as e:
+        print(f"opcd: {e}", file=sys.stderr)
+        return e.code
     except OpcdError as e:
         print(f"opcd: error: {e}", file=sys.stderr)
         return 2

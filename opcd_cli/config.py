@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +32,68 @@ DISTILL_MODES = ("on-policy", "off-policy")
 OFF_POLICY_LOSSES = ("forward-kl", "sft")
 
 
+# --- the type of every value -----------------------------------------------------------------------------
+# Recipes are TOML written by hand, so a value can have the wrong type and still look right: the string
+# "false" is truthy. Every value must have the type its field declares; nothing is converted.
+
+_DESCRIBE = {bool: "true or false (a boolean, not a string or a number)", int: "a whole number",
+             float: "a finite number", str: "a string", dict: "a table", tuple: "a list"}
+
+
+@lru_cache(maxsize=None)
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _allowed(hint) -> tuple[tuple, bool]:
+    """(accepted base types, whether None is allowed) of a field's type hint."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = typing.get_args(hint)
+        bases = tuple(typing.get_origin(a) or a for a in args if a is not type(None))
+        return bases, type(None) in args
+    return (typing.get_origin(hint) or hint,), False
+
+
+def check_value(name: str, value: Any, hint, where: str = "") -> None:
+    """An ``OpcdError`` naming the setting, the value and the expected type when ``value`` does not fit ``hint``."""
+    bases, optional = _allowed(hint)
+    if value is None and optional:
+        return
+    for base in bases:
+        if dataclasses.is_dataclass(base):
+            if isinstance(value, base):
+                return
+        elif base is bool:
+            if isinstance(value, bool):
+                return
+        elif base is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return
+        elif base is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                return
+        elif isinstance(value, base):
+            return
+    expected = " or ".join(_DESCRIBE.get(b, getattr(b, "__name__", str(b))) for b in bases)
+    raise OpcdError(f"{where}{name} must be {expected}; got {value!r}")
+
+
+def _check_types(obj) -> None:
+    for f in fields(obj):
+        check_value(f.name, getattr(obj, f.name), _hints(type(obj))[f.name])
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """How models are loaded (shared by every command)."""
 
     dtype: str = "auto"
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run a model's own Python code (config.json's auto_map)
+    allow_bin_weights: bool = False  # load pickled *.bin weights (through PyTorch's weights-only unpickler)
     chat_template_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        _check_types(self)
         _choice("dtype", self.dtype, DTYPES)
         if not isinstance(self.chat_template_kwargs, dict):
             raise OpcdError("chat_template_kwargs must be a table of keyword arguments, e.g. {enable_thinking = false}")
@@ -52,6 +109,7 @@ class SamplingOptions:
     n: int = 1
 
     def __post_init__(self):
+        _check_types(self)
         _at_least("temperature", self.temperature, 0.0)
         if not 0.0 < self.top_p <= 1.0:
             raise OpcdError(f"top_p must be in (0, 1]; got {self.top_p}")
@@ -100,10 +158,12 @@ class DistillConfig:
     # sampling and models
     sampler: str = "hf"
     vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on a CPU: the fraction of host memory)
+    vllm_eager: bool = False  # vLLM's enforce_eager: no compilation or graphs (starts fast, samples slower)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     loading: ModelOptions = field(default_factory=ModelOptions)
 
     def __post_init__(self):
+        _check_types(self)
         _choice("context_as", self.context_as, CONTEXT_AS)
         _choice("mode", self.mode, DISTILL_MODES)
         _choice("off_policy_loss", self.off_policy_loss, OFF_POLICY_LOSSES)
@@ -115,6 +175,8 @@ class DistillConfig:
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("sampler", self.sampler, SAMPLERS)
         _fraction("vllm_memory", self.vllm_memory)
+        if self.output_dir is not None and not self.output_dir.strip():
+            raise OpcdError("--output-dir is empty; give the name of the folder to write (or leave it out for runs/NAME-TIME)")
         if self.ood_data is not None and self.eval_data is None:
             raise OpcdError("--ood-data is scored beside --eval-data; give --eval-data too")
         if self.student is None and self.data is not None:
@@ -128,6 +190,9 @@ class DistillConfig:
         _at_least("grad_accum", self.grad_accum, 1)
         _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("save_every", self.save_every, 0)
+        if self.save_every > self.steps:
+            raise OpcdError(f"save_every {self.save_every} is more than the {self.steps} steps, so no checkpoint "
+                            f"would be kept; use at most {self.steps} (or 0 for the final model only)")
         _at_least("warmup_steps", self.warmup_steps, 0)
         _at_least("weight_decay", self.weight_decay, 0.0)
         if self.eval_max_new_tokens is not None:
@@ -162,10 +227,12 @@ class EvalConfig:
     limit: int | None = None
     sampler: str = "hf"
     vllm_memory: float = 0.2
+    vllm_eager: bool = False
     sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(temperature=0.0))
     loading: ModelOptions = field(default_factory=ModelOptions)
 
     def __post_init__(self):
+        _check_types(self)
         if not self.models:
             raise OpcdError("give at least one --model (a Hugging Face id or a local directory)")
         _choice("context_as", self.context_as, CONTEXT_AS)
@@ -202,11 +269,15 @@ class ExtractConfig:
     seed: int = 0
     sampler: str = "hf"
     vllm_memory: float = 0.2
+    vllm_eager: bool = False
     sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(temperature=1.0, max_new_tokens=1024))
     extract_max_new_tokens: int = 512
     loading: ModelOptions = field(default_factory=ModelOptions)
 
     def __post_init__(self):
+        _check_types(self)
+        if not self.output.strip():
+            raise OpcdError("--output is empty; give the experience file to write (e.g. exp.txt)")
         if (self.model is None) != (self.data is None) or (self.model is None) != (self.val is None):
             raise OpcdError("give --model, --data and --val together (or none of them to run the toy world)")
         _choice("context_as", self.context_as, CONTEXT_AS)
@@ -274,8 +345,14 @@ def flatten_settings(data: dict[str, Any], source: str = "settings", cls=None) -
                 sub = sub.replace("-", "_")
                 if sub not in nested[key]:
                     raise OpcdError(f"{source}: unknown setting {key}.{sub}; known: {', '.join(sorted(nested[key]))}")
+                check_value(f"{key}.{sub}", subvalue, _hints(_NESTED[key])[sub], where=f"{source}: ")
                 flat[sub] = subvalue
-        elif key in known or any(key in names for names in nested.values()):
+        elif key in known:
+            check_value(key, value, _hints(cls)[key], where=f"{source}: ")
+            flat[key] = value
+        elif any(key in names for names in nested.values()):
+            owner = next(n for n, names in nested.items() if key in names)
+            check_value(key, value, _hints(_NESTED[owner])[key], where=f"{source}: ")
             flat[key] = value
         else:
             raise OpcdError(f"{source}: unknown setting {key!r}; see `opcd {command} --help` for the names")

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import sources
-from .errors import OpcdError
+from .errors import OpcdError, first_line
+from .verifiers import VERIFIERS
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -59,58 +60,84 @@ def strip_contexts(examples: list[Example]) -> list[Example]:
     return [dataclasses.replace(e, context=None) for e in examples]
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def read_context(path: str | None) -> str | None:
-    """The shared context: a file's text, or standard input for ``-``. Never truncated; empty is an error."""
+    """The shared context: a file's text, standard input for ``-``, or a built-in text. Never truncated; empty
+    or non-UTF-8 text is an error."""
     if path is None:
         return None
     if sources.is_builtin(path):
         return sources.text(path).strip("\n")
     if path == "-":
-        text = sys.stdin.read()
         where = "standard input"
+        data = getattr(sys.stdin, "buffer", None)
+        text = decode(data.read(), where) if data is not None else sys.stdin.read()
     else:
         file = Path(path)
-        if not file.is_file():
-            raise OpcdError(f"context file {path} does not exist")
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise OpcdError(f"cannot read context file {path}: {e}") from None
         where = f"context file {path}"
+        if file.is_dir():
+            raise OpcdError(f"{where} is a directory; give a text file (or - for standard input)")
+        if not file.is_file():
+            raise OpcdError(f"{where} does not exist")
+        text = read_text(file, where)
     if not text.strip():
         raise OpcdError(f"{where} is empty: give the system prompt or experience items to distil")
     return text.strip("\n")
 
 
+def decode(data: bytes, where: str) -> str:
+    """UTF-8 text, or a one-line error saying where the bytes came from and where they stop being UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OpcdError(f"{where} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                        "convert it to UTF-8") from None
+
+
+def read_text(file: Path, where: str) -> str:
+    try:
+        return decode(file.read_bytes(), where)
+    except OSError as e:
+        raise OpcdError(f"cannot read {where}: {e.strerror or e}") from None
+
+
 def load_examples(path: str, *, what: str = "data") -> list[Example]:
     """Rows of a data file, a saved dataset or a built-in name, checked; raises ``OpcdError`` naming the first
-    bad row."""
-    records = sources.rows(path) if sources.is_builtin(path) else _read_records(path, what)
-    return examples_from_records(records, path, what)
+    bad row (by its line in a JSONL file)."""
+    if sources.is_builtin(path):
+        numbered = list(enumerate(sources.rows(path), 1))
+    else:
+        numbered = _read_records(path, what)
+    if not numbered:
+        raise OpcdError(f"{what} file {path} has no rows")
+    line_of = "line" if str(path).endswith(".jsonl") else "row"
+    return [_to_example(record, number, str(path), line_of) for number, record in numbered]
 
 
 def examples_from_records(records: list[dict], path: str, what: str = "data") -> list[Example]:
     if not records:
-        raise OpcdError(f"{what} file {path} has no rows")
-    line_of = "line" if str(path).endswith(".jsonl") else "row"
-    return [_to_example(record, i + 1, str(path), line_of) for i, record in enumerate(records)]
+        raise OpcdError(f"{what} {path} has no rows")
+    return [_to_example(record, i + 1, str(path), "row") for i, record in enumerate(records)]
 
 
-def _read_records(path: str, what: str) -> list[dict]:
+def _read_records(path: str, what: str) -> list[tuple[int, dict]]:
+    """(line or row number, record) pairs of a file or a saved dataset folder."""
     source = Path(path)
     if not source.exists():
         raise OpcdError(f"{what} file {path} does not exist")
     if source.is_dir():
-        return _read_saved_dataset(source, what)
+        return list(enumerate(_read_saved_dataset(source, what), 1))
     fmt = FORMATS.get(source.suffix.lower())
     if fmt is None:
         raise OpcdError(f"{what} file {path}: unknown format {source.suffix!r}; use .jsonl, .json, .csv, .parquet or a saved dataset folder")
     if source.stat().st_size == 0:
         raise OpcdError(f"{what} file {path} is empty")
     if source.suffix.lower() == ".jsonl":
-        _check_jsonl(source, what)
-    elif fmt == "json":
-        _check_json(source, what)
+        return _read_jsonl(source, what)
+    if fmt == "json":
+        return list(enumerate(_read_json(source, what), 1))
     import datasets
 
     datasets.disable_progress_bars()
@@ -118,8 +145,8 @@ def _read_records(path: str, what: str) -> list[dict]:
     try:
         table = datasets.load_dataset(fmt, data_files=str(source), split="train")
     except Exception as e:  # datasets raises many types for unreadable files
-        raise OpcdError(f"cannot read {what} file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return table.to_list()
+        raise OpcdError(f"cannot read {what} file {path}: {first_line(e)}") from None
+    return list(enumerate(table.to_list(), 1))
 
 
 def _read_saved_dataset(folder: Path, what: str) -> list[dict]:
@@ -136,14 +163,10 @@ def _read_saved_dataset(folder: Path, what: str) -> list[dict]:
     return loaded.to_list()
 
 
-def _check_jsonl(source: Path, what: str) -> None:
-    try:
-        lines = source.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise OpcdError(f"{what} file {source} is not UTF-8 text: {e}") from None
-    if not any(line.strip() for line in lines):
-        raise OpcdError(f"{what} file {source} has no rows")
-    for number, line in enumerate(lines, 1):
+def _read_jsonl(source: Path, what: str) -> list[tuple[int, dict]]:
+    """Each non-blank line as an object, numbered by its line in the file."""
+    records = []
+    for number, line in enumerate(read_text(source, f"{what} file {source}").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -152,41 +175,65 @@ def _check_jsonl(source: Path, what: str) -> None:
             raise OpcdError(f"{what} file {source} line {number} is not valid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(value, dict):
             raise OpcdError(f"{what} file {source} line {number} is not a JSON object")
+        records.append((number, value))
+    if not records:
+        raise OpcdError(f"{what} file {source} has no rows")
+    return records
 
 
-def _check_json(source: Path, what: str) -> None:
+def _read_json(source: Path, what: str) -> list[dict]:
     try:
-        value = json.loads(source.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OpcdError(f"{what} file {source} is not valid JSON: {e}") from None
+        value = json.loads(read_text(source, f"{what} file {source}"))
+    except json.JSONDecodeError as e:
+        raise OpcdError(f"{what} file {source} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise OpcdError(f"{what} file {source} must hold a JSON list of objects (or use JSONL, one object per line)")
+    return value
 
 
 def _to_example(record: dict, row: int, path: str, line_of: str) -> Example:
     where = f"{path} {line_of} {row}"
-    messages = _messages(record, where)
+    if not isinstance(record, dict):
+        raise OpcdError(f"{where} is not an object with a `prompt` or `messages` field")
+    verifier = _optional_text(record, "verifier", where)
+    if verifier is not None and verifier not in VERIFIERS:
+        raise OpcdError(f"{where}: unknown verifier {verifier!r}; use one of {', '.join(VERIFIERS)}")
     return Example(
         row=row,
-        messages=messages,
+        messages=_messages(record, where),
         context=_optional_text(record, "context", where) or None,
         answer=_optional_text(record, "answer", where),
-        verifier=_optional_text(record, "verifier", where),
+        verifier=verifier,
     )
+
+
+def _kind(value) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
 
 
 def _messages(record: dict, where: str) -> tuple[tuple[str, str], ...]:
     prompt, messages = record.get("prompt"), record.get("messages")
-    if isinstance(prompt, str) and prompt.strip():
+    if prompt is not None and messages is not None:
+        raise OpcdError(f"{where} has both `prompt` and `messages`; keep one")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise OpcdError(f"{where}: `prompt` must be a string; got {_kind(prompt)} ({json.dumps(prompt)[:40]})")
+        if not prompt.strip():
+            raise OpcdError(f"{where}: `prompt` is empty")
         return (("user", prompt),)
     if messages is None:
         raise OpcdError(f"{where} has no `prompt` or `messages` field (found: {', '.join(record) or 'nothing'})")
     if not isinstance(messages, list) or not messages:
         raise OpcdError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
     pairs = []
-    for m in messages:
+    for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise OpcdError(f"{where}: every message needs a string `role` and `content`")
+        if m["role"] not in ROLES:
+            raise OpcdError(f"{where}: message {i + 1} has role {m['role']!r}; roles are {', '.join(ROLES)}")
+        if m["role"] == "system" and i > 0:
+            raise OpcdError(f"{where}: message {i + 1} is a system message; only the first message may be one")
         pairs.append((m["role"], m["content"]))
     if pairs[-1][0] != "user":
         raise OpcdError(f"{where}: the last message must be the user's (the model answers it); found {pairs[-1][0]!r}")
@@ -200,7 +247,7 @@ def _optional_text(record: dict, key: str, where: str) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
-        raise OpcdError(f"{where}: `{key}` must be a string")
+        raise OpcdError(f"{where}: `{key}` must be a string; got {_kind(value)}")
     return value
 
 

@@ -27,7 +27,7 @@ from . import rollouts as rollout_store
 from .checkpoint import save_model, save_state, step_prompts
 from .config import DistillConfig, SamplingOptions
 from .data import Example, has_context, load_examples, read_context, require_answers, write_jsonl
-from .errors import OpcdError
+from .errors import Interrupted, OpcdError
 from .evaluate import EvalResult, evaluate_model, passes, score
 from .loss import DistillLoss, pack
 from .outputs import RUN_MARKER, RunDir, write_json_atomic, write_text_atomic
@@ -64,8 +64,8 @@ class Run:
             self.teacher, self.teacher_renderer.tokenizer)
         source = cfg.student if which == "student" else (cfg.teacher or cfg.student)
         return make_sampler(cfg.sampler, tokenizer=tokenizer, model=model, source=source, batch_size=batch_size,
-                            dtype=cfg.loading.dtype, trust_remote_code=cfg.loading.trust_remote_code,
-                            vllm_memory=cfg.vllm_memory, seed=cfg.seed, follows_training=follows_training)
+                            loading=cfg.loading, vllm_memory=cfg.vllm_memory, vllm_eager=cfg.vllm_eager, seed=cfg.seed,
+                            follows_training=follows_training)
 
     def eval_sampler(self, training: Sampler) -> Sampler:
         """The sampler evaluation uses: the training one for vLLM (one engine, already following the weights),
@@ -76,7 +76,16 @@ class Run:
 def distill(cfg: DistillConfig, ui: UI) -> dict:
     """Run context distillation and return the summary (also written to ``summary.json``)."""
     started = time.time()
-    return train(prepare(cfg, ui), ui, started)
+    if cfg.student is None:
+        raise OpcdError("give --student (or no model arguments at all, to run the built-in toy world)")
+    out = RunDir(cfg.output_dir or cfg.default_output_dir(), cfg.overwrite)  # checked and locked
+    try:
+        return train(prepare(replace(cfg, output_dir=str(out.final)), out, ui), ui, started)
+    except KeyboardInterrupt:
+        where = f"; the partial run is in {out.partial}" if out.partial.exists() else ""
+        raise Interrupted(f"interrupted{where}") from None
+    finally:
+        out.release()
 
 
 def train(run: Run, ui: UI, started: float) -> dict:
@@ -85,11 +94,13 @@ def train(run: Run, ui: UI, started: float) -> dict:
     out = run.out.begin()
     write_json_atomic(out / RUN_MARKER, cfg.to_dict())
     inputs = write_inputs(run, out)
-    teacher_score = evaluate_teacher(run, ui) if cfg.eval_before and cfg.teacher is not None else None
-    rollouts = run.rollouts or (make_rollouts(run, ui, out) if cfg.mode == "off-policy" else None)
-    per_step = cfg.batch_size * cfg.grad_accum
-    sampler = run.sampler("student", per_step, follows_training=rollouts is None)
+    per_step, sampler = cfg.batch_size * cfg.grad_accum, None
+    teacher_score, rollouts = teacher_work(run, ui, out)  # a separate teacher's sampler is closed before the student's
     try:
+        if cfg.mode == "off-policy" and rollouts is None:  # the default teacher: the student's initial weights,
+            sampler = run.sampler("student", per_step) if cfg.sampler == "vllm" else None  # one vLLM engine for both
+            rollouts = make_rollouts(run, ui, out, sampler or run.sampler("teacher", per_step))
+        sampler = sampler or run.sampler("student", per_step, follows_training=rollouts is None)
         before = evaluate_student(run, run.eval_sampler(sampler), ui, "before", teacher_score) if cfg.eval_before else None
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
@@ -106,15 +117,16 @@ def train(run: Run, ui: UI, started: float) -> dict:
                 responses = sample(run, sampler, batch) if rollouts is None else [rollouts.responses[i] for i in batch]
                 # 2-3. the teacher scores the same tokens with the context; the loss, micro-batch by micro-batch
                 sums = backward(run, batch, responses, rollouts)
-                # 4. one optimiser step; the sampler follows the new weights
+                # 4. one optimiser step, unless the loss or the gradient is not finite; the sampler follows
                 grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                values = step_values(step, responses, sums, grad_norm, run.out)  # the step's one host sync
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 if rollouts is None:
                     sampler.update_weights(student)
                 # 5. log and checkpoint
-                metrics.append(step_record(run, step, responses, sums, grad_norm, schedule, step_start, train_start))
+                metrics.append(step_record(run, step, responses, values, schedule, step_start, train_start))
                 log.write(json.dumps(metrics[-1]) + "\n")
                 log.flush()
                 advance(1, status=f"loss {metrics[-1]['loss']:.4f} top-k mass {metrics[-1]['topk_mass']:.3f}")
@@ -127,7 +139,8 @@ def train(run: Run, ui: UI, started: float) -> dict:
             sampler.update_weights(student)  # off-policy, the evaluation sampler has not followed training
         after = evaluate_student(run, run.eval_sampler(sampler), ui, "after")
     finally:
-        sampler.close()  # a vLLM engine holds its share of memory until closed
+        if sampler is not None:
+            sampler.close()  # a vLLM engine holds its share of memory until closed
     summary = build_summary(run, inputs, before, after, metrics, sampler, rollouts, started, train_seconds)
     write_json_atomic(out / "summary.json", summary)
     run.out.finish()
@@ -165,21 +178,29 @@ def backward(run: Run, batch: list[int], responses: list[list[int]], rollouts) -
     return sums
 
 
-def step_record(run: Run, step: int, responses, sums, grad_norm, schedule, step_start: float,
-                train_start: float) -> dict:
+def step_values(step: int, responses, sums: torch.Tensor, grad_norm: torch.Tensor, out: RunDir) -> dict:
+    """The step's loss terms and gradient norm as numbers; a non-finite one stops the run before the step is
+    applied (so the model is never broken and nothing samples from it)."""
+    n_tokens = sum(map(len, responses))
+    loss, distill_loss, consistency_loss, mass, norm = torch.cat([sums / n_tokens, grad_norm.reshape(1)]).tolist()
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise OpcdError(f"step {step}: the loss is {loss} and the gradient norm {norm}: training diverged and stopped "
+                        f"before this step was applied; the metrics and checkpoints so far are in {out.partial} "
+                        "(try a lower --lr)")
+    return {"loss": loss, "distill_loss": distill_loss, "consistency_loss": consistency_loss, "topk_mass": mass,
+            "grad_norm": norm}
+
+
+def step_record(run: Run, step: int, responses, values: dict, schedule, step_start: float, train_start: float) -> dict:
     """One line of ``metrics.jsonl``."""
     n_tokens = sum(map(len, responses))
-    loss, distill_loss, consistency_loss, mass = (sums / n_tokens).tolist()  # the step's one host sync
     return {
         "step": step,
-        "loss": loss,
-        "distill_loss": distill_loss,
-        "consistency_loss": consistency_loss,
-        "topk_mass": mass,
+        **{key: values[key] for key in ("loss", "distill_loss", "consistency_loss", "topk_mass")},
         "response_tokens": n_tokens / len(responses),
         "truncated": sum(not finished(r, run.stop_ids) for r in responses) / len(responses),
         "lr": schedule.get_last_lr()[0],
-        "grad_norm": float(grad_norm),
+        "grad_norm": values["grad_norm"],
         "tokens_per_s": n_tokens / (time.time() - step_start),
         "seconds": round(time.time() - train_start, 3),
     }
@@ -234,35 +255,48 @@ def rollouts_fingerprint(cfg: DistillConfig, context, examples, views) -> dict:
                                      cfg.topk, cfg.sampling, cfg.seed)
 
 
-def make_rollouts(run: Run, ui: UI, out: Path) -> rollout_store.Rollouts:
-    """Off-policy: the teacher answers every prompt with the context (through ``--sampler``); saved to
-    ``--rollouts`` (or the run) for reuse."""
+def make_rollouts(run: Run, ui: UI, out: Path, sampler: Sampler) -> rollout_store.Rollouts:
+    """Off-policy: the teacher answers every prompt with the context (through ``sampler``, which serves the
+    teacher's weights); saved to ``--rollouts`` (or the run) for reuse."""
     cfg = run.cfg
     prompts = [v.teacher_ids for v in run.views]
     torch.manual_seed(cfg.seed)
-    sampler = run.sampler("teacher", cfg.batch_size * cfg.grad_accum)
-    try:
-        with ui.progress(), autocast(cfg.loading.dtype):
-            advance = ui.task("teacher rollouts", len(prompts))
-            made = rollout_store.generate(run.teacher, sampler, prompts, cfg.sampling, cfg.topk,
-                                          models.pad_id(run.tokenizer), cfg.batch_size,
-                                          rollouts_fingerprint(cfg, run.context, run.examples, run.views), advance)
-    finally:
-        sampler.close()
+    with ui.progress(), autocast(cfg.loading.dtype):
+        advance = ui.task("teacher rollouts", len(prompts))
+        made = rollout_store.generate(run.teacher, sampler, prompts, cfg.sampling, cfg.topk,
+                                      models.pad_id(run.tokenizer), cfg.batch_size,
+                                      rollouts_fingerprint(cfg, run.context, run.examples, run.views), advance)
     rollout_store.save(Path(cfg.rollouts) if cfg.rollouts else out / "rollouts", made)
     return made
 
 
-def prepare(cfg: DistillConfig, ui: UI) -> Run:
+def teacher_work(run: Run, ui: UI, out: Path):
+    """What a separate teacher (``--teacher``) does before the student's sampler starts: its evaluation with the
+    context and, off-policy, its rollouts; with vLLM one engine serves both and is closed after. Returns
+    (the teacher's accuracy or None, the rollouts or None)."""
+    cfg = run.cfg
+    need_eval = cfg.eval_before and cfg.teacher is not None and bool(run.eval_examples)
+    need_rollouts = cfg.mode == "off-policy" and run.rollouts is None and cfg.teacher is not None
+    if not (need_eval or need_rollouts):
+        return None, run.rollouts
+    engine = run.sampler("teacher", cfg.eval_batch_size) if cfg.sampler == "vllm" else None
+    try:
+        score = evaluate_teacher(run, ui, engine or run.sampler("teacher", cfg.eval_batch_size)) if need_eval else None
+        per_step = cfg.batch_size * cfg.grad_accum
+        rollouts = make_rollouts(run, ui, out, engine or run.sampler("teacher", per_step)) if need_rollouts else run.rollouts
+    finally:
+        if engine is not None:
+            engine.close()
+    return score, rollouts
+
+
+def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     """Load and check everything; raises ``OpcdError`` on bad input and writes nothing."""
-    if cfg.student is None:
-        raise OpcdError("give --student (or no model arguments at all, to run the built-in toy world)")
     if cfg.sampler == "vllm":
         from .sampling.vllm import import_vllm
 
         import_vllm()  # a missing vLLM is reported before any model is loaded
-    out = RunDir(cfg.output_dir or cfg.default_output_dir(), cfg.overwrite)
-    cfg = replace(cfg, output_dir=str(out.final))
+    check_kernel(cfg.kernel)
     examples, context = load_examples(cfg.data), read_context(cfg.context)
     eval_examples = load_examples(cfg.eval_data, what="eval data") if cfg.eval_data else None
     ood_examples = load_examples(cfg.ood_data, what="OOD data") if cfg.ood_data else None
@@ -279,6 +313,8 @@ def prepare(cfg: DistillConfig, ui: UI) -> Run:
     student_renderer = ChatRenderer(tokenizer, cfg.student, load.chat_template_kwargs)
     teacher_renderer = (student_renderer if teacher_tokenizer is tokenizer
                         else ChatRenderer(teacher_tokenizer, teacher_name, load.chat_template_kwargs))
+    check_context_lengths(examples, context, cfg.sampling.max_new_tokens, teacher_renderer.tokenizer, teacher,
+                          teacher_name)  # before rendering every row around a context that cannot fit
     views = build_views(examples, context, cfg.context_as, student_renderer, teacher_renderer)
     check_windows(examples, views, cfg.sampling.max_new_tokens, student, teacher, cfg.student, teacher_name)
     loss = DistillLoss(student, teacher, vocab, cfg.topk, cfg.topk_renorm, cfg.consistency_weight, cfg.kernel)
@@ -294,21 +330,54 @@ def prepare(cfg: DistillConfig, ui: UI) -> Run:
                loss, stop_ids(student, tokenizer), eval_examples, ood_examples, saved)
 
 
+def check_kernel(kernel: str) -> None:
+    """The loss implementation asked for (``--kernel``, or ``OPCD_KERNEL`` for ``auto``) can run here."""
+    import os
+
+    from .kernels import backend_for
+
+    try:
+        backend = backend_for(torch.zeros((), device=models.device()), kernel)
+    except (ValueError, RuntimeError) as e:
+        raise OpcdError(f"{e}; use --kernel torch") from None
+    if backend == "triton" and models.device().type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise OpcdError("the triton kernels need a GPU, or Triton's interpreter on a CPU: set TRITON_INTERPRET=1 "
+                        "before starting opcd, or use --kernel torch")
+
+
 def load_models(cfg: DistillConfig, ui: UI):
     """(student, teacher, student tokenizer, teacher tokenizer, teacher name): the student in float32 master
     weights, the teacher frozen in the compute dtype (a copy of the student's initial weights by default)."""
     load = cfg.loading
     with ui.status(f"loading student {cfg.student}"):
         tokenizer = models.load_tokenizer(cfg.student, load.trust_remote_code)
-        student = models.load_model(cfg.student, "float32", load.trust_remote_code)
+        student = models.load_model(cfg.student, "float32", load.trust_remote_code, load.allow_bin_weights)
     if cfg.teacher is None:
         teacher = models.frozen(models.frozen_copy(student).to(models.resolve_dtype(load.dtype)))
         return student, teacher, tokenizer, tokenizer, cfg.student
     with ui.status(f"loading teacher {cfg.teacher}"):
         teacher_tokenizer = models.load_tokenizer(cfg.teacher, load.trust_remote_code)
         models.check_same_vocabulary(tokenizer, teacher_tokenizer, cfg.student, cfg.teacher)
-        teacher = models.frozen(models.load_model(cfg.teacher, load.dtype, load.trust_remote_code))
+        teacher = models.frozen(models.load_model(cfg.teacher, load.dtype, load.trust_remote_code,
+                                                  load.allow_bin_weights))
     return student, teacher, tokenizer, teacher_tokenizer, cfg.teacher
+
+
+def check_context_lengths(examples, context, max_new_tokens, tokenizer, teacher, teacher_name) -> None:
+    """A context longer than the teacher's window (with room for a response) is an error at once: each distinct
+    context is tokenized once, before any row is rendered around it."""
+    window = models.context_window(teacher)
+    if window is None:
+        return
+    contexts = {e.context or context: e.row for e in examples}
+    for text, row in contexts.items():
+        if text is None:
+            continue
+        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tokens + max_new_tokens > window:
+            where = f"the context of row {row}" if text != context else "the context"
+            raise OpcdError(f"{where} is {tokens} tokens; with {max_new_tokens} new tokens it exceeds {teacher_name}'s "
+                            f"window of {window}; shorten it or lower --max-new-tokens (contexts are never truncated)")
 
 
 def check_windows(examples, views, max_new_tokens, student, teacher, student_name, teacher_name) -> None:
@@ -331,21 +400,14 @@ def greedy(cfg: DistillConfig) -> SamplingOptions:
     return SamplingOptions(temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens or cfg.sampling.max_new_tokens)
 
 
-def evaluate_teacher(run: Run, ui: UI) -> float | None:
+def evaluate_teacher(run: Run, ui: UI, sampler: Sampler) -> float:
     """The teacher's greedy accuracy on the eval split with the context (a teacher other than the student)."""
-    if not run.eval_examples:
-        return None
     cfg = run.cfg
-    sampler = run.sampler("teacher", cfg.eval_batch_size)
-    try:
-        with ui.progress(), autocast(cfg.loading.dtype):
-            torch.manual_seed(cfg.seed)
-            advance = ui.task("eval before: teacher with context", len(run.eval_examples))
-            scores = score(sampler, run.teacher_renderer, run.eval_examples, context=run.context,
-                           context_as=cfg.context_as, sampling=greedy(cfg), verifier=cfg.verifier, advance=advance)
-    finally:
-        sampler.close()
-    return scores.accuracy
+    with ui.progress(), autocast(cfg.loading.dtype):
+        torch.manual_seed(cfg.seed)
+        advance = ui.task("eval before: teacher with context", len(run.eval_examples))
+        return score(sampler, run.teacher_renderer, run.eval_examples, context=run.context, context_as=cfg.context_as,
+                     sampling=greedy(cfg), verifier=cfg.verifier, advance=advance).accuracy
 
 
 def evaluate_student(run: Run, sampler: Sampler, ui: UI, when: str, teacher_score: float | None = None):

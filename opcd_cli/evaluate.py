@@ -16,7 +16,9 @@ import torch
 
 from .config import EvalConfig, SamplingOptions
 from .data import Example, has_context, load_examples, read_context, require_answers, strip_contexts
+from .errors import OpcdError
 from .models import load_tokenizer
+from .outputs import RUN_MARKER
 from .prompts import ChatRenderer, with_context
 from .sampling import Sampler, make_sampler
 from .verifiers import is_correct
@@ -157,6 +159,9 @@ def evaluate(cfg: EvalConfig, progress=None) -> list[dict]:
     results = []
     for name in cfg.models:
         run = Path(name)
+        if cfg.best and (run / RUN_MARKER).is_file() and not (run / "checkpoints").is_dir():
+            raise OpcdError(f"--best {cfg.best} scores a run's best checkpoints, but {name} has none (it was trained "
+                            "without --save-every); drop --best to score its final model")
         targets = checkpoints_of(run) if cfg.best and (run / "checkpoints").is_dir() else [run]
         scored = []
         for target in targets:
@@ -164,8 +169,8 @@ def evaluate(cfg: EvalConfig, progress=None) -> list[dict]:
             tokenizer = load_tokenizer(str(target), cfg.loading.trust_remote_code)
             renderer = ChatRenderer(tokenizer, str(target), cfg.loading.chat_template_kwargs)
             sampler = make_sampler(cfg.sampler, tokenizer=tokenizer, source=str(target), batch_size=cfg.batch_size,
-                                   dtype=cfg.loading.dtype, trust_remote_code=cfg.loading.trust_remote_code,
-                                   vllm_memory=cfg.vllm_memory, seed=cfg.seed)
+                                   loading=cfg.loading, vllm_memory=cfg.vllm_memory, vllm_eager=cfg.vllm_eager,
+                                   seed=cfg.seed)
             advance = progress.task(f"eval {target}", passes(examples, context, ood)) if progress else None
             try:
                 result = evaluate_model(sampler, renderer, examples, context=context, context_as=cfg.context_as,

@@ -20,6 +20,9 @@ The best round's experience is written to ``--output``; every round's goes to a 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +30,11 @@ import torch
 
 from . import models, sources
 from .config import ExtractConfig, SamplingOptions
-from .data import load_examples, require_answers
+from .data import load_examples, read_text, require_answers
 from .errors import OpcdError
 from .evaluate import score
 from .experience import ITEM_PREFIX, add_items, parse_items, render_items, trace_line
-from .outputs import write_json_atomic, write_text_atomic
+from .outputs import DIR_MODE, check_output_path, write_json_atomic, write_text_atomic
 from .prompts import ChatRenderer, with_context
 from .sampling import make_sampler
 from .ui import UI, percent
@@ -66,8 +69,8 @@ def read_template(path: str | None) -> str:
         return sources.text(path)
     file = Path(path)
     if not file.is_file():
-        raise OpcdError(f"template file {path} does not exist")
-    text = file.read_text(encoding="utf-8")
+        raise OpcdError(f"template file {path} {'is a directory' if file.is_dir() else 'does not exist'}")
+    text = read_text(file, f"template file {path}")
     if "{traces}" not in text:
         raise OpcdError(f"template file {path} has no {{traces}} placeholder: mark where the attempts go")
     return text
@@ -76,8 +79,8 @@ def read_template(path: str | None) -> str:
 def read_experience(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
-        raise OpcdError(f"experience file {path} does not exist")
-    items = parse_items(file.read_text(encoding="utf-8"))
+        raise OpcdError(f"experience file {path} {'is a directory' if file.is_dir() else 'does not exist'}")
+    items = parse_items(read_text(file, f"experience file {path}"))
     if not items:
         raise OpcdError(f"experience file {path} has no `{ITEM_PREFIX.strip()}` lines")
     return items
@@ -131,8 +134,11 @@ class Rounds:
 
 def extract(cfg: ExtractConfig, ui: UI) -> dict:
     """Run the rounds, write the best experience to ``cfg.output``, and return the summary."""
-    output = Path(cfg.output)
+    output = check_output_path(cfg.output, "--output")
     rounds_dir = output.with_name(output.stem + ".rounds")
+    if output.is_dir() or (rounds_dir.exists() and not rounds_dir.is_dir()):
+        raise OpcdError(f"{output if output.is_dir() else rounds_dir} is in the way of the experience file: it "
+                        "would be replaced by a file (or a folder); choose another --output")
     if (output.exists() or rounds_dir.exists()) and not cfg.overwrite:
         raise OpcdError(f"{output if output.exists() else rounds_dir} already exists; pass --overwrite to replace it")
     if cfg.model is None:
@@ -147,8 +153,8 @@ def extract(cfg: ExtractConfig, ui: UI) -> dict:
     with ui.status(f"loading {cfg.model}"):
         tokenizer = models.load_tokenizer(cfg.model, cfg.loading.trust_remote_code)
         sampler = make_sampler(cfg.sampler, tokenizer=tokenizer, source=cfg.model, batch_size=cfg.batch_size,
-                               dtype=cfg.loading.dtype, trust_remote_code=cfg.loading.trust_remote_code,
-                               vllm_memory=cfg.vllm_memory, seed=cfg.seed)
+                               loading=cfg.loading, vllm_memory=cfg.vllm_memory, vllm_eager=cfg.vllm_eager,
+                               seed=cfg.seed)
     runner = Rounds(cfg, sampler, ChatRenderer(tokenizer, cfg.model, cfg.loading.chat_template_kwargs), template,
                     train, val)
     rounds: list[Round] = []
@@ -169,10 +175,6 @@ def write_outputs(cfg: ExtractConfig, output: Path, rounds_dir: Path, rounds: li
     best = max(rounds, key=lambda r: (r.val_accuracy, -r.number))
     if not best.items:
         raise OpcdError(f"no experience items were extracted in {cfg.rounds} rounds; try more --attempts or another --template")
-    rounds_dir.mkdir(parents=True, exist_ok=True)
-    for r in rounds:
-        write_text_atomic(rounds_dir / f"round-{r.number}.txt", render_items(r.items) + "\n")
-    write_text_atomic(output, render_items(best.items) + "\n")
     summary = {
         "output": str(output),
         "rounds_dir": str(rounds_dir),
@@ -183,5 +185,19 @@ def write_outputs(cfg: ExtractConfig, output: Path, rounds_dir: Path, rounds: li
         "val_accuracy_best": best.val_accuracy,
         "rounds": [dataclasses.asdict(r) | {"items": len(r.items), "experience": list(r.items)} for r in rounds],
     }
-    write_json_atomic(rounds_dir / "summary.json", summary)
+    # every round's experience and the summary in a new folder that replaces the old one whole (no stale rounds)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{rounds_dir.name}."))
+    try:
+        for r in rounds:
+            write_text_atomic(fresh / f"round-{r.number}.txt", render_items(r.items) + "\n")
+        write_json_atomic(fresh / "summary.json", summary)
+        os.chmod(fresh, DIR_MODE)
+        if rounds_dir.exists():
+            shutil.rmtree(rounds_dir)
+        fresh.rename(rounds_dir)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    write_text_atomic(output, render_items(best.items) + "\n")
     return summary

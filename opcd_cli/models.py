@@ -39,7 +39,8 @@ def resolve(name: str) -> str:
 
 
 def _check_source(name: str) -> None:
-    """Fail early, without touching the network, for paths that cannot be a model."""
+    """Fail early, and fast, for names that cannot be loaded: missing folders, files, and hub ids that are not
+    in the local cache when the hub cannot be reached."""
     path = Path(name)
     if path.exists():
         if not path.is_dir():
@@ -47,30 +48,88 @@ def _check_source(name: str) -> None:
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise OpcdError(f"model folder {name} does not exist; give a model folder or a Hugging Face id (org/name)")
+    _check_hub(name)
+
+
+def _check_hub(repo_id: str) -> None:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in ("config.json", "tokenizer_config.json")):
+        return  # in the cache: loading works offline
+    if constants.HF_HUB_OFFLINE:
+        raise OpcdError(f"{repo_id} is not a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set; "
+                        "download it first, or give a local folder")
+    if not hub_reachable(constants.ENDPOINT):
+        raise OpcdError(f"{repo_id} is not a local folder nor in the Hugging Face cache, and {constants.ENDPOINT} "
+                        "cannot be reached; download it where there is a network, or give a local folder")
+
+
+def hub_reachable(endpoint: str, seconds: float = 4.0) -> bool:
+    """Whether a TCP connection to the hub opens within ``seconds`` (name lookup included)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    result = []
+
+    def connect():
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=seconds).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(seconds)
+    return bool(result and result[0])
+
+
+def _load_error(what: str, name: str, e: Exception) -> OpcdError:
+    message = first_line(e)
+    if any(hint in message for hint in ("trust_remote_code", "trust-remote-code", "custom code")):
+        return OpcdError(f"{name} needs its own Python code (the auto_map of its config.json) to load {what}; pass "
+                         "--trust-remote-code only if you trust that code")
+    return OpcdError(f"cannot load {what} of {name}: {message}")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     source = resolve(name)
     _check_source(source)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as e:  # OSError for missing files, ValueError for unknown classes, hub errors offline
-        raise OpcdError(f"cannot load the tokenizer of {name}: {first_line(e)}") from None
+        raise _load_error("the tokenizer", name, e) from None
 
 
-def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False):
-    """A causal LM on the default device, in eval mode."""
+def check_weight_files(name: str, source: str, allow_bin_weights: bool) -> None:
+    """Weights load from safetensors only, unless ``allow_bin_weights``: a ``pytorch_model.bin`` is a pickle."""
+    folder = Path(source)
+    if allow_bin_weights or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    if any(folder.glob("*.bin")):
+        raise OpcdError(f"{name} has only pickled weights (*.bin), which opcd does not load by default; convert "
+                        "them to safetensors, or pass --allow-bin-weights to load them with PyTorch's weights-only "
+                        "unpickler (it refuses code, not tensors)")
+
+
+def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, allow_bin_weights: bool = False):
+    """A causal LM on the default device, in eval mode (safetensors weights unless ``allow_bin_weights``)."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     source = resolve(name)
     _check_source(source)
+    check_weight_files(name, source, allow_bin_weights)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None if allow_bin_weights else True)
     except Exception as e:
-        raise OpcdError(f"cannot load model {name}: {first_line(e)}") from None
+        raise _load_error("the model", name, e) from None
     return model.to(device()).eval()
 
 

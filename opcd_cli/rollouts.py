@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import OpcdError
+from .outputs import DIR_MODE
 from .sampling import Sampler
 from .loss import pack, with_head
 
@@ -88,6 +90,7 @@ def save(folder: Path, rollouts: Rollouts) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
+        os.chmod(tmp, DIR_MODE)
         lengths = torch.tensor([len(r) for r in rollouts.responses])
         save_file({
             "response_ids": torch.tensor([t for r in rollouts.responses for t in r], dtype=torch.int64),

@@ -51,7 +51,7 @@ def test_missing_recipe(tmp_path):
         ({"student": "m"}, "--student needs --data"),
         ({"data": "d.jsonl"}, "--data needs --student"),
         ({"n": 4}, "one response per prompt"),
-        ({"steps": "ten"}, "steps must be a number"),
+        ({"steps": "ten"}, "steps must be a whole number; got .ten."),
     ],
 )
 def test_validation_errors(settings, message):

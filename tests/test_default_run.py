@@ -52,7 +52,7 @@ def test_vllm_sampler_internalises_as_well_as_hugging_face(default_run, cli, tmp
     """The default recipe with `--sampler vllm` ends within 5 points of the Hugging Face sampler's run."""
     hf_code, hf, stderr = default_run
     assert hf_code == 0, stderr
-    code, stdout, stderr = cli("distill", "--sampler", "vllm", "-o", tmp_path / "run", "--json")
+    code, stdout, stderr = cli("distill", "--sampler", "vllm", "--vllm-eager", "-o", tmp_path / "run", "--json")
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert summary["sampler"] == "vllm" and summary["steps"] == hf["steps"]

@@ -216,3 +216,55 @@ def test_eval_several_models_best_checkpoints_and_ood(cli, tiny_student, toy_fil
         assert {"accuracy", "accuracy_with_context", "context_harm", "ood_accuracy", "mean_response_tokens",
                 "mean_response_tokens_with_context"} <= set(row)
     assert "with context" in err and "OOD" in err and "context harm" in err  # the table's columns
+
+
+def test_a_diverging_run_stops_before_the_broken_step(cli, tiny_student, toy_files, tmp_path, monkeypatch):
+    """A non-finite loss stops the run at that step, before any update: one line naming the step, exit 2, the
+    metrics and checkpoints so far kept in the .partial folder, the weights there still finite."""
+    from opcd_cli.loss import DistillLoss
+
+    real = DistillLoss.on_policy
+    calls = []
+
+    def on_policy(self, *args):
+        parts = real(self, *args)
+        calls.append(1)
+        if len(calls) > 1:  # from the second step on
+            parts.total = parts.total * float("nan")
+        return parts
+
+    monkeypatch.setattr(DistillLoss, "on_policy", on_policy)
+    out = tmp_path / "run"
+    code, stdout, stderr = cli(*with_flags(distill_args(tiny_student, toy_files, out), {"--steps": "3",
+                                                                                        "--save-every": "1"}))
+    assert code == 2 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("opcd: error: step 2: the loss is nan") and "training diverged" in lines[-1]
+    partial = tmp_path / "run.partial"
+    assert not out.exists() and partial.is_dir() and str(partial) in lines[-1]
+    assert len((partial / "metrics.jsonl").read_text().splitlines()) == 1
+    from safetensors.torch import load_file
+
+    saved = load_file(partial / "checkpoints" / "step-000001" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert (partial / "checkpoints" / "step-000001" / "training_state.pt").is_file()
+
+
+@pytest.mark.slow  # a toy run interrupted after a few seconds
+def test_ctrl_c_says_where_the_partial_run_is(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "opcd_cli", "distill", "-o", "run"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run.partial" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    last = stderr.strip().splitlines()[-1]
+    assert last == f"opcd: interrupted; the partial run is in run.partial", stderr[-1000:]
+    assert "Traceback" not in stderr

@@ -99,9 +99,33 @@ def test_toy_extraction_finds_the_law_and_distillation_internalises_it(cli, tmp_
     assert summary["val_accuracy_best"] > summary["val_accuracy_without"] + 0.2
     assert (tmp_path / "exp.rounds" / "round-1.txt").is_file() and (tmp_path / "exp.rounds" / "round-2.txt").is_file()
 
+    from opcd_cli.toy import world
+
+    splits = world.splits("codes")  # the toy recipe's run, scored on fewer rows
+    test = write_jsonl(tmp_path / "test.jsonl", splits.test[:60])
+    ood = write_jsonl(tmp_path / "ood.jsonl", splits.ood[:20])
     run = tmp_path / "run"
-    code, out, err = cli("distill", "--toy-task", "codes", "--context", exp, "-o", run, "--json")
+    code, out, err = cli("distill", "--toy-task", "codes", "--context", exp, "--eval-data", test, "--ood-data", ood,
+                         "-o", run, "--json")
     assert code == 0, err
     distilled = json.loads(out)
     assert distilled["context_file"] == str(exp)
     assert distilled["after"]["accuracy"] > distilled["before"]["accuracy"] + 0.2
+
+
+def test_overwrite_replaces_every_round_file(cli, tiny_student, tmp_path):
+    """A one-round extraction over a two-round one leaves one round file, not a stale second one beside it."""
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "kip", "answer": "K7"}, {"prompt": "mud", "answer": "M1"}])
+    seed = tmp_path / "seed.txt"
+    seed.write_text("- EXPERIENCE ITEM: k-words have code K7\n")
+    base = ["extract", "--model", tiny_student, "--data", rows, "--val", rows, "--experience", seed, "--attempts", "1",
+            "--max-new-tokens", "2", "--extract-max-new-tokens", "2", "-o", tmp_path / "exp.txt", "--json"]
+    code, out, err = cli(*base, "--rounds", "2")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "exp.rounds").iterdir()) == ["round-1.txt", "round-2.txt", "summary.json"]
+    code, out, err = cli(*base, "--rounds", "1", "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "exp.rounds").iterdir()) == ["round-1.txt", "summary.json"]
+    assert len(json.loads((tmp_path / "exp.rounds" / "summary.json").read_text())["rounds"]) == 1
+    assert "k-words have code K7" in (tmp_path / "exp.txt").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left

@@ -47,3 +47,17 @@ def test_frozen_copy_is_independent(tiny_student):
         next(student.parameters()).add_(1.0)
     assert all(not p.requires_grad for p in teacher.parameters())
     assert not torch.equal(next(student.parameters()), next(teacher.parameters()))
+
+
+def test_pickled_weights_load_only_when_allowed(tiny_student, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin-model"
+    folder.mkdir()
+    torch.save(load_file(tiny_student / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "config.json").write_bytes((tiny_student / "config.json").read_bytes())
+    with pytest.raises(OpcdError, match="has only pickled weights"):
+        models.load_model(str(folder))
+    loaded = models.load_model(str(folder), allow_bin_weights=True)
+    reference = models.load_model(str(tiny_student))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))

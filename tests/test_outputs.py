@@ -56,3 +56,59 @@ def test_a_stopped_run_is_reopened_as_it_is(tmp_path):
     assert run.reopen() == work and (work / "metrics.jsonl").read_text() == "{}\n"
     with pytest.raises(OpcdError, match="no stopped run"):
         RunDir(str(tmp_path / "other"), overwrite=False).reopen()
+
+
+def test_a_folder_that_appears_during_the_run_is_never_deleted(tmp_path):
+    """Without --overwrite a folder created at the output while the run goes is left alone, and so is the run."""
+    run = RunDir(str(tmp_path / "late"), overwrite=False)
+    work = run.begin()
+    (work / RUN_MARKER).write_text("{}")
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "notes.txt").write_text("notes")
+    with pytest.raises(OpcdError, match="appeared while the run was going"):
+        run.finish()
+    assert (tmp_path / "late" / "notes.txt").read_text() == "notes" and (work / RUN_MARKER).exists()
+    run.release()
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp_path):
+    import subprocess
+    import sys
+
+    first = RunDir(str(tmp_path / "same"), overwrite=False)
+    script = ("import sys; from opcd_cli.outputs import RunDir\n"
+              "from opcd_cli.errors import OpcdError\n"
+              "try:\n    RunDir(sys.argv[1], overwrite=True).release()\nexcept OpcdError as e:\n    print(e)\n")
+    other = subprocess.run([sys.executable, "-c", script, str(tmp_path / "same")], capture_output=True, text=True)
+    assert f"another opcd run (process {__import__('os').getpid()}) is writing" in other.stdout
+    first.release()
+    again = subprocess.run([sys.executable, "-c", script, str(tmp_path / "same")], capture_output=True, text=True)
+    assert again.stdout == ""  # free once released
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the lock file goes with its run
+
+
+def test_the_lock_of_a_killed_run_is_free(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from opcd_cli.outputs import RunDir\n"
+                               "RunDir(sys.argv[1], overwrite=False); print('locked', flush=True); time.sleep(60)",
+                               str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(OpcdError, match="another opcd run"):
+        RunDir(str(tmp_path / "run"), overwrite=False)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    time.sleep(0.1)
+    RunDir(str(tmp_path / "run"), overwrite=False).release()  # the system released the dead process's lock
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+
+    write_text_atomic(tmp_path / "summary.json", "{}")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert os.stat(tmp_path / "summary.json").st_mode & 0o777 == os.stat(plain).st_mode & 0o777

@@ -148,7 +148,7 @@ def test_toy_distill_with_the_vllm_sampler(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(VLLMSampler, "update_weights", update)
     monkeypatch.setattr(VLLMSampler, "close", close)
     out = tmp_path / "run"
-    code, stdout, stderr = cli("distill", "--sampler", "vllm", "--vllm-memory", "0.2", "--steps", "2",
+    code, stdout, stderr = cli("distill", "--sampler", "vllm", "--vllm-memory", "0.2", "--vllm-eager", "--steps", "2",
                                "--batch-size", "4", "--max-new-tokens", "8", "--eval-max-new-tokens", "4",
                                "-o", out, "--json")
     assert code == 0, stderr
@@ -193,17 +193,21 @@ def test_vllm_reaches_the_teacher_rollouts_and_every_evaluation(cli, tmp_path, m
 
     monkeypatch.setattr(distill_module, "make_sampler", make)
     monkeypatch.setattr(HFSampler, "generate", lambda *a, **k: pytest.fail("Hugging Face generate was used"))
-    test = write_jsonl(tmp_path / "test.jsonl", world.splits("codes").test[:4])
-    code, stdout, stderr = cli("distill", "--sampler", "vllm", "--mode", "off-policy", "--teacher", "toy:large",
-                               "--eval-data", test, "--ood-data", test, "--steps", "1", "--batch-size", "4",
-                               "--max-new-tokens", "6", "-o", tmp_path / "run", "--json")
+    splits = world.splits("codes")
+    train = write_jsonl(tmp_path / "train.jsonl", splits.train[:8])
+    test = write_jsonl(tmp_path / "test.jsonl", splits.test[:4])
+    code, stdout, stderr = cli("distill", "--sampler", "vllm", "--mode", "off-policy", "--student", "toy:small",
+                               "--teacher", "toy:large", "--context", "toy:codes/context", "--data", train, "--eval-data", test, "--ood-data", test, "--steps", "1",
+                               "--batch-size", "4", "--topk", "16", "--max-new-tokens", "6", "--vllm-eager",
+                               "-o", tmp_path / "run", "--json")
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert summary["sampler"] == "vllm" and summary["rollouts"] == "teacher"
-    assert {kind for kind, _ in made} == {"vllm"}
+    assert [kind for kind, _ in made] == ["vllm", "vllm"]  # the teacher's engine, then the student's
     assert ("vllm", "toy:large", 1.0) in calls  # the teacher's rollouts, sampled
     assert ("vllm", "toy:large", 0.0) in calls  # the teacher's evaluation, greedy
-    assert [c for c in calls if c[1] == "toy:small"] and all(c[2] == 0.0 for c in calls if c[1] == "toy:small")
+    student_calls = [c for c in calls if c[1] == "toy:small"]
+    assert student_calls and all(temperature == 0.0 for _, _, temperature in student_calls)  # evaluations only
     assert 0 <= summary["before"]["teacher_accuracy_with_context"] <= 1 and "accuracy" in summary["after"]
 
 

@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from ..config import SAMPLERS, SamplingOptions
+from ..config import SAMPLERS, ModelOptions, SamplingOptions
 
 
 class Sampler(Protocol):
@@ -47,13 +47,14 @@ def stop_ids(generation_config, tokenizer) -> set[int]:
 
 
 def make_sampler(kind: str, *, tokenizer, model=None, source: str | None = None, batch_size: int = 64,
-                 dtype: str = "auto", trust_remote_code: bool = False, vllm_memory: float = 0.2, seed: int = 0,
-                 follows_training: bool = False) -> Sampler:
+                 loading: ModelOptions = ModelOptions(), vllm_memory: float = 0.2, vllm_eager: bool = False,
+                 seed: int = 0, follows_training: bool = False) -> Sampler:
     """A sampler of ``kind`` for ``model`` (in memory) or ``source`` (an id or folder).
 
     ``hf`` generates with ``model``, loaded from ``source`` when not given. ``vllm`` starts an engine from
     ``source`` (the model is not loaded twice); with ``follows_training`` it sleeps between batches on GPUs
-    and expects ``update_weights`` after every optimiser step.
+    and expects ``update_weights`` after every optimiser step. ``loading`` says how models are loaded (dtype,
+    remote code, pickled weights).
     """
     from .. import models
 
@@ -65,13 +66,16 @@ def make_sampler(kind: str, *, tokenizer, model=None, source: str | None = None,
         import_vllm()  # a missing vLLM is reported before anything slow happens
         folder = models.resolve(source)
         generation = model if model is not None else models.generation_config(folder)
-        return VLLMSampler(folder, stop_ids(generation, tokenizer), dtype=models.resolve_dtype(dtype),
-                           memory=vllm_memory, seed=seed, trust_remote_code=trust_remote_code,
-                           sleep_between_batches=follows_training)
+        models.check_weight_files(source, folder, loading.allow_bin_weights)
+        return VLLMSampler(folder, stop_ids(generation, tokenizer), dtype=models.resolve_dtype(loading.dtype),
+                           memory=vllm_memory, seed=seed, trust_remote_code=loading.trust_remote_code,
+                           sleep_between_batches=follows_training,
+                           load_format="auto" if loading.allow_bin_weights else "safetensors",
+                           enforce_eager=vllm_eager)
     from .hf import HFSampler
 
     if model is None:
-        model = models.load_model(source, dtype, trust_remote_code)
+        model = models.load_model(source, loading.dtype, loading.trust_remote_code, loading.allow_bin_weights)
     return HFSampler(model, tokenizer, stop_ids(model, tokenizer), batch_size=batch_size)
 
 

@@ -19,7 +19,7 @@ from opcd_cli.kernels.topk_kl_triton import topk_kl_triton  # noqa: E402
 
 from _testing import LOSS_TOLERANCE, assert_close, tolerance  # noqa: E402
 
-N, V = 37, 1271
+N, V = 19, 1271  # odd sizes; every row is one Triton program, so N only sets how many the interpreter runs
 LOGITS = {"torch": lambda *a, **kw: topk_kl_torch(*a, chunk_size=8, **kw), "triton": topk_kl_triton}
 FUSED = {"torch": fused_linear_topk_kl_torch, "triton": fused_linear_topk_kl_triton}
 WRT = {"first": (True, False), "second": (False, True), "both": (True, True)}

@@ -16,7 +16,7 @@ from opcd_cli.kernels.topk_kl_triton import topk_kl_forward, topk_kl_triton  # n
 
 from _testing import LOSS_TOLERANCE, assert_close, tolerance  # noqa: E402
 
-N, V = 37, 1271
+N, V = 19, 1271  # odd sizes; every row is one Triton program, so N only sets how many the interpreter runs
 
 
 def logits(n, v, dtype, seed, scale=3.0):

@@ -1,0 +1,258 @@
+"""Bad input through the real command line: one line on stderr, exit code 2, no traceback, nothing written.
+
+Every case runs ``python -m opcd_cli ...`` in a fresh subprocess, in its own empty working folder (two at a time,
+once per session), and is then checked on its own: the exit code, a short stderr naming the problem, no
+traceback, an empty stdout, and the working folder and the shared inputs exactly as they were. Most cases fail
+before any model loads. To add one, append a ``Case`` to ``CASES``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_model, tree, write_jsonl
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    args: tuple[str, ...]  # {placeholders} name files of the `inputs` fixture
+    message: str  # a fragment of the one error line
+    env: dict = field(default_factory=dict)  # None removes a variable
+    stdin: bytes = b""
+    seconds: float = 60.0  # the case must fail within this
+
+
+DISTILL = ("distill", "--student", "{student}", "--data", "{train}", "--context", "{context}", "--steps", "1",
+           "--batch-size", "2", "--topk", "4", "--max-new-tokens", "2", "-o", "run")
+EXTRACT = ("extract", "--model", "{student}", "--data", "{answered}", "--val", "{answered}", "--rounds", "1",
+           "--max-new-tokens", "2", "-o", "exp.txt")
+
+
+def distill(*extra, **changes) -> tuple[str, ...]:
+    """The distill command on the tiny model, with flags changed (``--context=...``) and flags added."""
+    args = list(DISTILL)
+    for flag, value in changes.items():
+        args[args.index("--" + flag.replace("_", "-")) + 1] = value
+    return tuple(args) + extra
+
+
+def extract(*extra, **changes) -> tuple[str, ...]:
+    args = list(EXTRACT)
+    for flag, value in changes.items():
+        args[args.index("--" + flag.replace("_", "-")) + 1] = value
+    return tuple(args) + extra
+
+
+CASES = [
+    # security: no model code runs unless asked with a real boolean; no pickled weights by default
+    *[Case(f"remote code as {spelling!r}", ("distill", "--recipe", "{recipe_" + key + "}"),
+           f"loading.trust_remote_code must be true or false (a boolean, not a string or a number); got {spelling!r}")
+      for key, spelling in (("false", "false"), ("no", "no"), ("zero", 0), ("zero_text", "0"))],
+    Case("remote code refused", distill(student="{evil}"), "needs its own Python code"),
+    Case("pickled weights", distill(student="{bin_model}"), "has only pickled weights"),
+    Case("pickled code even when allowed", distill("--allow-bin-weights", student="{pickle_bomb}"),
+         "Weights only load failed"),
+    # one-line errors instead of tracebacks
+    Case("latin-1 on stdin", distill(context="-"), "standard input is not UTF-8", stdin="caf\xe9\n".encode("latin-1")),
+    Case("binary on stdin", distill(context="-"), "standard input is not UTF-8", stdin=b"\xff\xfe\x00\x00"),
+    Case("output .", distill("-o", "."), "names the current folder"),
+    Case("output /", distill("-o", "/"), "names the root folder"),
+    Case("output in /proc", distill("-o", "/proc/x"), "cannot write"),
+    Case("output empty", distill("-o", ""), "--output-dir is empty"),
+    Case("weight decay nan", distill("--weight-decay", "nan"), "weight_decay must be a finite number"),
+    Case("lr inf", distill("--lr", "inf"), "lr must be a finite number"),
+    Case("temperature nan", distill("--temperature", "nan"), "temperature must be a finite number"),
+    Case("template not UTF-8", extract("--template", "{latin1}"), "is not UTF-8 text"),
+    Case("experience not UTF-8", extract("--experience", "{latin1}"), "is not UTF-8 text"),
+    Case("extract over a folder", extract("--overwrite", "-o", "{folder}"), "is in the way of the experience file"),
+    Case("triton on a CPU", distill("--kernel", "triton"), "Triton's interpreter", env={"TRITON_INTERPRET": None}),
+    Case("OPCD_KERNEL=triton on a CPU", distill(), "Triton's interpreter",
+         env={"TRITON_INTERPRET": None, "OPCD_KERNEL": "triton"}),
+    Case("toy template without traces", ("extract", "--template", "{no_traces}"), "has no {traces} placeholder"),
+    # caught before training, not after
+    Case("bad verifier in eval rows", distill("--eval-data", "{bad_verifier}"), "unknown verifier 'regex'"),
+    # accepted silently before
+    Case("unknown role", distill(data="{tool_role}"), "has role 'tool'"),
+    Case("system in the middle", distill(data="{late_system}"), "only the first message may be one"),
+    Case("blank lines only", distill(data="{blank}"), "has no rows"),
+    Case("prompt types differ", distill(data="{mixed_types}"), "line 2: `prompt` must be a string; got a number"),
+    Case("prompt a list", distill(data="{list_prompt}"), "`prompt` must be a string; got a list"),
+    Case("prompt empty", distill(data="{empty_prompt}"), "`prompt` is empty"),
+    Case("line numbers past blank lines", distill(data="{late_bad_row}"), "line 4 has no `prompt` or `messages`"),
+    Case("empty JSON list", distill(data="{empty_list}"), "has no rows"),
+    Case("context is a folder", distill(context="{folder}"), "is a directory"),
+    Case("save every more than steps", distill("--save-every", "5"), "save_every 5 is more than the 1 steps"),
+    Case("eval best without checkpoints", ("eval", "--model", "{finished_run}", "--data", "{answered}", "--best", "3"),
+         "has none (it was trained without --save-every)"),
+    Case("toy eval data missing", ("distill", "--eval-data", "missing.jsonl"), "eval data file missing.jsonl does not exist"),
+    Case("toy OOD data missing", ("distill", "--ood-data", "missing.jsonl"), "OOD data file missing.jsonl does not exist"),
+    Case("toy template missing", ("extract", "--template", "missing.txt"), "template file missing.txt does not exist"),
+    Case("unknown hub id, no network", distill(student="someone/no-such-model"), "cannot be reached",
+         env={"HF_HUB_OFFLINE": None, "HF_ENDPOINT": "http://127.0.0.1:9"}, seconds=20),
+    Case("unknown hub id, offline", distill(student="someone/no-such-model"), "HF_HUB_OFFLINE is set", seconds=20),
+    Case("huge context", distill(context="{huge_context}"), "exceeds", seconds=40),
+    Case("output dir names a file", distill("-o", "{answered}"), "is a file"),
+]
+
+
+def bomb(marker: Path):
+    """A pickle that, unpickled by the full unpickler, writes ``marker``."""
+
+    class Bomb:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "pickled code ran"))
+
+    return Bomb()
+
+
+def evil_model(folder: Path, marker: Path) -> Path:
+    """A model whose config's auto_map points at Python code that writes ``marker`` when imported."""
+    make_tiny_model(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    config["model_type"] = "evil"
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_evil.py").write_text(
+        "import pathlib\n"
+        f"pathlib.Path({str(marker)!r}).write_text('remote code ran')\n"
+        "from transformers import Qwen3Config, Qwen3ForCausalLM\n"
+        "class EvilConfig(Qwen3Config):\n    model_type = 'evil'\n"
+        "class EvilModel(Qwen3ForCausalLM):\n    config_class = EvilConfig\n"
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_student, toy_files_module):
+    """Every file the cases name, made once."""
+    folder = tmp_path_factory.mktemp("inputs")
+    marker = folder / "MARKER"
+    files = {"student": tiny_student, **toy_files_module, "marker": marker}
+    files["evil"] = evil_model(folder / "evil", marker)
+    for key, value in (("false", '"false"'), ("no", '"no"'), ("zero", "0"), ("zero_text", '"0"')):
+        recipe = folder / f"remote-{key}.toml"
+        recipe.write_text(f'student = "{files["evil"]}"\ndata = "{files["train"]}"\ncontext = "{files["context"]}"\n'
+                          f"steps = 1\n[loading]\ntrust_remote_code = {value}\n")
+        files[f"recipe_{key}"] = recipe
+    from safetensors.torch import load_file
+
+    files["bin_model"] = folder / "bin-model"  # the same weights as a pickle, as older checkpoints ship them
+    files["bin_model"].mkdir()
+    torch.save(load_file(tiny_student / "model.safetensors"), files["bin_model"] / "pytorch_model.bin")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (files["bin_model"] / name).write_bytes((tiny_student / name).read_bytes())
+    files["pickle_bomb"] = folder / "pickle-bomb"
+    files["pickle_bomb"].mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (files["pickle_bomb"] / name).write_bytes((tiny_student / name).read_bytes())
+    with open(files["pickle_bomb"] / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.embed_tokens.weight": bomb(marker)}, f)
+    files["latin1"] = folder / "latin1.txt"
+    files["latin1"].write_bytes("- EXPERIENCE ITEM: caf\xe9 {traces}\n".encode("latin-1"))
+    files["folder"] = folder / "a-folder"
+    files["folder"].mkdir()
+    (files["folder"] / "keep.txt").write_text("mine")
+    files["no_traces"] = folder / "template.txt"
+    files["no_traces"].write_text("Lessons, please.\n")
+    files["answered"] = write_jsonl(folder / "answered.jsonl", [{"prompt": "a", "answer": "a"}] * 3)
+    files["bad_verifier"] = write_jsonl(folder / "bad-verifier.jsonl", [{"prompt": "a", "answer": "a", "verifier": "regex"}])
+    files["tool_role"] = write_jsonl(folder / "tool.jsonl", [{"messages": [{"role": "tool", "content": "x"},
+                                                                            {"role": "user", "content": "y"}]}])
+    files["late_system"] = write_jsonl(folder / "late-system.jsonl", [{"messages": [
+        {"role": "user", "content": "x"}, {"role": "system", "content": "y"}, {"role": "user", "content": "z"}]}])
+    files["blank"] = folder / "blank.jsonl"
+    files["blank"].write_text("\n  \n\n")
+    files["mixed_types"] = write_jsonl(folder / "mixed.jsonl", [{"prompt": "a"}, {"prompt": 5}])
+    files["list_prompt"] = write_jsonl(folder / "list.jsonl", [{"prompt": ["a", "b"]}])
+    files["empty_prompt"] = write_jsonl(folder / "empty-prompt.jsonl", [{"prompt": "  "}])
+    files["late_bad_row"] = folder / "late-bad.jsonl"
+    files["late_bad_row"].write_text('{"prompt": "a"}\n\n\n{"question": "b"}\n')
+    files["empty_list"] = folder / "empty.json"
+    files["empty_list"].write_text("[]")
+    files["finished_run"] = folder / "finished-run"
+    files["finished_run"].mkdir()
+    (files["finished_run"] / "opcd_config.json").write_text("{}")
+    files["huge_context"] = folder / "huge.txt"
+    files["huge_context"].write_text("lessons " * 700_000)  # 5.6 MB
+    return files
+
+
+@pytest.fixture(scope="module")
+def toy_files_module(tmp_path_factory):
+    """The `toy_files` of conftest, made once for the module."""
+    from opcd_cli.toy import world
+
+    splits = world.splits("shift", train=8, val=4, test=6, ood_per_kind=1)
+    folder = tmp_path_factory.mktemp("toy-inputs")
+    (folder / "context.txt").write_text(splits.context + "\n")
+    return {"train": write_jsonl(folder / "train.jsonl", splits.train),
+            "test": write_jsonl(folder / "test.jsonl", splits.test), "context": folder / "context.txt"}
+
+
+def run_case(case: Case, inputs: dict, work: Path) -> dict:
+    env = dict(os.environ)
+    for key, value in case.env.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    args = [a.format(**{k: str(v) for k, v in inputs.items()}) for a in case.args]
+    before = tree(work)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "opcd_cli", *args], cwd=work, env=env, input=case.stdin,
+                              capture_output=True, timeout=case.seconds + 30)
+    except subprocess.TimeoutExpired:
+        return {"timeout": True}
+    return {"code": proc.returncode, "stdout": proc.stdout.decode(errors="replace"),
+            "stderr": proc.stderr.decode(errors="replace"), "tree_changed": tree(work) != before}
+
+
+@pytest.fixture(scope="module")
+def results(inputs, tmp_path_factory):
+    """Every case's outcome, the cases run two at a time; the shared inputs checked before and after."""
+    import time
+
+    shared_before = tree(inputs["folder"].parent)
+    works = {case.name: tmp_path_factory.mktemp("case") for case in CASES}
+
+    def timed(case):
+        start = time.perf_counter()
+        outcome = run_case(case, inputs, works[case.name])
+        return case.name, outcome | {"seconds": time.perf_counter() - start}
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outcomes = dict(pool.map(timed, CASES))
+    return outcomes, shared_before, tree(inputs["folder"].parent)
+
+
+@pytest.mark.slow  # about 40 subprocesses, two at a time: about a minute
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_bad_input(case, results):
+    outcomes, _, _ = results
+    got = outcomes[case.name]
+    assert not got.get("timeout"), f"{case.name}: still running after {case.seconds + 30} s"
+    lines = got["stderr"].strip().splitlines()
+    assert got["code"] == 2, (case.name, got["stderr"][-2000:])
+    assert "Traceback" not in got["stderr"] and got["stdout"] == ""
+    errors = [line for line in lines if line.startswith("opcd: error:")]
+    assert len(errors) == 1 and len(lines) <= 3, lines  # one error line (libraries may print one warning)
+    assert case.message in errors[0], errors[0]
+    assert not got["tree_changed"], f"{case.name} wrote into its working folder"
+    assert got["seconds"] < case.seconds, f"{case.name} took {got['seconds']:.0f} s"
+
+
+@pytest.mark.slow
+def test_no_case_ran_model_code_or_changed_the_inputs(results, inputs):
+    _, before, after = results
+    assert not inputs["marker"].exists(), inputs["marker"].read_text()
+    assert before == after
