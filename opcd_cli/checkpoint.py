@@ -2,8 +2,9 @@
 
 * ``save_model``: a plain Hugging Face folder (safetensors, config, tokenizer, chat template) that
   ``transformers`` and vLLM load without this project, written under a temporary name and renamed;
-* ``save_state`` / ``load_state``: what continues a run exactly (optimiser, scheduler, step, the random states
-  of Python and torch, the metrics so far), one file replaced atomically;
+* ``save_state`` / ``load_state``: what continues a run exactly (the trained weights at full precision, the
+  optimiser, the scheduler, the step, the random states of Python, torch and the samplers, the metrics so
+  far), in the run's ``state`` folder, replaced whole and never missing;
 * ``step_prompts``: the prompts of an optimiser step, a pure function of (number of prompts, seed, step): a
   fresh shuffle each epoch, so a run that resumes at step s draws what it would have drawn.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import OpcdError
+from .errors import OpcdError, first_line
 from .outputs import DIR_MODE, FILE_MODE
 
 STATE_FILE = "training_state.pt"
@@ -74,40 +75,97 @@ def set_random_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_state(folder: Path, *, step: int, optimizer, scheduler, metrics: list[dict], extra: dict | None = None) -> Path:
-    """The training state after ``step`` in ``folder/training_state.pt``, replacing any earlier one atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "random": random_states(),
-        "metrics": metrics,
-        "extra": extra or {},
-    }
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{STATE_FILE}.", suffix=".tmp")
-    os.close(fd)
+STATE_DIR = "state"  # in the run directory: the latest training state, replaced whole
+WEIGHTS_FILE = "trainable.safetensors"
+STEP_FILE = "step.json"  # the step reached, readable without loading the state
+
+
+def trainable_weights(model) -> dict[str, torch.Tensor]:
+    """The parameters being trained, by name (a tied matrix once): the master weights a resumed run needs.
+    With LoRA these are the adapters; the frozen base model is reloaded from its source."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_state(run_dir: Path, *, step: int, model, optimizer, scheduler, metrics: list[dict],
+               samplers: dict | None = None, extra: dict | None = None) -> Path:
+    """Everything that continues the run exactly after ``step``, in ``run_dir/state``: the trained weights (at
+    full precision), the optimiser, the scheduler, the random states of Python, torch and each sampler, the
+    metrics so far. Written to a new folder that then replaces the old one, which is kept until the new one is
+    complete: a kill at any instant leaves one complete state (``state``, or ``state.old`` between two renames).
+    """
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    target, old = run_dir / STATE_DIR, run_dir / f"{STATE_DIR}.old"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{STATE_DIR}."))
     try:
-        torch.save(state, tmp)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, folder / STATE_FILE)
+        os.chmod(tmp, DIR_MODE)
+        save_file(trainable_weights(model), str(tmp / WEIGHTS_FILE))
+        torch.save({
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "random": random_states(),
+            "samplers": samplers or {},
+            "metrics": metrics,
+            "extra": extra or {},
+        }, tmp / STATE_FILE)
+        (tmp / STEP_FILE).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
+        for path in tmp.iterdir():
+            os.chmod(path, FILE_MODE)
+        if target.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder / STATE_FILE
+    return target
 
 
-def load_state(folder: Path, *, optimizer, scheduler) -> dict:
-    """Restore the optimiser, the scheduler and the random states saved in ``folder``; returns the saved state
-    (``step``, ``metrics``, ``extra``)."""
-    path = Path(folder) / STATE_FILE
-    if not path.is_file():
-        raise OpcdError(f"{folder} holds no training state ({STATE_FILE}); it cannot be resumed")
+def state_folder(run_dir: Path) -> Path | None:
+    """The complete training state of a run, or None: ``state``, else ``state.old`` (a kill between renames)."""
+    for name in (STATE_DIR, f"{STATE_DIR}.old"):
+        folder = Path(run_dir) / name
+        if all((folder / name).is_file() for name in (STATE_FILE, WEIGHTS_FILE, STEP_FILE)):
+            return folder
+    return None
+
+
+def saved_step(run_dir: Path) -> int:
+    """The step a run's saved training state reached; an error if it has none (checked before anything moves)."""
+    folder = state_folder(run_dir)
+    if folder is None:
+        raise OpcdError(f"{run_dir} holds no training state (runs save one with --save-every, or when stopped by "
+                        "Ctrl-C or SIGTERM); it cannot be resumed")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return int(json.loads((folder / STEP_FILE).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise OpcdError(f"cannot read the training state in {folder}: {first_line(e)}") from None
+
+
+def load_state(run_dir: Path, *, model, optimizer, scheduler) -> dict:
+    """Restore the trained weights, the optimiser, the scheduler and the random states saved in ``run_dir``;
+    returns the saved state (``step``, ``metrics``, ``samplers``, ``extra``)."""
+    from safetensors.torch import load_file
+
+    saved_step(run_dir)
+    folder = state_folder(run_dir)
+    try:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        weights = load_file(str(folder / WEIGHTS_FILE))
     except Exception as e:  # a truncated or foreign file
-        raise OpcdError(f"cannot read the training state {path}: {e}") from None
+        raise OpcdError(f"cannot read the training state in {folder}: {first_line(e)}") from None
+    params = dict(model.named_parameters())
+    missing = sorted(set(weights) ^ {n for n, p in params.items() if p.requires_grad})
+    if missing:
+        raise OpcdError(f"the training state in {folder} does not fit this model (e.g. {missing[0]}); was it made "
+                        "with other settings?")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_random_states(state["random"])

@@ -15,7 +15,7 @@ import typer
 
 from .config import (
     CONTEXT_AS, DTYPES, KERNELS, SAMPLERS, VERIFIERS, EvalConfig, ExtractConfig, ModelOptions, SamplingOptions,
-    build_distill_config, build_extract_config, read_recipe,
+    build_distill_config, build_extract_config, read_recipe, resume_config,
 )
 from .errors import Interrupted, OpcdError
 from .ui import UI, percent, print_json
@@ -49,6 +49,7 @@ def recipe_layers(recipe: str | None, model_key: str, model_flag: str | None, to
 @app.command()
 def distill(
     recipe: Optional[str] = typer.Option(None, help="Recipe with default settings (a TOML file or a built-in name such as toy-shift); flags override it."),
+    resume: Optional[str] = typer.Option(None, help="Continue a run from its saved state: its .partial folder, or a finished run with a higher --steps."),
     student: Optional[str] = typer.Option(None, help="Student: Hugging Face id or local folder. Omit to run the toy world."),
     teacher: Optional[str] = typer.Option(None, help="Frozen teacher. Omit for a frozen copy of the student."),
     data: Optional[str] = typer.Option(None, help="Prompts: JSONL, JSON, CSV, Parquet or a saved dataset folder."),
@@ -94,8 +95,26 @@ def distill(
 ) -> None:
     """Distil a context into a student's weights, on-policy (no model arguments: the built-in toy world)."""
     flags = dict(locals())
-    for key in ("recipe", "json_output", "toy_task"):
+    for key in ("recipe", "json_output", "toy_task", "resume"):
         flags.pop(key, None)
+    if resume is not None:
+        if recipe is not None or toy_task is not None:
+            raise OpcdError("--resume continues a run with its own settings; drop --recipe and --toy-task")
+        cfg = resume_config(resume, flags)
+    else:
+        cfg = build_distill_config(*distill_layers(recipe, toy_task, student, data), flags)
+    from .distill import distill as run_distill  # torch and transformers load here, after the flags are checked
+
+    ui = UI()
+    summary = run_distill(cfg, ui, resume=resume is not None)
+    show_distill_summary(ui, summary)
+    if json_output:
+        print_json(summary)
+
+
+def distill_layers(recipe: str | None, toy_task: str | None, student: str | None, data: str | None) -> list[dict]:
+    """The settings under ``opcd distill``'s flags: ``--recipe``, over the built-in toy recipe when no student is
+    given anywhere (``--toy-task`` picks which)."""
     if toy_task is not None:
         if toy_task not in TOY_TASKS:
             raise OpcdError(f"--toy-task must be one of {', '.join(TOY_TASKS)}; got {toy_task!r}")
@@ -106,14 +125,7 @@ def distill(
     layers = recipe_layers(recipe, "student", student, f"toy-{toy_task or 'codes'}")
     if toy_task is not None and len(layers) == 1:
         raise OpcdError(f"--toy-task runs the toy world's student, but {recipe} names a student; drop one of them")
-    cfg = build_distill_config(*layers, flags)
-    from .distill import distill as run_distill  # torch and transformers load here, after the flags are checked
-
-    ui = UI()
-    summary = run_distill(cfg, ui)
-    show_distill_summary(ui, summary)
-    if json_output:
-        print_json(summary)
+    return layers
 
 
 DISTILL_ROWS = [  # (label, EvalResult field)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import math
 import tomllib
 import types
@@ -357,6 +358,34 @@ def flatten_settings(data: dict[str, Any], source: str = "settings", cls=None) -
         else:
             raise OpcdError(f"{source}: unknown setting {key!r}; see `opcd {command} --help` for the names")
     return flat
+
+
+RESUMABLE = ("steps", "save_every")  # what a resumed run may change: train further, keep checkpoints
+
+
+def resume_config(run: str, flags: dict[str, Any]) -> DistillConfig:
+    """The configuration of the run to continue (its ``.partial`` folder, or a finished run), with ``--steps``
+    and ``--save-every`` from ``flags``; any other flag that differs from the run's own setting is an error."""
+    folder = Path(run)
+    if not folder.is_dir():
+        raise OpcdError(f"--resume {run}: no such run folder")
+    final = folder.with_name(folder.name.removesuffix(".partial"))
+    try:
+        saved = json.loads((folder / "opcd_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise OpcdError(f"--resume {run}: cannot read its opcd_config.json ({type(e).__name__}); is it an opcd run?") from None
+    settings = flatten_settings(saved, source=str(folder / "opcd_config.json"))
+    given = {key.replace("-", "_"): value for key, value in flags.items() if value is not None}
+    differing = sorted(key for key, value in given.items()
+                       if key not in RESUMABLE and key not in ("output_dir", "overwrite") and settings.get(key) != value)
+    if differing:
+        raise OpcdError(f"--resume continues {run} with its own settings; these flags differ from them: "
+                        f"{', '.join('--' + k.replace('_', '-') for k in differing)} (only --steps and --save-every "
+                        "may change)")
+    if given.get("overwrite"):
+        raise OpcdError("--resume continues a run where it stopped; it cannot be combined with --overwrite")
+    changes = {key: given[key] for key in RESUMABLE if key in given}
+    return build_distill_config(settings, changes, {"output_dir": str(final), "overwrite": False})
 
 
 def build_config(cls, *layers: dict[str, Any]):

@@ -14,17 +14,20 @@ written; ``train`` is the loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import signal
+import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from . import models
 from . import rollouts as rollout_store
-from .checkpoint import save_model, save_state, step_prompts
+from .checkpoint import load_state, save_model, save_state, saved_step, step_prompts
 from .config import DistillConfig, SamplingOptions
 from .data import Example, has_context, load_examples, read_context, require_answers, write_jsonl
 from .errors import Interrupted, OpcdError
@@ -73,78 +76,191 @@ class Run:
         return training if training.name == "vllm" else self.sampler("student", self.cfg.eval_batch_size)
 
 
-def distill(cfg: DistillConfig, ui: UI) -> dict:
-    """Run context distillation and return the summary (also written to ``summary.json``)."""
+def distill(cfg: DistillConfig, ui: UI, resume: bool = False) -> dict:
+    """Run context distillation and return the summary (also written to ``summary.json``). With ``resume``,
+    continue the run at ``cfg.output_dir`` (its ``.partial`` folder, or a finished run) from its saved state."""
     started = time.time()
     if cfg.student is None:
         raise OpcdError("give --student (or no model arguments at all, to run the built-in toy world)")
-    out = RunDir(cfg.output_dir or cfg.default_output_dir(), cfg.overwrite)  # checked and locked
+    out = RunDir(cfg.output_dir or cfg.default_output_dir(), cfg.overwrite, resume=resume)  # checked and locked
     try:
-        return train(prepare(replace(cfg, output_dir=str(out.final)), out, ui), ui, started)
-    except KeyboardInterrupt:
+        if resume:
+            check_resumable(out, cfg.steps)
+        with terminate_as_interrupt():
+            return train(prepare(replace(cfg, output_dir=str(out.final)), out, ui), ui, started, resume)
+    except KeyboardInterrupt as e:
         where = f"; the partial run is in {out.partial}" if out.partial.exists() else ""
-        raise Interrupted(f"interrupted{where}") from None
+        code = 128 + signal.SIGTERM.value if isinstance(e, Terminated) else 130
+        raise Interrupted(f"{'terminated' if code != 130 else 'interrupted'}{where}", code=code) from None
     finally:
         out.release()
 
 
-def train(run: Run, ui: UI, started: float) -> dict:
-    """The distillation loop on a prepared run, with the evaluation before and after and the summary."""
+@dataclass
+class Training:
+    """What the loop changes: the optimiser and its schedule, the step reached, the metrics so far, and the
+    evaluation before training (kept in the saved state, so that a resumed run need not redo it)."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+    metrics: list[dict] = field(default_factory=list)
+    before: EvalResult | None = None
+
+
+def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
+    """The distillation run on a prepared ``run``: the teacher's work, the evaluation before, the loop, the final
+    model, the evaluation after and the summary."""
     cfg, student = run.cfg, run.student
-    out = run.out.begin()
-    write_json_atomic(out / RUN_MARKER, cfg.to_dict())
+    out = run.out.reopen() if resume else run.out.begin()
+    write_json_atomic(out / RUN_MARKER, cfg.to_dict())  # a resumed run's own, with its new --steps
     inputs = write_inputs(run, out)
     per_step, sampler = cfg.batch_size * cfg.grad_accum, None
-    teacher_score, rollouts = teacher_work(run, ui, out)  # a separate teacher's sampler is closed before the student's
+    teacher_score, rollouts = (None, saved_rollouts(run, out)) if resume else teacher_work(run, ui, out)
     try:
         if cfg.mode == "off-policy" and rollouts is None:  # the default teacher: the student's initial weights,
             sampler = run.sampler("student", per_step) if cfg.sampler == "vllm" else None  # one vLLM engine for both
             rollouts = make_rollouts(run, ui, out, sampler or run.sampler("teacher", per_step))
         sampler = sampler or run.sampler("student", per_step, follows_training=rollouts is None)
-        before = evaluate_student(run, run.eval_sampler(sampler), ui, "before", teacher_score) if cfg.eval_before else None
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        metrics = []
-        train_start = time.time()
-        student.train()
-        with ui.progress(), (out / "metrics.jsonl").open("w") as log:
-            advance = ui.task(f"distill ({cfg.mode})", cfg.steps)
-            for step in range(1, cfg.steps + 1):
-                step_start = time.time()
-                batch = step_prompts(len(run.examples), cfg.seed, step, per_step)
-                # 1. responses: the student's own, sampled without the context (or, off-policy, the teacher's)
-                responses = sample(run, sampler, batch) if rollouts is None else [rollouts.responses[i] for i in batch]
-                # 2-3. the teacher scores the same tokens with the context; the loss, micro-batch by micro-batch
-                sums = backward(run, batch, responses, rollouts)
-                # 4. one optimiser step, unless the loss or the gradient is not finite; the sampler follows
-                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-                values = step_values(step, responses, sums, grad_norm, run.out)  # the step's one host sync
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                if rollouts is None:
-                    sampler.update_weights(student)
-                # 5. log and checkpoint
-                metrics.append(step_record(run, step, responses, values, schedule, step_start, train_start))
-                log.write(json.dumps(metrics[-1]) + "\n")
-                log.flush()
-                advance(1, status=f"loss {metrics[-1]['loss']:.4f} top-k mass {metrics[-1]['topk_mass']:.3f}")
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    save_checkpoint(run, out / "checkpoints" / f"step-{step:06d}", step, optimizer, schedule, metrics)
-        train_seconds = time.time() - train_start
+        training = Training(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)))
+        if resume:
+            restore(run, training, sampler, out)
+        elif cfg.eval_before:
+            training.before = evaluate_student(run, run.eval_sampler(sampler), ui, "before", teacher_score)
+        train_seconds = loop(run, training, sampler, rollouts, out, ui)
         student.eval()
         save_model(student, run.tokenizer, out, models.resolve_dtype(cfg.loading.dtype))
+        if cfg.save_every:  # a run that keeps checkpoints can be continued with more --steps
+            save_training_state(run, training, sampler, out)
         if rollouts is not None:
             sampler.update_weights(student)  # off-policy, the evaluation sampler has not followed training
         after = evaluate_student(run, run.eval_sampler(sampler), ui, "after")
     finally:
         if sampler is not None:
             sampler.close()  # a vLLM engine holds its share of memory until closed
-    summary = build_summary(run, inputs, before, after, metrics, sampler, rollouts, started, train_seconds)
+    summary = build_summary(run, inputs, training.before, after, training.metrics, sampler, rollouts, started,
+                            train_seconds)
     write_json_atomic(out / "summary.json", summary)
     run.out.finish()
     return summary
+
+
+def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui: UI) -> float:
+    """The steps from ``training.step + 1`` to ``--steps``; returns the seconds they took. SIGINT and SIGTERM stop
+    it after the current step, with the state saved."""
+    cfg, student = run.cfg, run.student
+    per_step, train_start = cfg.batch_size * cfg.grad_accum, time.time()
+    student.train()
+    with ui.progress(), (out / "metrics.jsonl").open("a") as log, stop_signals() as stop:
+        advance = ui.task(f"distill ({cfg.mode})", cfg.steps)
+        advance(training.step)
+        for step in range(training.step + 1, cfg.steps + 1):
+            step_start = time.time()
+            batch = step_prompts(len(run.examples), cfg.seed, step, per_step)
+            # 1. responses: the student's own, sampled without the context (or, off-policy, the teacher's)
+            responses = sample(run, sampler, batch) if rollouts is None else [rollouts.responses[i] for i in batch]
+            # 2-3. the teacher scores the same tokens with the context; the loss, micro-batch by micro-batch
+            sums = backward(run, batch, responses, rollouts)
+            # 4. one optimiser step, unless the loss or the gradient is not finite; the sampler follows
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+            values = step_values(step, responses, sums, grad_norm, run.out)  # the step's one host sync
+            training.optimizer.step()
+            training.schedule.step()
+            training.optimizer.zero_grad(set_to_none=True)
+            if rollouts is None:
+                sampler.update_weights(student)
+            # 5. log and checkpoint
+            training.step = step
+            training.metrics.append(step_record(run, step, responses, values, training.schedule, step_start,
+                                                train_start))
+            log.write(json.dumps(training.metrics[-1]) + "\n")
+            log.flush()
+            advance(1, status=f"loss {values['loss']:.4f} top-k mass {values['topk_mass']:.3f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                save_model(student, run.tokenizer, out / "checkpoints" / f"step-{step:06d}",
+                           models.resolve_dtype(cfg.loading.dtype))
+                save_training_state(run, training, sampler, out)
+            if stop.signal is not None:
+                save_training_state(run, training, sampler, out)
+                raise Interrupted(f"stopped after step {step} of {cfg.steps} ({stop.signal.name}); continue with: "
+                                  f"opcd distill --resume {run.out.partial}", code=128 + stop.signal.value)
+    return time.time() - train_start
+
+
+def save_training_state(run: Run, training: Training, sampler: Sampler, out: Path) -> None:
+    save_state(out, step=training.step, model=run.student, optimizer=training.optimizer, scheduler=training.schedule,
+               metrics=training.metrics, samplers={"student": sampler.state()},
+               extra={"before": None if training.before is None else dataclasses.asdict(training.before)})
+
+
+def restore(run: Run, training: Training, sampler: Sampler, out: Path) -> None:
+    """Continue from the run's saved state: weights, optimiser, schedule, random states, metrics, and the
+    sampler following the restored weights."""
+    state = load_state(out, model=run.student, optimizer=training.optimizer, scheduler=training.schedule)
+    training.step, training.metrics = state["step"], list(state["metrics"])
+    before = state["extra"].get("before")
+    training.before = EvalResult(**before) if before else None
+    sampler.set_state(state["samplers"].get("student", {}))
+    sampler.update_weights(run.student)
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in training.metrics))
+
+
+def check_resumable(out: RunDir, steps: int) -> None:
+    """Before anything moves: the run to continue has a saved state, short of ``steps``."""
+    done = saved_step(out.partial if out.partial.is_dir() else out.final)
+    if done >= steps:
+        raise OpcdError(f"{out.final} has done {done} steps already; give --steps above {done} to train it further")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the loop: handled where Ctrl-C is (nothing half-written is kept), exit code 143."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM raises ``Terminated`` instead of killing the process, so that the run is left as Ctrl-C leaves it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(number, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class StopSignals:
+    """The signal that asked the loop to stop (SIGINT or SIGTERM), or None."""
+
+    signal: signal.Signals | None = None
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While the loop runs, SIGINT (Ctrl-C) and SIGTERM (what a cluster's preemption sends) only ask it to stop
+    after the current step; outside it they act as usual."""
+    stop = StopSignals()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def ask(number, frame):
+        if stop.signal is not None:  # asked twice: stop now, as outside the loop
+            raise Terminated() if number == signal.SIGTERM else KeyboardInterrupt()
+        stop.signal = signal.Signals(number)
+
+    previous = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def sample(run: Run, sampler: Sampler, batch: list[int]) -> list[list[int]]:
@@ -206,10 +322,13 @@ def step_record(run: Run, step: int, responses, values: dict, schedule, step_sta
     }
 
 
-def save_checkpoint(run: Run, folder: Path, step: int, optimizer, schedule, metrics: list[dict]) -> None:
-    """A checkpoint of the student (Hugging Face format) with the training state that continues from it."""
-    save_model(run.student, run.tokenizer, folder, models.resolve_dtype(run.cfg.loading.dtype))
-    save_state(folder, step=step, optimizer=optimizer, scheduler=schedule, metrics=metrics)
+def saved_rollouts(run: Run, out: Path):
+    """Off-policy, a resumed run's teacher rollouts: those it saved (or ``--rollouts``), else None."""
+    cfg = run.cfg
+    folder = Path(cfg.rollouts) if cfg.rollouts else out / "rollouts"
+    if cfg.mode != "off-policy" or not (folder / rollout_store.META).is_file():
+        return None
+    return rollout_store.load(folder, rollouts_fingerprint(cfg, run.context, run.examples, run.views))
 
 
 def write_inputs(run: Run, out: Path) -> dict[str, str]:

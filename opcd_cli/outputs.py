@@ -73,11 +73,14 @@ class RunDir:
     run; another run writing the same output is refused, naming its process.
     """
 
-    def __init__(self, path: str, overwrite: bool):
+    def __init__(self, path: str, overwrite: bool, resume: bool = False):
         self.final = check_output_path(path)
         self.partial = self.final.with_name(self.final.name + ".partial")
         self.overwrite = overwrite
         self._lock = None
+        if resume:
+            self._check_resumable(path)
+            return
         if self.final.exists():
             if not self.final.is_dir():
                 raise OpcdError(f"output {path} is a file; choose another --output-dir")
@@ -89,6 +92,16 @@ class RunDir:
         if self.partial.exists() and not overwrite:
             self.release()
             raise OpcdError(f"{self.partial} exists (a run that stopped early); remove it or pass --overwrite")
+
+    def _check_resumable(self, path: str) -> None:
+        """A run to continue: its ``.partial`` folder (a stopped run) or a finished run, locked."""
+        if self.overwrite:
+            raise OpcdError("--resume continues a run where it stopped; it cannot be combined with --overwrite")
+        self._take_lock()
+        if not (self.partial / RUN_MARKER).is_file() and not (self.final / RUN_MARKER).is_file():
+            self.release()
+            raise OpcdError(f"{path} is not a stopped or finished opcd run (neither {self.partial.name} nor "
+                            f"{self.final.name} holds {RUN_MARKER})")
 
     @property
     def lock_file(self) -> Path:
@@ -136,9 +149,12 @@ class RunDir:
         return self.partial
 
     def reopen(self) -> Path:
-        """Continue writing a run that stopped early: its ``.partial`` folder as it is."""
+        """Continue writing a run: its ``.partial`` folder as it is (a stopped run), or a finished run moved back
+        to ``.partial`` until it finishes again."""
         if not self.partial.is_dir():
-            raise OpcdError(f"{self.partial} does not exist; there is no stopped run to continue")
+            if not (self.final / RUN_MARKER).is_file():
+                raise OpcdError(f"{self.partial} does not exist; there is no stopped run to continue")
+            self.final.rename(self.partial)
         return self.partial
 
     def finish(self) -> Path:

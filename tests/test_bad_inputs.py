@@ -102,6 +102,14 @@ CASES = [
     Case("unknown hub id, offline", distill(student="someone/no-such-model"), "HF_HUB_OFFLINE is set", seconds=20),
     Case("huge context", distill(context="{huge_context}"), "exceeds", seconds=40),
     Case("output dir names a file", distill("-o", "{answered}"), "is a file"),
+    # long runs: --resume
+    Case("resume a missing folder", ("distill", "--resume", "nowhere.partial"), "--resume nowhere.partial: no such run folder"),
+    Case("resume an unreadable config", ("distill", "--resume", "{unreadable_run}"), "cannot read its opcd_config.json"),
+    Case("resume a run without state", ("distill", "--resume", "{stateless_run}"), "holds no training state"),
+    Case("resume with --overwrite", ("distill", "--resume", "{stateless_run}", "--overwrite"),
+         "cannot be combined with --overwrite"),
+    Case("resume with other settings", ("distill", "--resume", "{stateless_run}", "--lr", "0.5", "--steps", "9"),
+         "these flags differ from them: --lr (only --steps and --save-every may change)"),
 ]
 
 
@@ -182,6 +190,16 @@ def inputs(tmp_path_factory, tiny_student, toy_files_module):
     files["finished_run"] = folder / "finished-run"
     files["finished_run"].mkdir()
     (files["finished_run"] / "opcd_config.json").write_text("{}")
+    files["unreadable_run"] = folder / "unreadable.partial"
+    files["unreadable_run"].mkdir()
+    (files["unreadable_run"] / "opcd_config.json").write_text("{not json")
+    files["stateless_run"] = folder / "stateless.partial"  # stopped before its first saved state
+    files["stateless_run"].mkdir()
+    from opcd_cli.config import build_distill_config
+
+    config = build_distill_config({"student": str(tiny_student), "data": str(files["train"]),
+                                   "context": str(files["context"]), "output_dir": str(folder / "stateless")})
+    (files["stateless_run"] / "opcd_config.json").write_text(json.dumps(config.to_dict()))
     files["huge_context"] = folder / "huge.txt"
     files["huge_context"].write_text("lessons " * 700_000)  # 5.6 MB
     return files

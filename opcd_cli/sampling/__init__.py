@@ -33,6 +33,13 @@ class Sampler(Protocol):
         """Free what the sampler holds (an engine, its memory)."""
         ...
 
+    def state(self) -> dict:
+        """The sampler's own random state (beyond torch's), for a run that resumes."""
+        ...
+
+    def set_state(self, state: dict) -> None:
+        ...
+
 
 def stop_ids(generation_config, tokenizer) -> set[int]:
     """Every id that ends a response: the tokenizer's EOS and the generation config's EOS ids.

@@ -23,6 +23,12 @@ class HFSampler:
     def update_weights(self, model) -> None:
         self.model = model
 
+    def state(self) -> dict:
+        return {}  # it samples from torch's own generator, whose state the trainer saves
+
+    def set_state(self, state: dict) -> None:
+        pass
+
     def close(self) -> None:
         self.model = None
 

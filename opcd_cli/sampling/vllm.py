@@ -123,14 +123,20 @@ class VLLMSampler:
                             "run opcd in a fresh process")
         self.sleep_mode = sleep
         self._asleep: set[str] = set()
+        self.seed, self.calls = seed, 0  # each request's seed follows from these: see ``generate``
         self._sleep()
 
     # --- the Sampler interface -----------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions) -> list[list[int]]:
-        """``options.n`` responses per prompt, prompt-major; each ends with a stop id if the model stopped."""
+        """``options.n`` responses per prompt, prompt-major; each ends with a stop id if the model stopped.
+
+        Every request gets its own seed, a function of the sampler's seed, the number of earlier calls and the
+        request's place: the samples depend on nothing else (``state`` and ``set_state`` carry the count over a
+        resumed run)."""
         sampled = options.temperature > 0
-        params = self._vllm.SamplingParams(
+        self.calls += 1
+        params = [self._vllm.SamplingParams(
             n=options.n,
             temperature=options.temperature,
             top_p=options.top_p if sampled else 1.0,
@@ -138,7 +144,8 @@ class VLLMSampler:
             max_tokens=options.max_new_tokens,
             stop_token_ids=sorted(self.stop),
             detokenize=False,
-        )
+            seed=(self.seed * 1_000_003 + self.calls * 100_003 + i) % 2**31 if sampled else None,
+        ) for i in range(len(prompts))]
         outputs = self._run([{"prompt_token_ids": [int(t) for t in p]} for p in prompts], params)
         responses = []
         for request in outputs:
@@ -146,6 +153,12 @@ class VLLMSampler:
                 responses.append(list(completion.token_ids))
         self._sleep()
         return responses
+
+    def state(self) -> dict:
+        return {"calls": self.calls}
+
+    def set_state(self, state: dict) -> None:
+        self.calls = int(state.get("calls", 0))
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Copy ``model``'s parameters into the engine, in memory, and forget cached prefixes of the old ones."""

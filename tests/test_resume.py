@@ -1,0 +1,128 @@
+"""Long runs: a killed or preempted toy run resumed with --resume ends exactly where the uninterrupted run ends."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+
+STEPS = ["--steps", "8", "--save-every", "2", "--no-eval-before"]
+
+
+def opcd(*args, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "opcd_cli", *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path} appeared: {proc.communicate()[1][-2000:]}"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def per_step(run: Path) -> list[tuple]:
+    """What must match step for step: the loss, the top-k mass, the response tokens and the gradient norm."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["topk_mass"], r["response_tokens"], r["grad_norm"]) for r in rows]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def small_eval(tmp_path_factory) -> Path:
+    """Few evaluation rows, so that the runs spend their time training."""
+    from opcd_cli.toy import world
+
+    folder = tmp_path_factory.mktemp("resume")
+    splits = world.splits("codes", train=64, val=4, test=12, ood_per_kind=2)
+    write_jsonl(folder / "test.jsonl", splits.test)
+    write_jsonl(folder / "ood.jsonl", splits.ood[:6])
+    return folder
+
+
+@pytest.mark.slow  # three toy runs and two resumes, two at a time
+def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(small_eval):
+    folder = small_eval
+    common = ["--eval-data", "test.jsonl", "--ood-data", "ood.jsonl", *STEPS]
+    whole = opcd("distill", "-o", "whole", *common, "--json", cwd=folder)
+    killed = opcd("distill", "-o", "killed", *common, cwd=folder)
+    wait_for(folder / "killed.partial" / "state", killed)
+    time.sleep(random.uniform(0, 1.5))  # a random moment after the first state
+    killed.kill()
+    finish(killed)
+    assert (folder / "killed.partial").is_dir() and not (folder / "killed").exists()
+
+    preempted = opcd("distill", "-o", "preempted", *common, cwd=folder)
+    resumed_kill = opcd("distill", "--resume", "killed.partial", "--json", cwd=folder)
+    wait_for(folder / "preempted.partial" / "state", preempted)
+    preempted.send_signal(signal.SIGTERM)
+    code, _, err = finish(preempted)
+    assert code == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("opcd: stopped after step ") and "(SIGTERM)" in last, err[-2000:]
+    assert last.endswith("continue with: opcd distill --resume preempted.partial") and "Traceback" not in err
+    stopped_at = int(last.split("step ")[1].split()[0])
+    assert 2 <= stopped_at < 8
+    state = torch.load(folder / "preempted.partial" / "state" / "training_state.pt", weights_only=True)
+    assert state["step"] == stopped_at  # the state of the step it stopped after, not an older one
+    resumed_term = opcd("distill", "--resume", "preempted.partial", "--json", cwd=folder)
+
+    results = {}
+    for name, proc in (("whole", whole), ("killed", resumed_kill), ("preempted", resumed_term)):
+        code, out, err = finish(proc)
+        assert code == 0, err[-2000:]
+        results[name] = json.loads(out)
+    reference = per_step(folder / "whole")
+    assert len(reference) == 8
+    for name in ("killed", "preempted"):
+        assert not (folder / f"{name}.partial").exists()
+        assert per_step(folder / name) == reference, name  # every number equal, not close
+        final = weights(folder / name)
+        for key, value in weights(folder / "whole").items():
+            assert torch.equal(final[key], value), (name, key)  # bitwise, in the saved float32
+        assert results[name]["after"] == results["whole"]["after"]
+
+
+@pytest.mark.slow  # one short toy run, then further steps
+def test_a_finished_run_trains_further_and_refuses_changed_settings(small_eval, capsys):
+    from opcd_cli.cli import main
+
+    folder = small_eval
+    run = folder / "further"
+    common = ["--eval-data", str(folder / "test.jsonl"), "--ood-data", str(folder / "ood.jsonl"), "--no-eval-before",
+              "-o", str(run), "--batch-size", "4", "--save-every", "1"]
+    assert main(["distill", *common, "--steps", "2"]) == 0
+    capsys.readouterr()
+    config = (run / "opcd_config.json").read_text()
+
+    assert main(["distill", "--resume", str(run), "--steps", "2"]) == 2
+    assert "has done 2 steps already; give --steps above 2" in capsys.readouterr().err
+    assert main(["distill", "--resume", str(run), "--steps", "4", "--lr", "0.5", "--topk", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("these flags differ from them: --lr, --topk (only --steps and --save-every may change)")
+    assert main(["distill", "--resume", str(run), "--overwrite"]) == 2
+    assert "cannot be combined with --overwrite" in capsys.readouterr().err
+    assert (run / "opcd_config.json").read_text() == config and not run.with_name("further.partial").exists()
+
+    assert main(["distill", "--resume", str(run), "--steps", "3", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [m[0] for m in per_step(run)] == [1, 2, 3]
+    assert summary["steps"] == 3 and json.loads((run / "opcd_config.json").read_text())["steps"] == 3
