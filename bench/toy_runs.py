@@ -3,7 +3,8 @@
     python bench/toy_runs.py --out bench/toy_runs.json
 
 Runs, one after another, in a temporary folder: `opcd distill` with no arguments (the default, `codes`
-task) `--repeats` times; `opcd distill --toy-task shift`; and the experiential pipeline of the README,
+task) `--repeats` times; `opcd distill --toy-task shift`; the LoRA student (`--recipe toy-codes-lora`); and
+the experiential pipeline of the README,
 `opcd extract` then `opcd distill --toy-task codes --context exp.txt`. Each is timed from the shell's side
 (process start to exit, imports included). Prints a Markdown table and writes every `--json` summary.
 """
@@ -47,6 +48,8 @@ def main() -> None:
             runs.append({"run": f"opcd distill (default, run {i + 1})", "wall_s": seconds, "summary": summary})
         seconds, summary = opcd("distill", "--toy-task", "shift", "-o", "shift", cwd=work)
         runs.append({"run": "opcd distill --toy-task shift", "wall_s": seconds, "summary": summary})
+        seconds, summary = opcd("distill", "--recipe", "toy-codes-lora", "-o", "lora", cwd=work)
+        runs.append({"run": "opcd distill --recipe toy-codes-lora", "wall_s": seconds, "summary": summary})
         seconds, summary = opcd("extract", "-o", "exp.txt", cwd=work)
         runs.append({"run": "opcd extract", "wall_s": seconds, "summary": summary})
         seconds, summary = opcd("distill", "--toy-task", "codes", "--context", "exp.txt", "-o", "pipeline", cwd=work)

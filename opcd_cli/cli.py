@@ -91,6 +91,11 @@ def distill(
     vllm_memory: Optional[float] = typer.Option(None, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
     vllm_eager: Optional[bool] = typer.Option(None, "--vllm-eager", help="Start vLLM without compilation or graphs: faster to start, slower to sample."),
     kernel: Optional[str] = typer.Option(None, help=f"Loss implementation: {names(KERNELS)}."),
+    lora_rank: Optional[int] = typer.Option(None, help="Train LoRA adapters of this rank (PEFT) instead of every weight; the default teacher is then the student with its adapters off."),
+    lora_alpha: Optional[float] = typer.Option(None, help="LoRA scaling alpha (default: twice the rank)."),
+    lora_dropout: Optional[float] = typer.Option(None, help="Dropout on the LoRA inputs (default 0)."),
+    lora_targets: Optional[str] = typer.Option(None, help="Modules to adapt: all-linear (default) or names, comma-separated (q_proj,v_proj)."),
+    merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="With LoRA, also save the merged model beside the adapter (default: merge)."),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Distil a context into a student's weights, on-policy (no model arguments: the built-in toy world)."""

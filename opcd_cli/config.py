@@ -160,11 +160,19 @@ class DistillConfig:
     sampler: str = "hf"
     vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on a CPU: the fraction of host memory)
     vllm_eager: bool = False  # vLLM's enforce_eager: no compilation or graphs (starts fast, samples slower)
+    # LoRA students (PEFT): with lora_rank set, only adapters train; the default teacher is the student with
+    # its adapters off, and the run saves the adapter and (unless merge is false) the merged model
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # default: twice the rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"  # or module names, comma-separated (q_proj,v_proj)
+    merge: bool = True
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     loading: ModelOptions = field(default_factory=ModelOptions)
 
     def __post_init__(self):
         _check_types(self)
+        _check_lora(self)
         _choice("context_as", self.context_as, CONTEXT_AS)
         _choice("mode", self.mode, DISTILL_MODES)
         _choice("off_policy_loss", self.off_policy_loss, OFF_POLICY_LOSSES)
@@ -288,6 +296,30 @@ class ExtractConfig:
         for name in ("rounds", "attempts", "traces_per_prompt", "token_budget", "batch_size", "extract_max_new_tokens"):
             _at_least(name, getattr(self, name), 1)
 
+
+
+def _check_lora(cfg) -> None:
+    if cfg.lora_rank is None:
+        given = [name for name, default in (("lora_alpha", None), ("lora_dropout", 0.0), ("lora_targets", "all-linear"))
+                 if getattr(cfg, name) != default]
+        if given:
+            raise OpcdError(f"{given[0]} sets up a LoRA student; give lora_rank too (e.g. --lora-rank 16)")
+        return
+    if cfg.lora_rank < 1:
+        raise OpcdError(f"lora_rank must be at least 1 (leave it out to train every weight); got {cfg.lora_rank}")
+    if cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
+        raise OpcdError(f"lora_alpha must be positive; got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise OpcdError(f"lora_dropout must be in [0, 1); got {cfg.lora_dropout}")
+    if not lora_target_names(cfg.lora_targets):
+        raise OpcdError("lora_targets is empty; give all-linear or module names such as q_proj,v_proj")
+
+
+def lora_target_names(targets: str) -> str | list[str]:
+    """``all-linear``, or the module names of a comma-separated list."""
+    if targets.strip() == "all-linear":
+        return "all-linear"
+    return [name.strip() for name in targets.split(",") if name.strip()]
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

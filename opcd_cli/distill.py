@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from . import lora, models
 from . import rollouts as rollout_store
 from .checkpoint import load_state, save_model, save_state, saved_step, step_prompts
 from .config import DistillConfig, SamplingOptions
@@ -58,6 +58,7 @@ class Run:
     eval_examples: list[Example] | None
     ood_examples: list[Example] | None
     rollouts: rollout_store.Rollouts | None  # off-policy: saved teacher rollouts, when --rollouts holds them
+    trainable_parameters: int = 0
 
     def sampler(self, which: str, batch_size: int, follows_training: bool = False) -> Sampler:
         """A sampler (``--sampler``) for the student or the teacher; vLLM loads the model's own folder (the
@@ -82,18 +83,18 @@ def distill(cfg: DistillConfig, ui: UI, resume: bool = False) -> dict:
     started = time.time()
     if cfg.student is None:
         raise OpcdError("give --student (or no model arguments at all, to run the built-in toy world)")
-    out = RunDir(cfg.output_dir or cfg.default_output_dir(), cfg.overwrite, resume=resume)  # checked and locked
-    try:
-        if resume:
-            check_resumable(out, cfg.steps)
-        with terminate_as_interrupt():
+    with terminate_as_interrupt():
+        out = RunDir(cfg.output_dir or cfg.default_output_dir(), cfg.overwrite, resume=resume)  # checked, locked
+        try:
+            if resume:
+                check_resumable(out, cfg.steps)
             return train(prepare(replace(cfg, output_dir=str(out.final)), out, ui), ui, started, resume)
-    except KeyboardInterrupt as e:
-        where = f"; the partial run is in {out.partial}" if out.partial.exists() else ""
-        code = 128 + signal.SIGTERM.value if isinstance(e, Terminated) else 130
-        raise Interrupted(f"{'terminated' if code != 130 else 'interrupted'}{where}", code=code) from None
-    finally:
-        out.release()
+        except KeyboardInterrupt as e:
+            where = f"; the partial run is in {out.partial}" if out.partial.exists() else ""
+            code = 128 + signal.SIGTERM.value if isinstance(e, Terminated) else 130
+            raise Interrupted(f"{'terminated' if code != 130 else 'interrupted'}{where}", code=code) from None
+        finally:
+            out.release()
 
 
 @dataclass
@@ -131,11 +132,11 @@ def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
             training.before = evaluate_student(run, run.eval_sampler(sampler), ui, "before", teacher_score)
         train_seconds = loop(run, training, sampler, rollouts, out, ui)
         student.eval()
-        save_model(student, run.tokenizer, out, models.resolve_dtype(cfg.loading.dtype))
         if cfg.save_every:  # a run that keeps checkpoints can be continued with more --steps
             save_training_state(run, training, sampler, out)
-        if rollouts is not None:
-            sampler.update_weights(student)  # off-policy, the evaluation sampler has not followed training
+        save_student(run, out, final=True)  # a LoRA student is merged in place here, unless --no-merge
+        if rollouts is not None or run.student is not student:
+            sampler.update_weights(run.student)  # off-policy, the evaluation sampler has not followed training
         after = evaluate_student(run, run.eval_sampler(sampler), ui, "after")
     finally:
         if sampler is not None:
@@ -179,14 +180,29 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
             log.flush()
             advance(1, status=f"loss {values['loss']:.4f} top-k mass {values['topk_mass']:.3f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save_model(student, run.tokenizer, out / "checkpoints" / f"step-{step:06d}",
-                           models.resolve_dtype(cfg.loading.dtype))
+                save_student(run, out / "checkpoints" / f"step-{step:06d}")
                 save_training_state(run, training, sampler, out)
             if stop.signal is not None:
                 save_training_state(run, training, sampler, out)
                 raise Interrupted(f"stopped after step {step} of {cfg.steps} ({stop.signal.name}); continue with: "
                                   f"opcd distill --resume {run.out.partial}", code=128 + stop.signal.value)
     return time.time() - train_start
+
+
+def save_student(run: Run, folder: Path, final: bool = False) -> None:
+    """The student in Hugging Face format at ``folder``. A LoRA student saves its adapter in PEFT's format
+    (a checkpoint is the adapter alone; the final run has it in ``adapter/``, beside the merged model unless
+    ``--no-merge``)."""
+    cfg, dtype = run.cfg, models.resolve_dtype(run.cfg.loading.dtype)
+    if not lora.is_lora(run.student):
+        save_model(run.student, run.tokenizer, folder, dtype)
+        return
+    base = models.resolve(cfg.student)
+    base = str(Path(base).resolve()) if Path(base).is_dir() else base  # loads from anywhere, without opcd
+    lora.save_adapter(run.student, run.tokenizer, folder / "adapter" if final else folder, base)
+    if final and cfg.merge:  # training is over: merge in place (no second copy of the adapted matrices)
+        run.student = run.student.merge_and_unload()
+        save_model(run.student, run.tokenizer, folder, dtype)
 
 
 def save_training_state(run: Run, training: Training, sampler: Sampler, out: Path) -> None:
@@ -352,7 +368,11 @@ def build_summary(run: Run, inputs: dict, before: EvalResult | None, after: Eval
         "output_dir": str(run.out.final),
         "mode": cfg.mode,
         "student": cfg.student,
-        "teacher": cfg.teacher or f"frozen copy of {cfg.student}",
+        "teacher": cfg.teacher or (f"{cfg.student} with the adapters off" if cfg.lora_rank
+                                   else f"frozen copy of {cfg.student}"),
+        "trainable_parameters": run.trainable_parameters,
+        "lora": None if cfg.lora_rank is None else {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or 2 * cfg.lora_rank,
+                                                    "targets": cfg.lora_targets, "merged": cfg.merge},
         "steps": cfg.steps,
         "seconds": round(time.time() - started, 1),
         "train_seconds": round(train_seconds, 1),
@@ -446,7 +466,8 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
             raise OpcdError(f"--rollouts {folder} exists and holds no rollouts; give an empty or new folder")
     torch.manual_seed(cfg.seed)
     return Run(cfg, out, examples, views, context, student, teacher, tokenizer, student_renderer, teacher_renderer,
-               loss, stop_ids(student, tokenizer), eval_examples, ood_examples, saved)
+               loss, stop_ids(student, tokenizer), eval_examples, ood_examples, saved,
+               sum(p.numel() for p in student.parameters() if p.requires_grad))
 
 
 def check_kernel(kernel: str) -> None:
@@ -470,8 +491,16 @@ def load_models(cfg: DistillConfig, ui: UI):
     load = cfg.loading
     with ui.status(f"loading student {cfg.student}"):
         tokenizer = models.load_tokenizer(cfg.student, load.trust_remote_code)
-        student = models.load_model(cfg.student, "float32", load.trust_remote_code, load.allow_bin_weights)
-    if cfg.teacher is None:
+        if cfg.lora_rank is None:
+            student = models.load_model(cfg.student, "float32", load.trust_remote_code, load.allow_bin_weights)
+        else:  # a frozen base in the compute dtype; PEFT keeps the adapters in float32
+            torch.manual_seed(cfg.seed)  # the adapters' random initialisation is the run's own
+            student = lora.add_adapters(models.frozen(models.load_model(cfg.student, load.dtype, load.trust_remote_code,
+                                                                        load.allow_bin_weights)),
+                                        cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.teacher is None:  # the paper's default: the student's initial weights
+        if lora.is_lora(student):
+            return student, lora.AdaptersOff(student), tokenizer, tokenizer, cfg.student  # free: no second copy
         teacher = models.frozen(models.frozen_copy(student).to(models.resolve_dtype(load.dtype)))
         return student, teacher, tokenizer, tokenizer, cfg.student
     with ui.status(f"loading teacher {cfg.teacher}"):

@@ -7,7 +7,10 @@ names, so ``opcd eval`` on a saved run reproduces the numbers the run printed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -166,18 +169,46 @@ def evaluate(cfg: EvalConfig, progress=None) -> list[dict]:
         scored = []
         for target in targets:
             torch.manual_seed(cfg.seed)
-            tokenizer = load_tokenizer(str(target), cfg.loading.trust_remote_code)
-            renderer = ChatRenderer(tokenizer, str(target), cfg.loading.chat_template_kwargs)
-            sampler = make_sampler(cfg.sampler, tokenizer=tokenizer, source=str(target), batch_size=cfg.batch_size,
-                                   loading=cfg.loading, vllm_memory=cfg.vllm_memory, vllm_eager=cfg.vllm_eager,
-                                   seed=cfg.seed)
-            advance = progress.task(f"eval {target}", passes(examples, context, ood)) if progress else None
-            try:
+            with open_sampler(target, cfg) as (sampler, tokenizer):
+                renderer = ChatRenderer(tokenizer, str(target), cfg.loading.chat_template_kwargs)
+                advance = progress.task(f"eval {target}", passes(examples, context, ood)) if progress else None
                 result = evaluate_model(sampler, renderer, examples, context=context, context_as=cfg.context_as,
                                         sampling=cfg.sampling, verifier=cfg.verifier, ood=ood, advance=advance)
-            finally:
-                sampler.close()
             scored.append({"model": str(target), "sampler": sampler.name} | result.to_dict())
         row = scored[0] if len(scored) == 1 else mean_of_best(scored, cfg.best) | {"model": name}
         results.append({"model": name, "data": cfg.data} | row)
     return results
+
+
+@contextlib.contextmanager
+def open_sampler(target: Path, cfg: EvalConfig):
+    """(sampler, tokenizer) for a model folder, a hub id, or a LoRA adapter folder (a LoRA run saved with
+    ``--no-merge`` holds one in ``adapter/``): the adapter is merged into its base model, in memory for the
+    Hugging Face sampler, in a temporary folder for vLLM. The sampler is closed on leaving."""
+    from . import lora, models
+
+    load = cfg.loading
+    adapter = lora.adapter_of(target)
+    tokenizer = load_tokenizer(str(adapter or target), load.trust_remote_code)
+    model, source, scratch = None, str(target), None
+    if adapter is not None:
+        base = lora.adapter_base(adapter)
+        model = lora.load_merged(adapter, models.load_model(base, load.dtype, load.trust_remote_code,
+                                                            load.allow_bin_weights))
+        if cfg.sampler == "vllm":  # the engine loads a folder
+            from .checkpoint import save_model
+
+            scratch = Path(tempfile.mkdtemp(prefix="opcd-merged-"))
+            save_model(model, tokenizer, scratch / "model", models.resolve_dtype(load.dtype))
+            model, source = None, str(scratch / "model")
+    try:
+        sampler = make_sampler(cfg.sampler, tokenizer=tokenizer, model=model, source=source,
+                               batch_size=cfg.batch_size, loading=load, vllm_memory=cfg.vllm_memory,
+                               vllm_eager=cfg.vllm_eager, seed=cfg.seed)
+        try:
+            yield sampler, tokenizer
+        finally:
+            sampler.close()
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -20,9 +20,6 @@ The best round's experience is written to ``--output``; every round's goes to a 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +31,7 @@ from .data import load_examples, read_text, require_answers
 from .errors import OpcdError
 from .evaluate import score
 from .experience import ITEM_PREFIX, add_items, parse_items, render_items, trace_line
-from .outputs import DIR_MODE, check_output_path, write_json_atomic, write_text_atomic
+from .outputs import check_output_path, replaced_folder, write_json_atomic, write_text_atomic
 from .prompts import ChatRenderer, with_context
 from .sampling import make_sampler
 from .ui import UI, percent
@@ -187,17 +184,9 @@ def write_outputs(cfg: ExtractConfig, output: Path, rounds_dir: Path, rounds: li
     }
     # every round's experience and the summary in a new folder that replaces the old one whole (no stale rounds)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fresh = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{rounds_dir.name}."))
-    try:
+    with replaced_folder(rounds_dir) as fresh:
         for r in rounds:
             write_text_atomic(fresh / f"round-{r.number}.txt", render_items(r.items) + "\n")
         write_json_atomic(fresh / "summary.json", summary)
-        os.chmod(fresh, DIR_MODE)
-        if rounds_dir.exists():
-            shutil.rmtree(rounds_dir)
-        fresh.rename(rounds_dir)
-    except BaseException:
-        shutil.rmtree(fresh, ignore_errors=True)
-        raise
     write_text_atomic(output, render_items(best.items) + "\n")
     return summary

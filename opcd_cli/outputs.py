@@ -8,6 +8,7 @@ the same output refuses at once instead of deleting the first one's files.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -46,6 +47,24 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def replaced_folder(folder: Path):
+    """Write a folder whole: yields a new temporary folder beside ``folder``, which replaces ``folder`` when the
+    block ends without error and is removed when it does not."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        os.chmod(tmp, DIR_MODE)
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_output_path(path: str, what: str = "--output-dir") -> Path:

@@ -70,7 +70,7 @@ def generate(teacher, sampler: Sampler, teacher_prompts, sampling, k: int, pad_i
              advance=None) -> Rollouts:
     """The teacher's responses with the context, and its top-k ids and log-probs at every response token."""
     responses = sampler.generate(teacher_prompts, sampling)
-    device = next(teacher.parameters()).device
+    device = teacher.get_output_embeddings().weight.device
     ids, logprobs = [], []
     for lo in range(0, len(responses), batch_size):
         prompts, answers = teacher_prompts[lo : lo + batch_size], responses[lo : lo + batch_size]

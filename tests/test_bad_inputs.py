@@ -102,7 +102,11 @@ CASES = [
     Case("unknown hub id, offline", distill(student="someone/no-such-model"), "HF_HUB_OFFLINE is set", seconds=20),
     Case("huge context", distill(context="{huge_context}"), "exceeds", seconds=40),
     Case("output dir names a file", distill("-o", "{answered}"), "is a file"),
-    # long runs: --resume
+    # long runs: LoRA students and --resume
+    Case("lora rank 0", distill("--lora-rank", "0"), "lora_rank must be at least 1 (leave it out to train every weight)"),
+    Case("lora rank negative", distill("--lora-rank", "-4"), "lora_rank must be at least 1"),
+    Case("lora targets match nothing", distill("--lora-rank", "4", "--lora-targets", "attn_out"),
+         "--lora-targets attn_out: Target modules"),
     Case("resume a missing folder", ("distill", "--resume", "nowhere.partial"), "--resume nowhere.partial: no such run folder"),
     Case("resume an unreadable config", ("distill", "--resume", "{unreadable_run}"), "cannot read its opcd_config.json"),
     Case("resume a run without state", ("distill", "--resume", "{stateless_run}"), "holds no training state"),

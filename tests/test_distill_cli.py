@@ -251,21 +251,45 @@ def test_a_diverging_run_stops_before_the_broken_step(cli, tiny_student, toy_fil
     assert state["step"] == 1  # the run can be resumed from the last good step
 
 
-@pytest.mark.slow  # a toy run interrupted after a few seconds
-def test_ctrl_c_says_where_the_partial_run_is(tmp_path):
-    import signal
+def interrupt(args: list, cwd: Path, when: Path, signal_number) -> tuple[int, str]:
+    """Start ``opcd ARGS`` in a subprocess, send it a signal as soon as ``when`` exists; (exit code, stderr)."""
     import subprocess
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "opcd_cli", "distill", "-o", "run"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "opcd_cli", *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (tmp_path / "run.partial" / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    while not when.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal_number)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130
-    last = stderr.strip().splitlines()[-1]
-    assert last == f"opcd: interrupted; the partial run is in run.partial", stderr[-1000:]
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr, stderr[-2000:]
+    return proc.returncode, stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # four short runs, interrupted
+def test_signals_stop_a_run_cleanly(tiny_student, toy_files, tmp_path):
+    """Outside the loop (here: the toy run's evaluation before training), Ctrl-C and SIGTERM stop at once (exit
+    130 and 143) and say where the partial run is; in the loop, they stop after the current step with the state
+    saved and say how to resume."""
+    import signal
+
+    for number, code, word in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
+        name = f"toy-{word}"
+        got, last = interrupt(["distill", "-o", name], tmp_path, tmp_path / f"{name}.partial" / "opcd_config.json",
+                              number)
+        assert (got, last) == (code, f"opcd: {word}; the partial run is in {name}.partial"), last
+        assert not (tmp_path / f"{name}.lock").exists()
+    args = with_flags(distill_args(tiny_student, toy_files, "run"), {"--steps": "400"})
+    for number, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        got, last = interrupt(args, tmp_path, tmp_path / "run.partial" / "metrics.jsonl", number)
+        assert got == code and last.startswith("opcd: stopped after step "), last
+        assert f" of 400 ({number.name}); continue with: opcd distill --resume run.partial" in last, last
+        step = int(last.split("step ")[1].split()[0])
+        state = torch.load(tmp_path / "run.partial" / "state" / "training_state.pt", weights_only=True)
+        assert state["step"] == step == len((tmp_path / "run.partial" / "metrics.jsonl").read_text().splitlines())
+        import shutil
+
+        shutil.rmtree(tmp_path / "run.partial")

@@ -64,6 +64,18 @@ def trainer_logprobs(model, ids: list[int]) -> torch.Tensor:
     return logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
 
 
+def sgd_steps(model, ids: list[int], steps: int = 3) -> None:
+    """A few large SGD steps of next-token loss on ``ids``, on whatever ``model`` trains (all of it, or adapters)."""
+    target = torch.tensor([ids])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=target, labels=target).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
 @needs_vllm
 def test_prompt_ids_pass_unchanged_and_responses_end_with_the_stop_id(toy, engine):
     _, tokenizer, model, prompts = toy
@@ -98,14 +110,7 @@ def test_engine_follows_the_student_after_optimiser_steps(toy, engine):
     torch.testing.assert_close(before, trainer_logprobs(student, probe), rtol=0, atol=TOLERANCE)
 
     # a few SGD steps on another sequence: every parameter moves, the shared embedding matrix too
-    target = torch.tensor([prompts[2] + [40, 41, 42, 43]])
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
-    student.train()
-    for _ in range(3):
-        student(input_ids=target, labels=target).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    student.eval()
+    sgd_steps(student, prompts[2] + [40, 41, 42, 43])
     trained = trainer_logprobs(student, probe)
     assert (trained - before).abs().max() > 0.5  # the trainer's model really changed
 
@@ -117,6 +122,27 @@ def test_engine_follows_the_student_after_optimiser_steps(toy, engine):
     assert engine.generate(prompts, greedy) == hf_sampler(student, toy[1]).generate(prompts, greedy)
 
     engine.update_weights(model)  # back to the toy model for any later test
+    torch.testing.assert_close(torch.tensor(engine.sequence_logprobs(probe)), before, rtol=0, atol=TOLERANCE)
+
+
+@needs_vllm
+def test_engine_follows_a_lora_student_through_merged_weights(toy, engine):
+    """A LoRA student's weight push sends the merged matrices under the base model's names: the engine then
+    gives the adapted model's log-probs, and the live PEFT model is left as it was."""
+    from opcd_cli import lora
+
+    _, tokenizer, model, prompts = toy
+    student = lora.add_adapters(type(model).from_pretrained(model.name_or_path, dtype=torch.float32), 4, None, 0.0,
+                                "all-linear")
+    probe = prompts[1] + [40, 41, 42, 2]
+    before = trainer_logprobs(model, probe)
+    sgd_steps(student, prompts[2] + [40, 41, 42, 43])
+    adapted = trainer_logprobs(student, probe)
+    assert (adapted - before).abs().max() > 0.1  # the adapters really changed the model
+    engine.update_weights(student)
+    torch.testing.assert_close(torch.tensor(engine.sequence_logprobs(probe)), adapted, rtol=0, atol=TOLERANCE)
+    torch.testing.assert_close(trainer_logprobs(student, probe), adapted, rtol=0, atol=0)  # nothing merged in place
+    engine.update_weights(model)
     torch.testing.assert_close(torch.tensor(engine.sequence_logprobs(probe)), before, rtol=0, atol=TOLERANCE)
 
 

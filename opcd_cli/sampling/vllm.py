@@ -165,9 +165,11 @@ class VLLMSampler:
         if "weights" in self._asleep:
             self.llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
-        # every name of a shared (tied) tensor, detached; the engine's loaders cast to its dtype and device
-        weights = [(name, p.detach()) for name, p in model.named_parameters(remove_duplicate=False)]
-        self.llm.collective_rpc(_load_into_worker, args=(weights,))
+        # every name of a shared (tied) tensor, adapters merged (a LoRA student), in one call: vLLM's in-place
+        # reload finishes each layer after it; its loaders cast to the engine's dtype and device
+        from ..lora import plain_weights
+
+        self.llm.collective_rpc(_load_into_worker, args=(list(plain_weights(model)),))
         self.llm.reset_prefix_cache()
 
     # --- for tests and benchmarks --------------------------------------------------------------------
