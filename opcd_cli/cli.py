@@ -14,8 +14,8 @@ from typing import Optional
 import typer
 
 from .config import (
-    CONTEXT_AS, DTYPES, KERNELS, SAMPLERS, VERIFIERS, EvalConfig, ExtractConfig, ModelOptions, SamplingOptions,
-    build_distill_config, build_extract_config, read_recipe, resume_config,
+    CONTEXT_AS, DTYPES, KERNELS, REPORT_TO, SAMPLERS, VERIFIERS, EvalConfig, ExtractConfig, ModelOptions, SamplingOptions,
+    build_distill_config, build_extract_config, parse_template_kwargs, read_recipe, resume_config,
 )
 from .errors import Interrupted, OpcdError
 from .ui import UI, percent, print_json
@@ -90,6 +90,9 @@ def distill(
     sampler: Optional[str] = typer.Option(None, help=f"{names(SAMPLERS)} (hf: Hugging Face generate)."),
     vllm_memory: Optional[float] = typer.Option(None, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
     vllm_eager: Optional[bool] = typer.Option(None, "--vllm-eager", help="Start vLLM without compilation or graphs: faster to start, slower to sample."),
+    chat_template_kwargs: Optional[str] = typer.Option(None, help='Keyword arguments for the chat templates, as JSON, e.g. \'{"enable_thinking": false}\' (both views get the same).'),
+    report_to: Optional[str] = typer.Option(None, help=f"Also send the per-step metrics to a tracker: {names(REPORT_TO)} (wandb: offline unless WANDB_MODE is set)."),
+    show_prompts: Optional[int] = typer.Option(None, help="Print the rendered teacher and student prompts of the first N rows before training (default 1; 0: none)."),
     kernel: Optional[str] = typer.Option(None, help=f"Loss implementation: {names(KERNELS)}."),
     lora_rank: Optional[int] = typer.Option(None, help="Train LoRA adapters of this rank (PEFT) instead of every weight; the default teacher is then the student with its adapters off."),
     lora_alpha: Optional[float] = typer.Option(None, help="LoRA scaling alpha (default: twice the rank)."),
@@ -102,6 +105,7 @@ def distill(
     flags = dict(locals())
     for key in ("recipe", "json_output", "toy_task", "resume"):
         flags.pop(key, None)
+    flags["chat_template_kwargs"] = parse_template_kwargs(chat_template_kwargs)
     if resume is not None:
         if recipe is not None or toy_task is not None:
             raise OpcdError("--resume continues a run with its own settings; drop --recipe and --toy-task")
@@ -177,6 +181,7 @@ def extract(
     sampler: Optional[str] = typer.Option(None, help=f"{names(SAMPLERS)} (hf: Hugging Face generate)."),
     vllm_memory: Optional[float] = typer.Option(None, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
     vllm_eager: Optional[bool] = typer.Option(None, "--vllm-eager", help="Start vLLM without compilation or graphs: faster to start, slower to sample."),
+    chat_template_kwargs: Optional[str] = typer.Option(None, help='Keyword arguments for the chat templates, as JSON, e.g. \'{"enable_thinking": false}\' (both views get the same).'),
     dtype: Optional[str] = typer.Option(None, help=f"{names(DTYPES)}."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Run a model's own Python code (its config's auto_map); only for code you trust."),
     allow_bin_weights: Optional[bool] = typer.Option(None, "--allow-bin-weights", help="Also load pickled *.bin weights (through PyTorch's weights-only unpickler); safetensors only by default."),
@@ -186,6 +191,7 @@ def extract(
     flags = dict(locals())
     for key in ("recipe", "json_output"):
         flags.pop(key, None)
+    flags["chat_template_kwargs"] = parse_template_kwargs(chat_template_kwargs)
     cfg = build_extract_config(*recipe_layers(recipe, "model", model, "toy-codes-extract", ExtractConfig), flags)
     from .extract import extract as run_extract  # torch and transformers load here, after the flags are checked
 
@@ -225,6 +231,7 @@ def eval_command(
     dtype: str = typer.Option("auto", help=f"{names(DTYPES)} (auto: bf16 on a GPU, fp32 on a CPU)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run a model's own Python code (its config's auto_map); only for code you trust."),
     allow_bin_weights: bool = typer.Option(False, "--allow-bin-weights", help="Also load pickled *.bin weights (through PyTorch's weights-only unpickler); safetensors only by default."),
+    chat_template_kwargs: Optional[str] = typer.Option(None, help='Keyword arguments for the chat templates, as JSON, e.g. \'{"enable_thinking": false}\' (both views get the same).'),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Accuracy of one or more models, without the context and (when one is given) with it."""
@@ -232,7 +239,8 @@ def eval_command(
         models=tuple(model), data=data, ood_data=ood_data, best=best, context=context, context_as=context_as, verifier=verifier,
         batch_size=batch_size, seed=seed, limit=limit, sampler=sampler, vllm_memory=vllm_memory, vllm_eager=vllm_eager,
         sampling=SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n),
-        loading=ModelOptions(dtype=dtype, trust_remote_code=trust_remote_code, allow_bin_weights=allow_bin_weights),
+        loading=ModelOptions(dtype=dtype, trust_remote_code=trust_remote_code, allow_bin_weights=allow_bin_weights,
+                             chat_template_kwargs=parse_template_kwargs(chat_template_kwargs) or {}),
     )
     from .evaluate import evaluate  # torch and transformers load here, after the flags are checked
 
@@ -242,6 +250,32 @@ def eval_command(
     show_eval_table(ui, results)
     if json_output:
         print_json(results[0] if len(results) == 1 else {"results": results})
+
+
+@app.command()
+def plot(
+    runs: list[str] = typer.Argument(..., help="Run folders (or metrics.jsonl files) to draw, one line each."),
+    output: str = typer.Option(..., "--output", "-o", help="PNG file to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+    json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Draw runs' loss, top-k mass, response length, learning rate and gradient norm per step into one PNG."""
+    from pathlib import Path
+
+    from .plots import plot_runs, read_metrics
+
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise OpcdError(f"-o {output}: give a .png file name")
+    if out.is_dir():
+        raise OpcdError(f"-o {output} is a folder; give a .png file name")
+    if out.exists() and not overwrite:
+        raise OpcdError(f"{output} exists; pass --overwrite to replace it")
+    drawn = [(Path(r).name.removesuffix(".partial") or r, read_metrics(Path(r))) for r in runs]
+    plot_runs(drawn, out)
+    UI().info(f"{len(drawn)} run(s), {sum(len(rows) for _, rows in drawn)} steps drawn into {out}")
+    if json_output:
+        print_json({"output": str(out), "runs": [{"run": r, "steps": len(rows)} for r, (_, rows) in zip(runs, drawn)]})
 
 
 EVAL_COLUMNS = [  # (header, result key, format)

@@ -29,6 +29,7 @@ VERIFIERS = ("auto", *VERIFIER_FUNCTIONS)  # auto: the row's own `verifier`, els
 SAMPLERS = ("hf", "vllm")
 KERNELS = ("auto", "torch", "triton")
 SCHEDULES = ("constant", "cosine", "linear")
+REPORT_TO = ("none", "tensorboard", "wandb")
 DISTILL_MODES = ("on-policy", "off-policy")
 OFF_POLICY_LOSSES = ("forward-kl", "sft")
 
@@ -167,12 +168,15 @@ class DistillConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"  # or module names, comma-separated (q_proj,v_proj)
     merge: bool = True
+    show_prompts: int = 1  # rows whose rendered teacher and student prompts are printed before training
+    report_to: str = "none"  # also send the per-step metrics to tensorboard or wandb
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     loading: ModelOptions = field(default_factory=ModelOptions)
 
     def __post_init__(self):
         _check_types(self)
         _check_lora(self)
+        _choice("report_to", self.report_to, REPORT_TO)
         _choice("context_as", self.context_as, CONTEXT_AS)
         _choice("mode", self.mode, DISTILL_MODES)
         _choice("off_policy_loss", self.off_policy_loss, OFF_POLICY_LOSSES)
@@ -199,6 +203,7 @@ class DistillConfig:
         _at_least("grad_accum", self.grad_accum, 1)
         _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("save_every", self.save_every, 0)
+        _at_least("show_prompts", self.show_prompts, 0)
         if self.save_every > self.steps:
             raise OpcdError(f"save_every {self.save_every} is more than the {self.steps} steps, so no checkpoint "
                             f"would be kept; use at most {self.steps} (or 0 for the final model only)")
@@ -298,6 +303,21 @@ class ExtractConfig:
 
 
 
+def parse_template_kwargs(text: str | None) -> dict | None:
+    """``--chat-template-kwargs``: a JSON object of keyword arguments for every chat template render."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise OpcdError(f"--chat-template-kwargs must be a JSON object such as '{{\"enable_thinking\": false}}'; "
+                        f"{text!r} is not JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise OpcdError(f"--chat-template-kwargs must be a JSON object such as '{{\"enable_thinking\": false}}'; "
+                        f"got {text!r}")
+    return value
+
+
 def _check_lora(cfg) -> None:
     if cfg.lora_rank is None:
         given = [name for name, default in (("lora_alpha", None), ("lora_dropout", 0.0), ("lora_targets", "all-linear"))
@@ -392,7 +412,8 @@ def flatten_settings(data: dict[str, Any], source: str = "settings", cls=None) -
     return flat
 
 
-RESUMABLE = ("steps", "save_every")  # what a resumed run may change: train further, keep checkpoints
+RESUMABLE = ("steps", "save_every", "show_prompts")  # what a resumed run may change: train further, keep
+# checkpoints, and what is printed
 
 
 def resume_config(run: str, flags: dict[str, Any]) -> DistillConfig:

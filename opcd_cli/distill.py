@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora, models
+from . import lora, models, trackers
 from . import rollouts as rollout_store
 from .checkpoint import load_state, save_model, save_state, saved_step, step_prompts
 from .config import DistillConfig, SamplingOptions
@@ -33,6 +33,7 @@ from .data import Example, has_context, load_examples, read_context, require_ans
 from .errors import Interrupted, OpcdError
 from .evaluate import EvalResult, evaluate_model, passes, score
 from .loss import DistillLoss, pack
+from .plots import plot_runs
 from .outputs import RUN_MARKER, RunDir, write_json_atomic, write_text_atomic
 from .prompts import ChatRenderer, Views, build_views
 from .sampling import Sampler, make_sampler, stop_ids
@@ -116,6 +117,7 @@ def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
     out = run.out.reopen() if resume else run.out.begin()
     write_json_atomic(out / RUN_MARKER, cfg.to_dict())  # a resumed run's own, with its new --steps
     inputs = write_inputs(run, out)
+    show_prompts(run, ui)
     per_step, sampler = cfg.batch_size * cfg.grad_accum, None
     teacher_score, rollouts = (None, saved_rollouts(run, out)) if resume else teacher_work(run, ui, out)
     try:
@@ -144,6 +146,7 @@ def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
     summary = build_summary(run, inputs, training.before, after, training.metrics, sampler, rollouts, started,
                             train_seconds)
     write_json_atomic(out / "summary.json", summary)
+    plot_runs([(run.out.final.name, training.metrics)], out / "metrics.png", title=f"opcd distill: {run.out.final.name}")
     run.out.finish()
     return summary
 
@@ -154,7 +157,9 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
     cfg, student = run.cfg, run.student
     per_step, train_start = cfg.batch_size * cfg.grad_accum, time.time()
     student.train()
-    with ui.progress(), (out / "metrics.jsonl").open("a") as log, stop_signals() as stop:
+    tracker = trackers.open_tracker(cfg.report_to, out, run.out.final.name, cfg.to_dict())
+    with ui.progress(), (out / "metrics.jsonl").open("a") as log, stop_signals() as stop, \
+            contextlib.closing(tracker):
         advance = ui.task(f"distill ({cfg.mode})", cfg.steps)
         advance(training.step)
         for step in range(training.step + 1, cfg.steps + 1):
@@ -178,6 +183,7 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
                                                 train_start))
             log.write(json.dumps(training.metrics[-1]) + "\n")
             log.flush()
+            tracker.log(step, training.metrics[-1])
             advance(1, status=f"loss {values['loss']:.4f} top-k mass {values['topk_mass']:.3f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 save_student(run, out / "checkpoints" / f"step-{step:06d}")
@@ -244,6 +250,9 @@ def terminate_as_interrupt():
     def terminate(number, frame):
         raise Terminated()
 
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
@@ -271,12 +280,23 @@ def stop_signals():
             raise Terminated() if number == signal.SIGTERM else KeyboardInterrupt()
         stop.signal = signal.Signals(number)
 
-    previous = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the process was started to ignore (SIGINT in a shell's background job) stays ignored
+    previous = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield stop
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def show_prompts(run: Run, ui: UI) -> None:
+    """What each model reads: the rendered teacher and student prompts of the first ``--show-prompts`` rows."""
+    for example, views in list(zip(run.examples, run.views))[: run.cfg.show_prompts]:
+        teacher_text = run.teacher_renderer.tokenizer.decode(views.teacher_ids)
+        student_text = run.student_renderer.tokenizer.decode(views.student_ids)
+        ui.prompt(f"row {example.row}, teacher ({len(views.teacher_ids)} tokens; the context between ⟦ ⟧)",
+                  teacher_text, mark=example.context or run.context)
+        ui.prompt(f"row {example.row}, student ({len(views.student_ids)} tokens)", student_text)
 
 
 def sample(run: Run, sampler: Sampler, batch: list[int]) -> list[list[int]]:
@@ -436,6 +456,7 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
 
         import_vllm()  # a missing vLLM is reported before any model is loaded
     check_kernel(cfg.kernel)
+    trackers.check_available(cfg.report_to)
     examples, context = load_examples(cfg.data), read_context(cfg.context)
     eval_examples = load_examples(cfg.eval_data, what="eval data") if cfg.eval_data else None
     ood_examples = load_examples(cfg.ood_data, what="OOD data") if cfg.ood_data else None
@@ -456,6 +477,7 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
                           teacher_name)  # before rendering every row around a context that cannot fit
     views = build_views(examples, context, cfg.context_as, student_renderer, teacher_renderer)
     check_windows(examples, views, cfg.sampling.max_new_tokens, student, teacher, cfg.student, teacher_name)
+    models.check_token_ids(examples, views, vocab, tokenizer)
     loss = DistillLoss(student, teacher, vocab, cfg.topk, cfg.topk_renorm, cfg.consistency_weight, cfg.kernel)
     saved = None
     if cfg.mode == "off-policy" and cfg.rollouts:

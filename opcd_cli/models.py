@@ -162,12 +162,26 @@ def output_rows(model) -> int:
 
 
 def shared_vocab_size(student_model, teacher_model, tokenizer, student: str, teacher: str) -> int:
-    """Rows of the two output layers to compare: the smaller padding, which must cover every real token."""
+    """Rows of the two output layers to compare: the smaller padding, which must cover the tokenizer's base
+    vocabulary. Added special tokens may lie beyond it (Llama-3's tokenizer lists ``<|image|>`` at 128,256, past
+    the text models' 128,256 rows); no prompt may use one (``check_token_ids``)."""
     rows = min(output_rows(student_model), output_rows(teacher_model))
+    base = getattr(tokenizer, "vocab_size", None) or len(tokenizer)
     for model, name in ((student_model, student), (teacher_model, teacher)):
-        if output_rows(model) < len(tokenizer):
-            raise OpcdError(f"{name} has {output_rows(model)} output rows but its tokenizer has {len(tokenizer)} tokens")
+        if output_rows(model) < base:
+            raise OpcdError(f"{name} has {output_rows(model)} output rows but its tokenizer has {base} tokens")
     return rows
+
+
+def check_token_ids(examples, views, vocab: int, tokenizer) -> None:
+    """Every prompt id must have a row in both output layers: an error naming the row and the token if not."""
+    for example, view in zip(examples, views):
+        for ids in (view.student_ids, view.teacher_ids):
+            beyond = [i for i in ids if i >= vocab]
+            if beyond:
+                raise OpcdError(f"row {example.row}: the prompt uses token {tokenizer.decode([beyond[0]])!r} (id "
+                                f"{beyond[0]}), beyond the {vocab} output rows the models share; remove it from the "
+                                "row or the context")
 
 
 def pad_id(tokenizer) -> int:

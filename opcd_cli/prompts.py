@@ -8,6 +8,7 @@ this splice is what the templates themselves would render, identically in both v
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 from .data import Example
@@ -41,13 +42,21 @@ def with_context(messages: tuple[tuple[str, str], ...], context: str | None, con
     return chat
 
 
+# Templates that stamp the date into the prompt (Llama-3.1 and 3.2 read ``date_string``, else today's date) get
+# one date per process: both views, and every row, read the same line even when a run crosses midnight.
+RUN_DATE = datetime.date.today().strftime("%d %b %Y")
+
+
 class ChatRenderer:
     """Renders chats to token ids with one tokenizer's chat template."""
 
     def __init__(self, tokenizer, name: str, template_kwargs: dict | None = None):
-        if not getattr(tokenizer, "chat_template", None):
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
             raise OpcdError(f"the tokenizer of {name} has no chat template; use a chat model or set `chat_template` in its tokenizer_config.json")
         self.tokenizer, self.name, self.template_kwargs = tokenizer, name, dict(template_kwargs or {})
+        if isinstance(template, str) and "date_string" in template:
+            self.template_kwargs.setdefault("date_string", RUN_DATE)
 
     def _ids(self, chat: list[dict], generation_prompt: bool) -> list[int]:
         try:
@@ -102,10 +111,19 @@ def build_views(
         student_ids, student_tail = student.prompt_and_continuation(student_chat, probe, example)
         teacher_ids, teacher_tail = teacher.prompt_and_continuation(teacher_chat, probe, example)
         if student_tail != teacher_tail:
-            raise OpcdError(
-                f"row {example.row}: the answer {probe!r} becomes different tokens in the teacher's view (with context) "
-                f"than in the student's ({teacher_tail[:8]}... vs {student_tail[:8]}...); the chat templates do not line up"
-            )
+            raise OpcdError(f"row {example.row}: the answer {probe!r} becomes different tokens after the teacher's "
+                            f"prompt (with context) than after the student's: {first_difference(teacher_tail, teacher, student_tail, student)}; "
+                            "the chat templates do not line up (check --chat-template-kwargs and --context-as)")
         student_context_ids = teacher_ids if teacher is student else student.prompt_ids(teacher_chat)
         views.append(Views(tuple(student_ids), tuple(teacher_ids), tuple(student_context_ids)))
     return views
+
+
+def first_difference(teacher_ids: list[int], teacher: ChatRenderer, student_ids: list[int], student: ChatRenderer) -> str:
+    """Where two renderings of an answer part: the first differing token of each, by position, text and id."""
+    i = next((i for i, (a, b) in enumerate(zip(teacher_ids, student_ids)) if a != b), min(len(teacher_ids), len(student_ids)))
+
+    def token(ids: list[int], renderer: ChatRenderer) -> str:
+        return f"{renderer.tokenizer.decode([ids[i]])!r} ({ids[i]})" if i < len(ids) else "the end"
+
+    return f"answer token {i} is {token(teacher_ids, teacher)} for the teacher, {token(student_ids, student)} for the student"

@@ -12,7 +12,9 @@ from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 
 class UI:
@@ -36,6 +38,17 @@ class UI:
         for row in rows:
             table.add_row(*row)
         self.console.print(table)
+
+    def prompt(self, title: str, text: str, mark: str | None = None) -> None:
+        """A rendered prompt as its model reads it (special tokens included), with ``mark`` (the context) set
+        between ⟦ and ⟧ and highlighted."""
+        start = text.find(mark) if mark else -1
+        if start >= 0:
+            text = f"{text[:start]}⟦{mark}⟧{text[start + len(mark):]}"
+        body = Text(text)
+        if start >= 0:
+            body.stylize("black on yellow", start, start + len(mark) + 2)
+        self.console.print(Panel(body, title=title, title_align="left", expand=False))
 
     @contextlib.contextmanager
     def progress(self) -> Iterator["UI"]:

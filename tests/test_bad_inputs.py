@@ -102,6 +102,11 @@ CASES = [
     Case("unknown hub id, offline", distill(student="someone/no-such-model"), "HF_HUB_OFFLINE is set", seconds=20),
     Case("huge context", distill(context="{huge_context}"), "exceeds", seconds=40),
     Case("output dir names a file", distill("-o", "{answered}"), "is a file"),
+    # chat templates
+    Case("template kwargs not JSON", distill("--chat-template-kwargs", "enable_thinking=false"),
+         "--chat-template-kwargs must be a JSON object"),
+    Case("template kwargs a list", ("eval", "--model", "{student}", "--data", "{test}", "--chat-template-kwargs", "[1]"),
+         "--chat-template-kwargs must be a JSON object"),
     # long runs: LoRA students and --resume
     Case("lora rank 0", distill("--lora-rank", "0"), "lora_rank must be at least 1 (leave it out to train every weight)"),
     Case("lora rank negative", distill("--lora-rank", "-4"), "lora_rank must be at least 1"),
@@ -113,7 +118,7 @@ CASES = [
     Case("resume with --overwrite", ("distill", "--resume", "{stateless_run}", "--overwrite"),
          "cannot be combined with --overwrite"),
     Case("resume with other settings", ("distill", "--resume", "{stateless_run}", "--lr", "0.5", "--steps", "9"),
-         "these flags differ from them: --lr (only --steps and --save-every may change)"),
+         "these flags differ from them: --lr (only --steps, --save-every and --show-prompts may change)"),
 ]
 
 

@@ -257,8 +257,13 @@ def interrupt(args: list, cwd: Path, when: Path, signal_number) -> tuple[int, st
     import sys
     import time
 
+    import signal
+
+    def as_in_a_terminal():  # a shell's background job (CI may be one) starts its children ignoring SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen([sys.executable, "-m", "opcd_cli", *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal)
     deadline = time.time() + 120
     while not when.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)

@@ -1,0 +1,73 @@
+"""Plots of runs' per-step metrics: ``metrics.png`` beside every run's ``metrics.jsonl``, and ``opcd plot``.
+
+One panel per metric (loss, top-k mass, mean response tokens, learning rate, gradient norm), the step on the
+x axis, one line per run. matplotlib draws off-screen (the Agg backend); the file is written under a
+temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import OpcdError, first_line
+from .outputs import FILE_MODE
+
+METRICS = (("loss", "loss"), ("topk_mass", "top-k mass"), ("response_tokens", "mean response tokens"),
+           ("lr", "learning rate"), ("grad_norm", "gradient norm"))
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """The per-step rows of a run folder (or of a ``metrics.jsonl`` given directly)."""
+    path = run / METRICS_FILE if run.is_dir() else run
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise OpcdError(f"{run} has no readable {METRICS_FILE} ({e.strerror or e}); give an opcd run folder") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise OpcdError(f"{path}:{number}: not a JSON line ({first_line(e)})") from None
+    return rows
+
+
+def plot_runs(runs: list[tuple[str, list[dict]]], out: Path, title: str | None = None) -> Path:
+    """Draw ``runs`` ((label, metric rows) pairs) into the PNG ``out``; returns ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), constrained_layout=True)
+    for ax, (key, label) in zip(axes, METRICS):
+        for name, rows in runs:
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), label=name, linewidth=1.5)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes[0].legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return out
