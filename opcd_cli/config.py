@@ -416,6 +416,11 @@ RESUMABLE = ("steps", "save_every", "show_prompts")  # what a resumed run may ch
 # checkpoints, and what is printed
 
 
+def _flag_list(keys) -> str:
+    flags = ["--" + k.replace("_", "-") for k in keys]
+    return ", ".join(flags[:-1]) + f" and {flags[-1]}" if len(flags) > 1 else flags[0]
+
+
 def resume_config(run: str, flags: dict[str, Any]) -> DistillConfig:
     """The configuration of the run to continue (its ``.partial`` folder, or a finished run), with ``--steps``
     and ``--save-every`` from ``flags``; any other flag that differs from the run's own setting is an error."""
@@ -433,7 +438,7 @@ def resume_config(run: str, flags: dict[str, Any]) -> DistillConfig:
                        if key not in RESUMABLE and key not in ("output_dir", "overwrite") and settings.get(key) != value)
     if differing:
         raise OpcdError(f"--resume continues {run} with its own settings; these flags differ from them: "
-                        f"{', '.join('--' + k.replace('_', '-') for k in differing)} (only --steps and --save-every "
+                        f"{', '.join('--' + k.replace('_', '-') for k in differing)} (only {_flag_list(RESUMABLE)} "
                         "may change)")
     if given.get("overwrite"):
         raise OpcdError("--resume continues a run where it stopped; it cannot be combined with --overwrite")
