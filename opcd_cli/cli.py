@@ -260,8 +260,6 @@ def plot(
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Draw runs' loss, top-k mass, response length, learning rate and gradient norm per step into one PNG."""
-    from pathlib import Path
-
     from .plots import plot_runs, read_metrics
 
     out = Path(output)

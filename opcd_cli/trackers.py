@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from .config import REPORT_TO  # noqa: F401  (the accepted names, validated with the config)
 from .errors import OpcdError
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}

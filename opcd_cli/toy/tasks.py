@@ -21,7 +21,7 @@ import string
 from dataclasses import dataclass
 from typing import Callable
 
-from ..experience import ITEM_PREFIX, trace_line
+from ..experience import ITEM_PREFIX, trace_line  # noqa: F401  (trace_line: the toy builder reads it here)
 
 LETTERS = string.ascii_lowercase
 CAPITALS = string.ascii_uppercase
