@@ -151,7 +151,7 @@ def load_state(run_dir: Path, *, model, optimizer, scheduler) -> dict:
     returns the saved state (``step``, ``metrics``, ``samplers``, ``extra``)."""
     from safetensors.torch import load_file
 
-    saved_step(run_dir)
+    saved_step(run_dir)  # a clear error for a run without a complete state
     folder = state_folder(run_dir)
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)

@@ -32,17 +32,26 @@ FILE_MODE = 0o666 & ~_umask()  # what a plain open() would give: mkstemp's files
 DIR_MODE = 0o777 & ~_umask()  # what a plain mkdir() would give: mkdtemp's folders are private (0700)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def replaced_file(path: Path):
+    """Write a file whole: yields a temporary path beside ``path``, which replaces ``path`` when the block ends
+    without error and is removed when it does not."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield Path(tmp)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with replaced_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: Path, obj) -> None:

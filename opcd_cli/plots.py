@@ -8,12 +8,10 @@ temporary name and renamed.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from .errors import OpcdError, first_line
-from .outputs import FILE_MODE
+from .outputs import replaced_file
 
 METRICS = (("loss", "loss"), ("topk_mass", "top-k mass"), ("response_tokens", "mean response tokens"),
            ("lr", "learning rate"), ("grad_norm", "gradient norm"))
@@ -57,17 +55,9 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out: Path, title: str | None =
         axes[0].legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with replaced_file(out) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
     return out
