@@ -27,20 +27,27 @@ from .outputs import DIR_MODE, FILE_MODE
 STATE_FILE = "training_state.pt"
 
 
-def save_model(model, tokenizer, folder: Path, dtype: torch.dtype) -> None:
+def save_model(model, tokenizer, folder: Path, dtype: torch.dtype, state: dict | None = None) -> None:
     """``model`` in Hugging Face format at ``folder``, its weights cast to ``dtype`` (master weights stay as they
-    are); the folder appears whole or not at all."""
+    are); the folder appears whole or not at all. A sharded model is gathered and rank 0 writes it. ``state``
+    replaces the model's own state dict (rank 0's is written)."""
+    from .distributed import full_state_dict, plain_class_name, world
+
+    whole = full_state_dict(model) if state is None else state  # every rank takes part when the model is sharded
+    if not world().main:
+        return
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         os.chmod(tmp, DIR_MODE)
-        state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+        state = {k: v.detach().to(dtype) for k, v in whole.items()}
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text())
+        config["architectures"] = [plain_class_name(model)]  # not the class FSDP wraps it in
         if hasattr(model.config, "dtype"):  # record the dtype the weights were saved in, not the training one
-            config = json.loads((tmp / "config.json").read_text())
             config["dtype"] = str(dtype).removeprefix("torch.")
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save_pretrained(tmp)
         if folder.exists():
             _move_into(tmp, folder)
@@ -77,6 +84,7 @@ def set_random_states(states: dict) -> None:
 
 STATE_DIR = "state"  # in the run directory: the latest training state, replaced whole
 WEIGHTS_FILE = "trainable.safetensors"
+SHARDED_DIR = "sharded"  # several processes: weights and optimiser by torch.distributed.checkpoint instead
 STEP_FILE = "step.json"  # the step reached, readable without loading the state
 
 
@@ -92,36 +100,55 @@ def save_state(run_dir: Path, *, step: int, model, optimizer, scheduler, metrics
     full precision), the optimiser, the scheduler, the random states of Python, torch and each sampler, the
     metrics so far. Written to a new folder that then replaces the old one, which is kept until the new one is
     complete: a kill at any instant leaves one complete state (``state``, or ``state.old`` between two renames).
+
+    With several processes every rank writes its shards of the weights and the optimiser with
+    ``torch.distributed.checkpoint`` (``sharded/``, readable at any world size) and rank 0 the rest.
     """
     from safetensors.torch import save_file
 
+    from . import distributed
+
+    world = distributed.world()
     run_dir = Path(run_dir)
     target, old = run_dir / STATE_DIR, run_dir / f"{STATE_DIR}.old"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{STATE_DIR}."))
+    tmp = Path(distributed.broadcast_object(
+        tempfile.mkdtemp(dir=run_dir, prefix=f".{STATE_DIR}.") if world.main else None))
+    randoms = distributed.gather_objects(random_states())  # each rank's own
     try:
-        os.chmod(tmp, DIR_MODE)
-        save_file(trainable_weights(model), str(tmp / WEIGHTS_FILE))
-        torch.save({
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "random": random_states(),
-            "samplers": samplers or {},
-            "metrics": metrics,
-            "extra": extra or {},
-        }, tmp / STATE_FILE)
-        (tmp / STEP_FILE).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
-        for path in tmp.iterdir():
-            os.chmod(path, FILE_MODE)
-        if target.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        if world.active:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            weights, optimizer_state = get_state_dict(model, optimizer)
+            dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=str(tmp / SHARDED_DIR))
+        if world.main:
+            os.chmod(tmp, DIR_MODE)
+            if not world.active:
+                save_file(trainable_weights(model), str(tmp / WEIGHTS_FILE))
+            torch.save({
+                "step": step,
+                "optimizer": None if world.active else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "random": randoms[0],
+                "random_by_rank": randoms,
+                "samplers": samplers or {},
+                "metrics": metrics,
+                "extra": extra or {},
+            }, tmp / STATE_FILE)
+            (tmp / STEP_FILE).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
+            for path in tmp.rglob("*"):
+                os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
+            if target.exists():
+                if old.exists():
+                    shutil.rmtree(old)
+                target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    distributed.barrier()  # no rank goes on (or saves again) before the state is in place
     return target
 
 
@@ -129,7 +156,8 @@ def state_folder(run_dir: Path) -> Path | None:
     """The complete training state of a run, or None: ``state``, else ``state.old`` (a kill between renames)."""
     for name in (STATE_DIR, f"{STATE_DIR}.old"):
         folder = Path(run_dir) / name
-        if all((folder / name).is_file() for name in (STATE_FILE, WEIGHTS_FILE, STEP_FILE)):
+        if all((folder / name).is_file() for name in (STATE_FILE, STEP_FILE)) and (
+                (folder / WEIGHTS_FILE).is_file() or (folder / SHARDED_DIR / ".metadata").is_file()):
             return folder
     return None
 
@@ -148,28 +176,81 @@ def saved_step(run_dir: Path) -> int:
 
 def load_state(run_dir: Path, *, model, optimizer, scheduler) -> dict:
     """Restore the trained weights, the optimiser, the scheduler and the random states saved in ``run_dir``;
-    returns the saved state (``step``, ``metrics``, ``samplers``, ``extra``)."""
-    from safetensors.torch import load_file
+    returns the saved state (``step``, ``metrics``, ``samplers``, ``extra``). A state saved by several processes
+    loads at any world size, one process included; one saved by one process loads into several too."""
+    from . import distributed
 
     saved_step(run_dir)  # a clear error for a run without a complete state
     folder = state_folder(run_dir)
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        weights = load_file(str(folder / WEIGHTS_FILE))
+        if (folder / SHARDED_DIR).is_dir():
+            _load_sharded(folder / SHARDED_DIR, model, optimizer)
+        else:
+            _load_whole(folder, state, model, optimizer)
+    except OpcdError:
+        raise
     except Exception as e:  # a truncated or foreign file
         raise OpcdError(f"cannot read the training state in {folder}: {first_line(e)}") from None
-    params = dict(model.named_parameters())
-    missing = sorted(set(weights) ^ {n for n, p in params.items() if p.requires_grad})
+    scheduler.load_state_dict(state["scheduler"])
+    world, randoms = distributed.world(), state.get("random_by_rank") or [state["random"]]
+    if len(randoms) == world.size:
+        set_random_states(randoms[world.rank])
+    else:  # another world size: the sampling streams cannot continue as they were; each rank starts afresh
+        set_random_states(randoms[0])
+        torch.manual_seed(torch.initial_seed() + 1_000_003 * world.rank + state["step"])
+    return state
+
+
+def _check_names(folder: Path, saved, model, exact: bool = True) -> None:
+    """The saved weights are the model's trained parameters (``exact``), or include them (a sharded state also
+    holds a tied matrix under its second name)."""
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(saved) ^ expected if exact else expected - set(saved))
     if missing:
         raise OpcdError(f"the training state in {folder} does not fit this model (e.g. {missing[0]}); was it made "
                         "with other settings?")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_random_states(state["random"])
-    return state
+
+
+def _load_whole(folder: Path, state: dict, model, optimizer) -> None:
+    """A state saved by one process: ``trainable.safetensors`` and the optimiser's own state dict."""
+    from safetensors.torch import load_file
+
+    from .distributed import is_sharded
+
+    weights = load_file(str(folder / WEIGHTS_FILE))
+    _check_names(folder, weights, model)
+    if not is_sharded(model):
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    whole = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=whole)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimiser's order
+    saved = state["optimizer"]
+    by_name = {"state": {names[i]: value for i, value in saved["state"].items()},
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                for group in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=whole)
+
+
+def _load_sharded(folder: Path, model, optimizer) -> None:
+    """A state saved by several processes, resharded to this world (one process included)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    weights, optimizer_state = get_state_dict(model, optimizer)
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    _check_names(folder.parent, {k.removeprefix("model.") for k in metadata.state_dict_metadata
+                                 if k.startswith("model.")}, model, exact=False)
+    dcp.load({"model": weights, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state)
 
 
 @lru_cache(maxsize=8)

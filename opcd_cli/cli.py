@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,7 @@ from typing import Optional
 import typer
 
 from .config import (
-    CONTEXT_AS, DTYPES, KERNELS, REPORT_TO, SAMPLERS, VERIFIERS, EvalConfig, ExtractConfig, ModelOptions, SamplingOptions,
+    CONTEXT_AS, DTYPES, KERNELS, REPORT_TO, SAMPLERS, TEACHER_SHARDING, VERIFIERS, EvalConfig, ExtractConfig, ModelOptions, SamplingOptions,
     build_distill_config, build_extract_config, parse_template_kwargs, read_recipe, resume_config,
 )
 from .errors import Interrupted, OpcdError
@@ -99,11 +100,15 @@ def distill(
     lora_dropout: Optional[float] = typer.Option(None, help="Dropout on the LoRA inputs (default 0)."),
     lora_targets: Optional[str] = typer.Option(None, help="Modules to adapt: all-linear (default) or names, comma-separated (q_proj,v_proj)."),
     merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="With LoRA, also save the merged model beside the adapter (default: merge)."),
+    teacher_sharding: Optional[str] = typer.Option(None, help=f"Under torchrun: {names(TEACHER_SHARDING)} the teacher across the processes (default replicate: a whole teacher on each)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute the student's activations in the backward pass: less memory, about a third more compute."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Read the model configs only and print the memory plan per device for this launch (no weights loaded, nothing written)."),
+    world_size: Optional[int] = typer.Option(None, help="With --dry-run: plan for this many processes (default: torchrun's WORLD_SIZE, else 1)."),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Distil a context into a student's weights, on-policy (no model arguments: the built-in toy world)."""
     flags = dict(locals())
-    for key in ("recipe", "json_output", "toy_task", "resume"):
+    for key in ("recipe", "json_output", "toy_task", "resume", "dry_run", "world_size"):
         flags.pop(key, None)
     flags["chat_template_kwargs"] = parse_template_kwargs(chat_template_kwargs)
     if resume is not None:
@@ -112,13 +117,33 @@ def distill(
         cfg = resume_config(resume, flags)
     else:
         cfg = build_distill_config(*distill_layers(recipe, toy_task, student, data), flags)
+    main_process = environment_rank() == 0  # under torchrun, rank 0 alone prints
+    ui = UI(quiet=not main_process)
+    if world_size is not None and not dry_run:
+        raise OpcdError("--world-size plans a launch with --dry-run; a real run's world size is torchrun's "
+                        "--nproc-per-node x --nnodes")
+    if world_size is not None and world_size < 1:
+        raise OpcdError(f"--world-size must be at least 1; got {world_size}")
+    if dry_run:
+        from .memory import plan_for, show_plan  # reads configs only
+
+        plan = plan_for(cfg, world_size)
+        show_plan(ui, plan)
+        if json_output and main_process:
+            print_json(plan)
+        return
     from .distill import distill as run_distill  # torch and transformers load here, after the flags are checked
 
-    ui = UI()
     summary = run_distill(cfg, ui, resume=resume is not None)
     show_distill_summary(ui, summary)
-    if json_output:
+    if json_output and main_process:
         print_json(summary)
+
+
+def environment_rank() -> int:
+    """This process's rank under ``torchrun`` (0 outside it), read without loading torch."""
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
+    return int(rank) if rank.isdigit() else 0
 
 
 def distill_layers(recipe: str | None, toy_task: str | None, student: str | None, data: str | None) -> list[dict]:

@@ -30,6 +30,7 @@ SAMPLERS = ("hf", "vllm")
 KERNELS = ("auto", "torch", "triton")
 SCHEDULES = ("constant", "cosine", "linear")
 REPORT_TO = ("none", "tensorboard", "wandb")
+TEACHER_SHARDING = ("replicate", "shard")  # several processes: a whole teacher on each rank, or sharded
 DISTILL_MODES = ("on-policy", "off-policy")
 OFF_POLICY_LOSSES = ("forward-kl", "sft")
 
@@ -168,6 +169,9 @@ class DistillConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"  # or module names, comma-separated (q_proj,v_proj)
     merge: bool = True
+    # several processes (torchrun): the teacher replicated on each rank, or sharded like the student
+    teacher_sharding: str = "replicate"
+    gradient_checkpointing: bool = False  # recompute the student's activations in the backward pass
     show_prompts: int = 1  # rows whose rendered teacher and student prompts are printed before training
     report_to: str = "none"  # also send the per-step metrics to tensorboard or wandb
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
@@ -187,6 +191,7 @@ class DistillConfig:
         _choice("kernel", self.kernel, KERNELS)
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("sampler", self.sampler, SAMPLERS)
+        _choice("teacher_sharding", self.teacher_sharding, TEACHER_SHARDING)
         _fraction("vllm_memory", self.vllm_memory)
         if self.output_dir is not None and not self.output_dir.strip():
             raise OpcdError("--output-dir is empty; give the name of the folder to write (or leave it out for runs/NAME-TIME)")
@@ -412,7 +417,7 @@ def flatten_settings(data: dict[str, Any], source: str = "settings", cls=None) -
     return flat
 
 
-RESUMABLE = ("steps", "save_every", "show_prompts")  # what a resumed run may change: train further, keep
+RESUMABLE = ("steps", "save_every", "show_prompts", "teacher_sharding", "gradient_checkpointing")  # what a resumed run may change: train further, keep
 # checkpoints, and what is printed
 
 

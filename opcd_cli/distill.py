@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import signal
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora, models, trackers
+from . import distributed, lora, models, trackers
 from . import rollouts as rollout_store
 from .checkpoint import load_state, save_model, save_state, saved_step, step_prompts
 from .config import DistillConfig, SamplingOptions
@@ -34,7 +35,7 @@ from .errors import Interrupted, OpcdError
 from .evaluate import EvalResult, evaluate_model, passes, score
 from .loss import DistillLoss, pack
 from .plots import plot_runs
-from .outputs import RUN_MARKER, RunDir, write_json_atomic, write_text_atomic
+from .outputs import RUN_MARKER, FollowerRunDir, RunDir, write_json_atomic, write_text_atomic
 from .prompts import ChatRenderer, Views, build_views
 from .sampling import Sampler, make_sampler, stop_ids
 from .ui import UI
@@ -74,8 +75,10 @@ class Run:
 
     def eval_sampler(self, training: Sampler) -> Sampler:
         """The sampler evaluation uses: the training one for vLLM (one engine, already following the weights),
-        else a Hugging Face sampler on the live student with the evaluation batch size."""
-        return training if training.name == "vllm" else self.sampler("student", self.cfg.eval_batch_size)
+        else a Hugging Face sampler on the live student with the evaluation batch size. With several
+        processes, each generates for its share of the rows and all get every response."""
+        sampler = training if training.name == "vllm" else self.sampler("student", self.cfg.eval_batch_size)
+        return distributed.SplitAcrossRanks(sampler, distributed.world())
 
 
 def distill(cfg: DistillConfig, ui: UI, resume: bool = False) -> dict:
@@ -84,18 +87,63 @@ def distill(cfg: DistillConfig, ui: UI, resume: bool = False) -> dict:
     started = time.time()
     if cfg.student is None:
         raise OpcdError("give --student (or no model arguments at all, to run the built-in toy world)")
-    with terminate_as_interrupt():
-        out = RunDir(cfg.output_dir or cfg.default_output_dir(), cfg.overwrite, resume=resume)  # checked, locked
+    check_world(cfg, distributed.environment())  # before anything loads or starts
+    with terminate_as_interrupt(), distributed.session() as world:
+        out = distributed.agree(lambda: open_output(cfg, resume, world))  # checked and locked by rank 0
+        final = distributed.broadcast_object(str(out.final) if out else None)
+        out = out or FollowerRunDir(final)
         try:
-            if resume:
-                check_resumable(out, cfg.steps)
-            return train(prepare(replace(cfg, output_dir=str(out.final)), out, ui), ui, started, resume)
+            run = distributed.agree(lambda: prepare(replace(cfg, output_dir=str(out.final)), out, ui))
+            return train(distribute(run, world), ui, started, resume)
         except KeyboardInterrupt as e:
             where = f"; the partial run is in {out.partial}" if out.partial.exists() else ""
             code = 128 + signal.SIGTERM.value if isinstance(e, Terminated) else 130
             raise Interrupted(f"{'terminated' if code != 130 else 'interrupted'}{where}", code=code) from None
         finally:
             out.release()
+
+
+def check_world(cfg: DistillConfig, world: distributed.World) -> None:
+    """What several processes need of the settings: a global batch that splits evenly across them."""
+    if not world.active:
+        return
+    per_step = cfg.batch_size * cfg.grad_accum
+    if per_step % world.size:
+        raise OpcdError(f"the global batch (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} = {per_step} "
+                        f"prompts a step) does not split across {world.size} processes; make it a multiple of "
+                        f"{world.size}")
+
+
+def open_output(cfg: DistillConfig, resume: bool, world: distributed.World) -> RunDir | None:
+    """Rank 0 checks and locks the output directory (and, to resume, its saved state); the other ranks write
+    through rank 0 only, and get None."""
+    if not world.main:
+        return None
+    out = RunDir(cfg.output_dir or cfg.default_output_dir(), cfg.overwrite, resume=resume)
+    if resume:
+        try:
+            check_resumable(out, cfg.steps)
+        except OpcdError:
+            out.release()
+            raise
+    return out
+
+
+def distribute(run: Run, world: distributed.World) -> Run:
+    """The prepared run ready for its world: activations recomputed in the backward pass with
+    ``--gradient-checkpointing``; with several processes, the student sharded with FSDP2 (and the teacher too
+    with ``--teacher-sharding shard``), and each rank sampling from its own random stream."""
+    cfg = run.cfg
+    if cfg.gradient_checkpointing:
+        run.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not world.active:
+        return run
+    dtype = models.resolve_dtype(cfg.loading.dtype)
+    distributed.shard(run.student, dtype)
+    if cfg.teacher_sharding == "shard" and not isinstance(run.teacher, lora.AdaptersOff):
+        distributed.shard(run.teacher, dtype)
+    torch.manual_seed(cfg.seed + 1_000_003 * world.rank)  # rank 0's stream is the single process's
+    return run
 
 
 @dataclass
@@ -113,9 +161,11 @@ class Training:
 def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
     """The distillation run on a prepared ``run``: the teacher's work, the evaluation before, the loop, the final
     model, the evaluation after and the summary."""
-    cfg, student = run.cfg, run.student
+    cfg, student, main = run.cfg, run.student, distributed.world().main
     out = run.out.reopen() if resume else run.out.begin()
-    write_json_atomic(out / RUN_MARKER, cfg.to_dict())  # a resumed run's own, with its new --steps
+    if main:
+        write_json_atomic(out / RUN_MARKER, cfg.to_dict())  # a resumed run's own, with its new --steps
+    distributed.barrier()  # the run folder exists for every rank
     inputs = write_inputs(run, out)
     show_prompts(run, ui)
     per_step, sampler = cfg.batch_size * cfg.grad_accum, None
@@ -144,34 +194,39 @@ def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
         if sampler is not None:
             sampler.close()  # a vLLM engine holds its share of memory until closed
     summary = build_summary(run, inputs, training.before, after, training.metrics, sampler, rollouts, started,
-                            train_seconds)
-    write_json_atomic(out / "summary.json", summary)
-    plot_runs([(run.out.final.name, training.metrics)], out / "metrics.png", title=f"opcd distill: {run.out.final.name}")
-    run.out.finish()
+                            train_seconds, distributed.gather_objects(peak_memory_gib()))
+    distributed.barrier()  # every rank has finished before the run is put in place
+    if main:
+        write_json_atomic(out / "summary.json", summary)
+        plot_runs([(run.out.final.name, training.metrics)], out / "metrics.png",
+                  title=f"opcd distill: {run.out.final.name}")
+        run.out.finish()
     return summary
 
 
 def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui: UI) -> float:
     """The steps from ``training.step + 1`` to ``--steps``; returns the seconds they took. SIGINT and SIGTERM stop
     it after the current step, with the state saved."""
-    cfg, student = run.cfg, run.student
+    cfg, student, world = run.cfg, run.student, distributed.world()
     per_step, train_start = cfg.batch_size * cfg.grad_accum, time.time()
     student.train()
-    tracker = trackers.open_tracker(cfg.report_to, out, run.out.final.name, cfg.to_dict())
-    with ui.progress(), (out / "metrics.jsonl").open("a") as log, stop_signals() as stop, \
-            contextlib.closing(tracker):
+    tracker = trackers.open_tracker(cfg.report_to if world.main else "none", out, run.out.final.name, cfg.to_dict())
+    log = (out / "metrics.jsonl").open("a") if world.main else contextlib.nullcontext(io.StringIO())
+    with ui.progress(), log as log, stop_signals() as stop, contextlib.closing(tracker):
         advance = ui.task(f"distill ({cfg.mode})", cfg.steps)
         advance(training.step)
         for step in range(training.step + 1, cfg.steps + 1):
             step_start = time.time()
-            batch = step_prompts(len(run.examples), cfg.seed, step, per_step)
+            # this rank's share of the step's prompts (all of them, as one process)
+            batch = distributed.local_share(step_prompts(len(run.examples), cfg.seed, step, per_step), world)
             # 1. responses: the student's own, sampled without the context (or, off-policy, the teacher's)
             responses = sample(run, sampler, batch) if rollouts is None else [rollouts.responses[i] for i in batch]
+            tokens, ends = step_counts(run, responses)  # over every rank's responses
             # 2-3. the teacher scores the same tokens with the context; the loss, micro-batch by micro-batch
-            sums = backward(run, batch, responses, rollouts)
+            sums = backward(run, batch, responses, rollouts, tokens)
             # 4. one optimiser step, unless the loss or the gradient is not finite; the sampler follows
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-            values = step_values(step, responses, sums, grad_norm, run.out)  # the step's one host sync
+            grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
+            values = step_values(step, tokens, sums, grad_norm, run.out)  # the step's one host sync
             training.optimizer.step()
             training.schedule.step()
             training.optimizer.zero_grad(set_to_none=True)
@@ -179,7 +234,7 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
                 sampler.update_weights(student)
             # 5. log and checkpoint
             training.step = step
-            training.metrics.append(step_record(run, step, responses, values, training.schedule, step_start,
+            training.metrics.append(step_record(step, tokens, ends, per_step, values, training.schedule, step_start,
                                                 train_start))
             log.write(json.dumps(training.metrics[-1]) + "\n")
             log.flush()
@@ -188,7 +243,8 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 save_student(run, out / "checkpoints" / f"step-{step:06d}")
                 save_training_state(run, training, sampler, out)
-            if stop.signal is not None:
+            if distributed.any_rank(stop.signal is not None, sums.device):  # every rank stops after the same step
+                stop.signal = stop.signal or signal.SIGTERM
                 save_training_state(run, training, sampler, out)
                 raise Interrupted(f"stopped after step {step} of {cfg.steps} ({stop.signal.name}); continue with: "
                                   f"opcd distill --resume {run.out.partial}", code=128 + stop.signal.value)
@@ -206,7 +262,12 @@ def save_student(run: Run, folder: Path, final: bool = False) -> None:
     base = models.resolve(cfg.student)
     base = str(Path(base).resolve()) if Path(base).is_dir() else base  # loads from anywhere, without opcd
     lora.save_adapter(run.student, run.tokenizer, folder / "adapter" if final else folder, base)
-    if final and cfg.merge:  # training is over: merge in place (no second copy of the adapted matrices)
+    if final and cfg.merge and distributed.is_sharded(run.student):  # merged as the weights are gathered
+        main, base_model = distributed.world().main, run.student.get_base_model()
+        first = {n.replace(".base_layer.", ".") for n, _ in base_model.named_parameters() if ".lora_" not in n}
+        merged = {name: tensor.cpu() if main else None for name, tensor in lora.plain_weights(run.student)}
+        save_model(base_model, run.tokenizer, folder, dtype, state={k: v for k, v in merged.items() if k in first})
+    elif final and cfg.merge:  # training is over: merge in place (no second copy of the adapted matrices)
         run.student = run.student.merge_and_unload()
         save_model(run.student, run.tokenizer, folder, dtype)
 
@@ -305,12 +366,23 @@ def sample(run: Run, sampler: Sampler, batch: list[int]) -> list[list[int]]:
         return sampler.generate([run.views[i].student_ids for i in batch], run.cfg.sampling)
 
 
-def backward(run: Run, batch: list[int], responses: list[list[int]], rollouts) -> torch.Tensor:
-    """Score the responses micro-batch by micro-batch and accumulate the gradient of the mean loss over the
-    step's response tokens; returns the token sums of (loss, distillation term, consistency term, top-k mass)."""
+def step_counts(run: Run, responses: list[list[int]]) -> tuple[int, int]:
+    """The step's response tokens and the responses that ended by themselves, summed over every rank."""
+    if not distributed.world().active:
+        return sum(map(len, responses)), sum(finished(r, run.stop_ids) for r in responses)
+    counts = torch.tensor([sum(map(len, responses)), sum(finished(r, run.stop_ids) for r in responses)],
+                          dtype=torch.float64, device=models.device())
+    tokens, ends = distributed.all_sum(counts).tolist()
+    return int(tokens), int(ends)
+
+
+def backward(run: Run, batch: list[int], responses: list[list[int]], rollouts, n_tokens: int) -> torch.Tensor:
+    """Score this rank's responses micro-batch by micro-batch and accumulate the gradient of the mean loss over
+    the step's ``n_tokens`` response tokens (every rank's); returns the token sums over every rank of (loss,
+    distillation term, consistency term, top-k mass)."""
     cfg, device, pad_id = run.cfg, models.device(), models.pad_id(run.tokenizer)
     views = [run.views[i] for i in batch]
-    n_tokens = sum(map(len, responses))
+    scale = distributed.world().size / n_tokens  # FSDP averages the ranks' gradients: the sum over ranks is wanted
     sums = torch.zeros(4, device=device)
     for lo in range(0, len(batch), cfg.batch_size):
         part, answers = slice(lo, lo + cfg.batch_size), responses[lo : lo + cfg.batch_size]
@@ -324,16 +396,15 @@ def backward(run: Run, batch: list[int], responses: list[list[int]], rollouts) -
             else:
                 ids_Nk, logprobs_Nk = rollouts.targets(batch[part], cfg.off_policy_loss, device)
                 parts = run.loss.off_policy(student_in, ids_Nk, logprobs_Nk)
-        (parts.total / n_tokens).backward()
+        (parts.total * scale).backward()
         sums += torch.stack([parts.total.detach(), parts.distill, parts.consistency,
                              parts.topk_mass * sum(map(len, answers))])
-    return sums
+    return distributed.all_sum(sums)
 
 
-def step_values(step: int, responses, sums: torch.Tensor, grad_norm: torch.Tensor, out: RunDir) -> dict:
+def step_values(step: int, n_tokens: int, sums: torch.Tensor, grad_norm: torch.Tensor, out: RunDir) -> dict:
     """The step's loss terms and gradient norm as numbers; a non-finite one stops the run before the step is
     applied (so the model is never broken and nothing samples from it)."""
-    n_tokens = sum(map(len, responses))
     loss, distill_loss, consistency_loss, mass, norm = torch.cat([sums / n_tokens, grad_norm.reshape(1)]).tolist()
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise OpcdError(f"step {step}: the loss is {loss} and the gradient norm {norm}: training diverged and stopped "
@@ -343,14 +414,14 @@ def step_values(step: int, responses, sums: torch.Tensor, grad_norm: torch.Tenso
             "grad_norm": norm}
 
 
-def step_record(run: Run, step: int, responses, values: dict, schedule, step_start: float, train_start: float) -> dict:
+def step_record(step: int, n_tokens: int, ends: int, n_responses: int, values: dict, schedule, step_start: float,
+                train_start: float) -> dict:
     """One line of ``metrics.jsonl``."""
-    n_tokens = sum(map(len, responses))
     return {
         "step": step,
         **{key: values[key] for key in ("loss", "distill_loss", "consistency_loss", "topk_mass")},
-        "response_tokens": n_tokens / len(responses),
-        "truncated": sum(not finished(r, run.stop_ids) for r in responses) / len(responses),
+        "response_tokens": n_tokens / n_responses,
+        "truncated": (n_responses - ends) / n_responses,
         "lr": schedule.get_last_lr()[0],
         "grad_norm": values["grad_norm"],
         "tokens_per_s": n_tokens / (time.time() - step_start),
@@ -368,20 +439,32 @@ def saved_rollouts(run: Run, out: Path):
 
 
 def write_inputs(run: Run, out: Path) -> dict[str, str]:
-    """The rows and the context the run used, in its ``data/`` folder; returns their paths."""
-    paths = {}
+    """The rows and the context the run used, in its ``data/`` folder (written by rank 0); returns their paths."""
+    paths, main = {}, distributed.world().main
     for name, rows in (("train", run.examples), ("test", run.eval_examples), ("ood", run.ood_examples)):
         if rows:
-            write_jsonl(out / "data" / f"{name}.jsonl", rows)
+            if main:
+                write_jsonl(out / "data" / f"{name}.jsonl", rows)
             paths[name] = str(run.out.final / "data" / f"{name}.jsonl")
     if run.context is not None:
-        write_text_atomic(out / "data" / "context.txt", run.context + "\n")
+        if main:
+            write_text_atomic(out / "data" / "context.txt", run.context + "\n")
         paths["context"] = str(run.out.final / "data" / "context.txt")
     return paths
 
 
+def peak_memory_gib() -> float:
+    """This process's peak memory so far: the GPU's allocated memory, or the resident memory on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
 def build_summary(run: Run, inputs: dict, before: EvalResult | None, after: EvalResult | None,
-                  metrics: list[dict], sampler: Sampler, rollouts, started: float, train_seconds: float) -> dict:
+                  metrics: list[dict], sampler: Sampler, rollouts, started: float, train_seconds: float,
+                  peak_memory: list[float]) -> dict:
     cfg = run.cfg
     last = metrics[-1] if metrics else {}
     return {
@@ -396,6 +479,8 @@ def build_summary(run: Run, inputs: dict, before: EvalResult | None, after: Eval
         "steps": cfg.steps,
         "seconds": round(time.time() - started, 1),
         "train_seconds": round(train_seconds, 1),
+        "world_size": distributed.world().size,
+        "peak_memory_gib_by_rank": [round(gib, 3) for gib in peak_memory],
         "final_loss": last.get("loss"),
         "final_topk_mass": last.get("topk_mass"),
         "sampler": sampler.name,
@@ -422,10 +507,12 @@ def make_rollouts(run: Run, ui: UI, out: Path, sampler: Sampler) -> rollout_stor
     torch.manual_seed(cfg.seed)
     with ui.progress(), autocast(cfg.loading.dtype):
         advance = ui.task("teacher rollouts", len(prompts))
-        made = rollout_store.generate(run.teacher, sampler, prompts, cfg.sampling, cfg.topk,
+        made = rollout_store.generate(run.teacher, distributed.SplitAcrossRanks(sampler, distributed.world()), prompts, cfg.sampling, cfg.topk,
                                       models.pad_id(run.tokenizer), cfg.batch_size,
                                       rollouts_fingerprint(cfg, run.context, run.examples, run.views), advance)
-    rollout_store.save(Path(cfg.rollouts) if cfg.rollouts else out / "rollouts", made)
+    if distributed.world().main:
+        rollout_store.save(Path(cfg.rollouts) if cfg.rollouts else out / "rollouts", made)
+    distributed.barrier()
     return made
 
 
@@ -576,7 +663,7 @@ def evaluate_teacher(run: Run, ui: UI, sampler: Sampler) -> float:
     with ui.progress(), autocast(cfg.loading.dtype):
         torch.manual_seed(cfg.seed)
         advance = ui.task("eval before: teacher with context", len(run.eval_examples))
-        return score(sampler, run.teacher_renderer, run.eval_examples, context=run.context, context_as=cfg.context_as,
+        return score(distributed.SplitAcrossRanks(sampler, distributed.world()), run.teacher_renderer, run.eval_examples, context=run.context, context_as=cfg.context_as,
                      sampling=greedy(cfg), verifier=cfg.verifier, advance=advance).accuracy
 
 

@@ -97,13 +97,18 @@ class AdaptersOff(torch.nn.Module):
 
 
 def plain_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every parameter under the base model's own names (tied tensors under each name), one at a time; an
+    """Every parameter under the base model's own names (tied tensors under each name), one at a time (gathered
+    whole when the model is sharded); an
     adapted matrix is merged (``W + scale * B @ A``, summed in float32) without changing the live model."""
     if not is_lora(model):
+        from .distributed import whole
+
         for name, p in model.named_parameters(remove_duplicate=False):
-            yield name, p.detach()
+            yield name, whole(p.detach())  # a sharded parameter gathered, one at a time
         return
     from peft.tuners.lora import LoraLayer
+
+    from .distributed import whole
 
     base = model.get_base_model()
     adapted = {f"{name}.base_layer.weight": module for name, module in base.named_modules()
@@ -114,21 +119,42 @@ def plain_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         plain = name.replace(".base_layer.", ".")
         module = adapted.get(name)
         if module is None:
-            yield plain, p.detach()
+            yield plain, whole(p.detach())
             continue
         with torch.no_grad():
-            merged = p.detach().float()
+            merged = whole(p.detach()).float()
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    merged = merged + module.get_delta_weight(adapter).float()
+                    merged = merged + delta_weight(module, adapter)
         yield plain, merged
+
+
+def delta_weight(module, adapter: str) -> torch.Tensor:
+    """What adapter ``adapter`` adds to a linear layer's weight, in float32: PEFT's own ``get_delta_weight``, or
+    the same product of the gathered factors when the model is sharded."""
+    from .distributed import is_sharded, whole
+
+    factors = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    if not any(isinstance(t, torch.distributed.tensor.DTensor) for t in factors) and not is_sharded(module):
+        return module.get_delta_weight(adapter).float()
+    a, b = (whole(t.detach()).float() for t in factors)
+    delta = b @ a
+    return (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
 
 
 def save_adapter(model, tokenizer, folder: Path, base_source: str) -> None:
     """The adapters in PEFT's format at ``folder`` (float32, as trained), with the tokenizer and the base model's
-    location; the folder appears whole or not at all."""
+    location; the folder appears whole or not at all. A sharded model's adapters are gathered (one at a time)
+    and rank 0 writes them."""
+    from .distributed import is_sharded, whole, world
+
+    state = None
+    if is_sharded(model):
+        state = {name: whole(p.detach()).cpu() for name, p in model.named_parameters() if p.requires_grad}
+        if not world().main:
+            return
     with replaced_folder(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({} if state is None else {"state_dict": state}))
         config = json.loads((tmp / ADAPTER_CONFIG).read_text())
         config["base_model_name_or_path"] = base_source  # a folder or hub id that loads without opcd
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -199,3 +199,22 @@ class RunDir:
         if old is not None:
             shutil.rmtree(old)
         return self.final
+
+
+class FollowerRunDir(RunDir):
+    """Another process's view of rank 0's run directory (several processes under torchrun): the same paths;
+    rank 0 alone checks, locks, creates and renames it."""
+
+    def __init__(self, path: str):
+        self.final = Path(path)
+        self.partial = self.final.with_name(self.final.name + ".partial")
+        self.overwrite, self._lock, self._made = False, None, []
+
+    def begin(self) -> Path:
+        return self.partial
+
+    def reopen(self) -> Path:
+        return self.partial
+
+    def finish(self) -> Path:
+        return self.final

@@ -118,7 +118,7 @@ CASES = [
     Case("resume with --overwrite", ("distill", "--resume", "{stateless_run}", "--overwrite"),
          "cannot be combined with --overwrite"),
     Case("resume with other settings", ("distill", "--resume", "{stateless_run}", "--lr", "0.5", "--steps", "9"),
-         "these flags differ from them: --lr (only --steps, --save-every and --show-prompts may change)"),
+         "these flags differ from them: --lr (only --steps, --save-every, --show-prompts, --teacher-sharding and --gradient-checkpointing may change)"),
 ]
 
 

@@ -19,12 +19,16 @@ def test_there_are_toy_and_paper_recipes():
     names = {p.stem for p in RECIPES}
     assert {"toy-shift", "toy-codes", "toy-codes-extract", "qwen3-8b-to-1.7b-experience"} <= names
     assert any("llama-3.2-3b" in n for n in names)
+    assert {"qwen3-8b-experience-8gpu", "qwen3-8b-experience-2nodes"} <= names  # the paper's settings, scaled out
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_opens_with_its_command_and_is_valid(recipe):
     first = recipe.read_text().splitlines()[0]
-    assert first.startswith(f"# opcd {command_of(recipe)} --recipe recipes/{recipe.name}")
+    if first.startswith("# torchrun "):  # several processes: the launch command comes first
+        assert f" -m opcd_cli {command_of(recipe)} --recipe recipes/{recipe.name}" in first
+    else:
+        assert first.startswith(f"# opcd {command_of(recipe)} --recipe recipes/{recipe.name}")
     if command_of(recipe) == "extract":
         assert build_extract_config(read_recipe(recipe, ExtractConfig)).model is not None
         return

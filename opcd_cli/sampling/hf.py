@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from ..config import SamplingOptions
+from ..distributed import is_sharded
 from ..models import pad_id
 
 
@@ -19,6 +20,7 @@ class HFSampler:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.stop = set(stop)
         self.pad_id = pad_id(tokenizer)
+        self.sharded = is_sharded(model)
 
     def update_weights(self, model) -> None:
         self.model = model
@@ -64,8 +66,9 @@ class HFSampler:
         for row, ids in enumerate(prompts):  # left padding, so every prompt ends where generation starts
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
-        generated = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
+        generated = self.model.generate(  # a sharded model: every rank steps until all are done
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config,
+            synced_gpus=self.sharded,
         )[:, width:].tolist()
         return [self._cut(ids) for ids in generated]
 

@@ -21,6 +21,12 @@ name. So every name of a shared tensor is sent (``named_parameters(remove_duplic
 checkpoint of the model would hold); the test in ``tests/test_sampling_vllm.py`` checks that the engine's
 log-probabilities equal the trainer's after training steps.
 
+Several processes (``torchrun``): each rank runs its own engine on its own device, data parallel (vLLM's
+``external_launcher`` backend, as TRL's colocate mode does), for its own share of the prompts. Each request's
+seed follows from its place in the whole batch, not in the rank's share, so a world of any size samples what
+one process samples. The weight push gathers the sharded student one parameter at a time (``full_tensor`` of
+each shard, as the engine consumes it): the whole model is never held at once.
+
 The teacher is not run here: vLLM reports log-probabilities only for its own top tokens, and the loss needs
 the teacher's at the student's top-k, so the teacher keeps scoring in the trainer (``loss.py``).
 
@@ -32,6 +38,7 @@ engine may fill, including what this process already holds.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import logging
@@ -100,6 +107,12 @@ class VLLMSampler:
         # vLLM caches its environment once an engine has started, so the setting stays for the process.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         sleep = sleep_between_batches and torch.cuda.is_available() and _sleep_mode_available()
+        from ..distributed import world
+
+        self.world = world()
+        if self.world.active:  # one engine per rank, on the rank's own device, each with its share of prompts
+            engine_options = {"distributed_executor_backend": "external_launcher",
+                              "data_parallel_size": self.world.size, **engine_options}
         try:
             self.llm = vllm.LLM(
                 model=source,
@@ -136,6 +149,7 @@ class VLLMSampler:
         resumed run)."""
         sampled = options.temperature > 0
         self.calls += 1
+        first = self.world.rank * len(prompts)  # the place of this rank's share in the whole batch
         params = [self._vllm.SamplingParams(
             n=options.n,
             temperature=options.temperature,
@@ -144,7 +158,7 @@ class VLLMSampler:
             max_tokens=options.max_new_tokens,
             stop_token_ids=sorted(self.stop),
             detokenize=False,
-            seed=(self.seed * 1_000_003 + self.calls * 100_003 + i) % 2**31 if sampled else None,
+            seed=(self.seed * 1_000_003 + self.calls * 100_003 + first + i) % 2**31 if sampled else None,
         ) for i in range(len(prompts))]
         outputs = self._run([{"prompt_token_ids": [int(t) for t in p]} for p in prompts], params)
         responses = []
@@ -169,7 +183,8 @@ class VLLMSampler:
         # reload finishes each layer after it; its loaders cast to the engine's dtype and device
         from ..lora import plain_weights
 
-        self.llm.collective_rpc(_load_into_worker, args=(list(plain_weights(model)),))
+        weights = plain_weights(model)  # one parameter at a time (gathered by every rank, in the same order)
+        self.llm.collective_rpc(_load_into_worker, args=(weights if self.world.active else list(weights),))
         self.llm.reset_prefix_cache()
 
     # --- for tests and benchmarks --------------------------------------------------------------------
@@ -186,11 +201,12 @@ class VLLMSampler:
         """Shut the engine down and release its memory (the object cannot generate afterwards)."""
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
-            shutdown = getattr(llm.llm_engine, "engine_core", None)
-            if shutdown is not None and hasattr(shutdown, "shutdown"):
-                shutdown.shutdown()
-            del llm
-            gc.collect()  # the engine's KV cache is freed only once nothing refers to it
+            with _keep_default_process_group():
+                shutdown = getattr(llm.llm_engine, "engine_core", None)
+                if shutdown is not None and hasattr(shutdown, "shutdown"):
+                    shutdown.shutdown()
+                del llm
+                gc.collect()  # the engine's KV cache is freed only once nothing refers to it
 
     # --- internals -----------------------------------------------------------------------------------
 
@@ -222,6 +238,26 @@ def _load_into_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
     # an older vLLM without in-place reload: load straight into the model, which is enough on GPUs (their
     # layers read their parameters directly) but not on CPUs (pre-packed weights)
     worker.model_runner.model.load_weights(iter(weights))
+
+
+@contextlib.contextmanager
+def _keep_default_process_group():
+    """vLLM's shutdown destroys the default process group, which a run under torchrun still needs: only its
+    own groups go."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        yield
+        return
+    destroy = torch.distributed.destroy_process_group
+
+    def destroy_own(group=None):
+        if group is not None:
+            destroy(group)
+
+    torch.distributed.destroy_process_group = destroy_own
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
 
 
 def _advice(message: str) -> str:
