@@ -454,12 +454,17 @@ def write_inputs(run: Run, out: Path) -> dict[str, str]:
 
 
 def peak_memory_gib() -> float:
-    """This process's peak memory so far: the GPU's allocated memory, or the resident memory on a CPU."""
+    """This process's peak memory so far: the GPU's allocated memory, or the resident memory on a CPU (Linux's
+    VmHWM: ``ru_maxrss`` would carry over the peak of a parent that forked this process)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1024**3
-    import resource
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024**2  # KiB
+    except (OSError, StopIteration, ValueError):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
 def build_summary(run: Run, inputs: dict, before: EvalResult | None, after: EvalResult | None,

@@ -6,16 +6,22 @@ gives (``WORLD_SIZE``) or ``--world-size`` asks for, is:
 
 * student weights: float32 master weights (a LoRA student: the frozen base in the compute dtype and float32
   adapters), sharded across the world by FSDP2;
-* gradients (float32) and AdamW's two moments (float32) of what trains, sharded the same way;
+* gradients (float32) and AdamW's two moments (float32) of what trains, sharded the same way, and the float32
+  temporaries of AdamW's (foreach) step, one more copy of what trains;
 * gathered by FSDP2: the root group (embeddings, final norm, output layer) whole for the length of the step,
   and one decoder layer at a time, with the next prefetched, in the compute dtype;
 * teacher: its weights in the compute dtype, whole on each device or sharded (``--teacher-sharding``); none
   for a LoRA student's default teacher (the base with the adapters off);
-* vLLM: the share of the device the engine reserves (``--vllm-memory``, weights and KV cache);
+* vLLM: the share of the device the engine reserves (``--vllm-memory``, weights and KV cache), in bytes when
+  this machine has the GPU, else stated as a share beside the totals;
 * activations kept for the backward pass per 1,000 tokens of a micro-batch (prompt and response): each
   decoder layer keeps its inputs, its attention's queries, keys, values and output and its MLP's
   intermediates; with ``--gradient-checkpointing`` only each layer's input, plus one layer's worth while it is
-  recomputed. The loss's own memory is left out: the fused kernels hold a chunk of the vocabulary at a time.
+  recomputed;
+* loss working memory: the fused loss computes the output layer's float32 weight gradient in its forward
+  pass and keeps it for the backward, beside one chunk of float32 temporaries over the vocabulary (its
+  budget, ``TORCH_CHUNK_BYTES``); with tied embeddings the input embedding's dense gradient joins it before
+  the two are summed. The logits over the whole vocabulary are never held.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ class Shape:
     intermediate: int
     attention_width: int  # query heads x head size
     kv_width: int  # key-value heads x head size
+    output_rows: int  # rows of the output layer (the vocabulary, maybe padded)
+    output_trains: bool  # whether the output layer trains (not with LoRA)
+    tied: bool  # the output layer is the input embedding matrix
 
 
 def model_shape(name: str, lora_rank: int | None = None, lora_alpha=None, lora_targets: str = "all-linear",
@@ -64,7 +73,7 @@ def model_shape(name: str, lora_rank: int | None = None, lora_alpha=None, lora_t
     layers = distributed.decoder_layers(model)
     sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     largest = max(sizes, default=parameters)
-    trainable = parameters
+    trainable, output_rows = parameters, model.get_output_embeddings().weight.shape[0]
     if lora_rank is not None:
         model = lora.add_adapters(model, lora_rank, lora_alpha, 0.0, lora_targets)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -73,7 +82,9 @@ def model_shape(name: str, lora_rank: int | None = None, lora_alpha=None, lora_t
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     return Shape(parameters, trainable, largest, parameters - sum(sizes), len(layers) or 1, text.hidden_size,
-                 getattr(text, "intermediate_size", 4 * text.hidden_size), heads * head_dim, kv_heads * head_dim)
+                 getattr(text, "intermediate_size", 4 * text.hidden_size), heads * head_dim, kv_heads * head_dim,
+                 output_rows, lora_rank is None,
+                 model.get_output_embeddings().weight is model.get_input_embeddings().weight)
 
 
 def activation_elements_per_token(shape: Shape, checkpointing: bool) -> float:
@@ -102,6 +113,7 @@ def estimate(student: Shape, teacher: Shape | None, *, world: int, compute, lora
         rows["student weights"] = student.parameters * 4 / shards
     rows["gradients"] = student.trainable * 4 / shards
     rows["optimizer (AdamW)"] = student.trainable * 8 / shards
+    rows["optimizer step temporaries"] = student.trainable * 4 / shards  # AdamW's foreach step: one float32 copy
     # FSDP2 holds the root group (embeddings, output layer) whole through the forward and backward, and one
     # decoder layer at a time with the next prefetched
     rows["gathered by FSDP2"] = (2 * student.largest_layer + student.outside_layers) * compute_bytes if world > 1 else 0
@@ -110,6 +122,13 @@ def estimate(student: Shape, teacher: Shape | None, *, world: int, compute, lora
         rows["teacher"] = teacher.parameters * compute_bytes / split
     else:  # a frozen copy of the student's initial weights; none for LoRA (the base with its adapters off)
         rows["teacher"] = 0 if lora else student.parameters * compute_bytes / split
+    # the fused loss makes the output layer's float32 weight gradient in its forward and keeps it until the
+    # backward, beside one chunk of float32 temporaries over the vocabulary; a tied matrix also gets the input
+    # embedding's dense gradient before the two are summed
+    from .kernels.torch_chunked import TORCH_CHUNK_BYTES
+
+    matrix = student.output_rows * student.hidden * 4 if student.output_trains else 0
+    rows["loss working memory"] = matrix * (2 if student.tied else 1) + TORCH_CHUNK_BYTES
     if vllm_bytes is not None:
         rows["vLLM engine"] = vllm_bytes
     per_1k = 1000 * activation_elements_per_token(student, checkpointing) * 4  # float32 on CPUs
@@ -131,7 +150,7 @@ def plan_for(cfg: DistillConfig, world_size: int | None = None) -> dict:
     rows, per_1k = estimate(student, teacher, world=world, compute=compute, lora=lora,
                             teacher_sharding=cfg.teacher_sharding, checkpointing=cfg.gradient_checkpointing,
                             consistency=cfg.consistency_weight > 0,
-                            vllm_bytes=cfg.vllm_memory * device_memory() if cfg.sampler == "vllm" else None)
+                            vllm_bytes=vllm_bytes(cfg))
     fixed = sum(rows.values())
     prompt = longest_prompt(cfg)
     rows_per_micro_batch = min(cfg.batch_size, cfg.batch_size * cfg.grad_accum // world)
@@ -146,6 +165,7 @@ def plan_for(cfg: DistillConfig, world_size: int | None = None) -> dict:
         "teacher_sharding": cfg.teacher_sharding,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "gib": {k: v / GIB for k, v in rows.items()},
+        "vllm_share": cfg.vllm_memory if cfg.sampler == "vllm" else None,
         "fixed_gib": fixed / GIB,
         "activations_gib_per_1k_tokens": per_1k / GIB,
         "longest_prompt_tokens": prompt,
@@ -168,13 +188,14 @@ def longest_prompt(cfg: DistillConfig) -> int:
     return max(len(v.student_ids) for v in views)
 
 
-def device_memory() -> int:
-    """The memory of the device a run would use: the first GPU's, or the host's."""
+def vllm_bytes(cfg: DistillConfig) -> float | None:
+    """What the vLLM engine reserves on this machine's first GPU (``--vllm-memory`` of it); None without vLLM or
+    without a GPU here (a plan made on a laptop for a cluster states the share instead)."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if cfg.sampler != "vllm" or not torch.cuda.is_available():
+        return None
+    return cfg.vllm_memory * torch.cuda.get_device_properties(0).total_memory
 
 
 def size(gib: float | None) -> str:
@@ -191,6 +212,8 @@ def show_plan(ui, plan: dict) -> None:
     rows.append([f"total at the longest micro-batch ({plan['micro_batch_tokens_at_most']:,} tokens: prompts up to "
                  f"{plan['longest_prompt_tokens']:,}, responses up to max_new_tokens)",
                  size(plan["total_gib_at_longest_micro_batch"])])
+    if plan["vllm_share"] is not None and "vLLM engine" not in plan["gib"]:
+        rows.append(["vLLM engine (not in the totals: no GPU here)", f"{100 * plan['vllm_share']:.0f}% of each GPU"])
     ui.table(f"memory per device: {plan['world_size']} process(es), {plan['compute_dtype']} compute, "
              f"{plan['trainable_parameters']:,} of {plan['student_parameters']:,} student parameters train",
              ["", "memory"], rows)

@@ -119,6 +119,13 @@ CASES = [
          "cannot be combined with --overwrite"),
     Case("resume with other settings", ("distill", "--resume", "{stateless_run}", "--lr", "0.5", "--steps", "9"),
          "these flags differ from them: --lr (only --steps, --save-every, --show-prompts, --teacher-sharding and --gradient-checkpointing may change)"),
+    # several processes (torchrun's own cases are in test_distributed.py)
+    Case("unknown teacher sharding", distill("--teacher-sharding", "everywhere"),
+         "teacher_sharding must be one of replicate, shard"),
+    Case("world size without a dry run", distill("--world-size", "8"), "--world-size plans a launch with --dry-run"),
+    Case("world size zero", distill("--dry-run", "--world-size", "0"), "--world-size must be at least 1; got 0"),
+    Case("bad WORLD_SIZE", distill(), "WORLD_SIZE, RANK and LOCAL_RANK must be integers",
+         env={"WORLD_SIZE": "two", "RANK": "0"}),
 ]
 
 
