@@ -140,6 +140,14 @@ def distill(
         print_json(summary)
 
 
+def one_process_only(command: str) -> None:
+    """``opcd eval`` and ``opcd extract`` run as one process: under torchrun every rank would do the whole work
+    and write the same files."""
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        raise OpcdError(f"opcd {command} runs as one process; start it without torchrun (opcd distill is the "
+                        "command that runs on several)")
+
+
 def environment_rank() -> int:
     """This process's rank under ``torchrun`` (0 outside it), read without loading torch."""
     rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
@@ -213,6 +221,7 @@ def extract(
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Turn a model's own right and wrong attempts into experience items (no model arguments: the toy world)."""
+    one_process_only("extract")
     flags = dict(locals())
     for key in ("recipe", "json_output"):
         flags.pop(key, None)
@@ -260,6 +269,7 @@ def eval_command(
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Accuracy of one or more models, without the context and (when one is given) with it."""
+    one_process_only("eval")
     cfg = EvalConfig(
         models=tuple(model), data=data, ood_data=ood_data, best=best, context=context, context_as=context_as, verifier=verifier,
         batch_size=batch_size, seed=seed, limit=limit, sampler=sampler, vllm_memory=vllm_memory, vllm_eager=vllm_eager,

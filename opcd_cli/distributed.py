@@ -64,8 +64,10 @@ def world() -> World:
 
 
 @contextlib.contextmanager
-def session(timeout_minutes: float = 30.0) -> Iterator[World]:
-    """The process group of a run launched by ``torchrun``; as one process, nothing is started."""
+def session(timeout_minutes: float = 120.0) -> Iterator[World]:
+    """The process group of a run launched by ``torchrun``; as one process, nothing is started. A collective
+    waits up to ``timeout_minutes`` for the slowest rank (long rollouts on one rank keep the others waiting; a
+    rank that fails ends the others at once, through torchrun)."""
     global _WORLD
     current = environment()
     if not current.active or torch.distributed.is_initialized():

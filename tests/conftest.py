@@ -51,6 +51,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def write_small_eval(folder: Path, test: int, ood: int) -> Path:
+    """``test.jsonl`` and ``ood.jsonl`` of the toy's codes task in ``folder``, few rows each, so that end-to-end
+    runs spend their time training."""
+    from opcd_cli.toy import world
+
+    splits = world.splits("codes", train=64, val=4, test=test, ood_per_kind=2)
+    write_jsonl(folder / "test.jsonl", splits.test)
+    write_jsonl(folder / "ood.jsonl", splits.ood[:ood])
+    return folder
+
+
 @pytest.fixture
 def toy_files(tmp_path) -> dict[str, Path]:
     """A small slice of the toy world's `shift` task as files: train prompts, test rows, OOD rows, context."""

@@ -126,6 +126,8 @@ CASES = [
     Case("world size zero", distill("--dry-run", "--world-size", "0"), "--world-size must be at least 1; got 0"),
     Case("bad WORLD_SIZE", distill(), "WORLD_SIZE, RANK and LOCAL_RANK must be integers",
          env={"WORLD_SIZE": "two", "RANK": "0"}),
+    Case("eval under torchrun", ("eval", "--model", "{student}", "--data", "{test}"),
+         "opcd eval runs as one process; start it without torchrun", env={"WORLD_SIZE": "2", "RANK": "1"}),
 ]
 
 

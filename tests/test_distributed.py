@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import write_jsonl, write_small_eval
 
 TOLERANCE = 1e-4  # the bound; float32 sums in another order differ by about 1e-7
 RUN = ["--temperature", "0", "--batch-size", "2", "--grad-accum", "4", "--eval-data", "test.jsonl",
@@ -82,13 +82,7 @@ def assert_weights_match(folder: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    from opcd_cli.toy import world
-
-    folder = tmp_path_factory.mktemp("distributed")
-    splits = world.splits("codes", train=64, val=4, test=10, ood_per_kind=2)
-    write_jsonl(folder / "test.jsonl", splits.test)
-    write_jsonl(folder / "ood.jsonl", splits.ood[:4])
-    return folder
+    return write_small_eval(tmp_path_factory.mktemp("distributed"), test=10, ood=4)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import write_small_eval
 
 STEPS = ["--steps", "6", "--save-every", "2", "--no-eval-before", "--batch-size", "8"]
 
@@ -53,13 +53,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def small_eval(tmp_path_factory) -> Path:
     """Few evaluation rows, so that the runs spend their time training."""
-    from opcd_cli.toy import world
-
-    folder = tmp_path_factory.mktemp("resume")
-    splits = world.splits("codes", train=64, val=4, test=12, ood_per_kind=2)
-    write_jsonl(folder / "test.jsonl", splits.test)
-    write_jsonl(folder / "ood.jsonl", splits.ood[:6])
-    return folder
+    return write_small_eval(tmp_path_factory.mktemp("resume"), test=12, ood=6)
 
 
 @pytest.mark.slow  # three toy runs and two resumes, two at a time
