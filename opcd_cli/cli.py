@@ -186,6 +186,11 @@ def show_distill_summary(ui: UI, summary: dict) -> None:
             for label, key in DISTILL_ROWS if key in before or key in after]
     if rows:
         ui.table("accuracy", ["", "before", "after"], rows)
+    phases = summary.get("time_by_phase") or {}
+    if phases:
+        ui.table(f"time per step ({phases['step_seconds']:.2f} s)", ["", "seconds", "share"],
+                 [[name.replace("_", " "), f"{seconds:.3f}", percent(phases["shares"][name])]
+                  for name, seconds in phases["seconds"].items()])
     ui.info(f"{summary['steps']} steps in {summary['seconds']:.0f} s; student saved to {summary['output_dir']}")
 
 

@@ -38,6 +38,7 @@ from .plots import plot_runs
 from .outputs import RUN_MARKER, FollowerRunDir, RunDir, write_json_atomic, write_text_atomic
 from .prompts import ChatRenderer, Views, build_views
 from .sampling import Sampler, make_sampler, stop_ids
+from .timing import PHASES, StepTimer
 from .ui import UI
 
 
@@ -212,6 +213,7 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
     student.train()
     tracker = trackers.open_tracker(cfg.report_to if world.main else "none", out, run.out.final.name, cfg.to_dict())
     log = (out / "metrics.jsonl").open("a") if world.main else contextlib.nullcontext(io.StringIO())
+    timer = StepTimer(models.device())  # one host synchronisation a step, at its end
     with ui.progress(), log as log, stop_signals() as stop, contextlib.closing(tracker):
         advance = ui.task(f"distill ({cfg.mode})", cfg.steps)
         advance(training.step)
@@ -220,22 +222,26 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
             # this rank's share of the step's prompts (all of them, as one process)
             batch = distributed.local_share(step_prompts(len(run.examples), cfg.seed, step, per_step), world)
             # 1. responses: the student's own, sampled without the context (or, off-policy, the teacher's)
-            responses = sample(run, sampler, batch) if rollouts is None else [rollouts.responses[i] for i in batch]
+            with timer.phase("rollouts"):
+                responses = sample(run, sampler, batch) if rollouts is None else [rollouts.responses[i] for i in batch]
             tokens, ends = step_counts(run, responses)  # over every rank's responses
             # 2-3. the teacher scores the same tokens with the context; the loss, micro-batch by micro-batch
-            sums = backward(run, batch, responses, rollouts, tokens)
+            sums = backward(run, batch, responses, rollouts, tokens, timer)
             # 4. one optimiser step, unless the loss or the gradient is not finite; the sampler follows
-            grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
+            with timer.phase("optimizer"):
+                grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
             values = step_values(step, tokens, sums, grad_norm, run.out)  # the step's one host sync
-            training.optimizer.step()
-            training.schedule.step()
-            training.optimizer.zero_grad(set_to_none=True)
+            with timer.phase("optimizer"):
+                training.optimizer.step()
+                training.schedule.step()
+                training.optimizer.zero_grad(set_to_none=True)
             if rollouts is None:
-                sampler.update_weights(student)
+                with timer.phase("weight_push"):
+                    sampler.update_weights(student)
             # 5. log and checkpoint
             training.step = step
             training.metrics.append(step_record(step, tokens, ends, per_step, values, training.schedule, step_start,
-                                                train_start))
+                                                train_start, timer.seconds()))
             log.write(json.dumps(training.metrics[-1]) + "\n")
             log.flush()
             tracker.log(step, training.metrics[-1])
@@ -376,7 +382,8 @@ def step_counts(run: Run, responses: list[list[int]]) -> tuple[int, int]:
     return int(tokens), int(ends)
 
 
-def backward(run: Run, batch: list[int], responses: list[list[int]], rollouts, n_tokens: int) -> torch.Tensor:
+def backward(run: Run, batch: list[int], responses: list[list[int]], rollouts, n_tokens: int,
+             timer: StepTimer) -> torch.Tensor:
     """Score this rank's responses micro-batch by micro-batch and accumulate the gradient of the mean loss over
     the step's ``n_tokens`` response tokens (every rank's); returns the token sums over every rank of (loss,
     distillation term, consistency term, top-k mass)."""
@@ -392,11 +399,12 @@ def backward(run: Run, batch: list[int], responses: list[list[int]], rollouts, n
                 teacher_in = pack([v.teacher_ids for v in views[part]], answers, pad_id, device)
                 context_in = (pack([v.student_context_ids for v in views[part]], answers, pad_id, device)
                               if cfg.consistency_weight > 0 else None)
-                parts = run.loss.on_policy(student_in, teacher_in, context_in)
+                parts = run.loss.on_policy(student_in, teacher_in, context_in, timer)
             else:
                 ids_Nk, logprobs_Nk = rollouts.targets(batch[part], cfg.off_policy_loss, device)
-                parts = run.loss.off_policy(student_in, ids_Nk, logprobs_Nk)
-        (parts.total * scale).backward()
+                parts = run.loss.off_policy(student_in, ids_Nk, logprobs_Nk, timer)
+        with timer.phase("backward"):
+            (parts.total * scale).backward()
         sums += torch.stack([parts.total.detach(), parts.distill, parts.consistency,
                              parts.topk_mass * sum(map(len, answers))])
     return distributed.all_sum(sums)
@@ -415,8 +423,8 @@ def step_values(step: int, n_tokens: int, sums: torch.Tensor, grad_norm: torch.T
 
 
 def step_record(step: int, n_tokens: int, ends: int, n_responses: int, values: dict, schedule, step_start: float,
-                train_start: float) -> dict:
-    """One line of ``metrics.jsonl``."""
+                train_start: float, phases: dict[str, float]) -> dict:
+    """One line of ``metrics.jsonl``; ``phases`` the step's seconds by phase (``timing.PHASES``)."""
     return {
         "step": step,
         **{key: values[key] for key in ("loss", "distill_loss", "consistency_loss", "topk_mass")},
@@ -425,6 +433,8 @@ def step_record(step: int, n_tokens: int, ends: int, n_responses: int, values: d
         "lr": schedule.get_last_lr()[0],
         "grad_norm": values["grad_norm"],
         "tokens_per_s": n_tokens / (time.time() - step_start),
+        "step_seconds": round(time.time() - step_start, 4),
+        "seconds_by_phase": {name: round(phases[name], 4) for name in PHASES if name in phases},
         "seconds": round(time.time() - train_start, 3),
     }
 
@@ -451,6 +461,20 @@ def write_inputs(run: Run, out: Path) -> dict[str, str]:
             write_text_atomic(out / "data" / "context.txt", run.context + "\n")
         paths["context"] = str(run.out.final / "data" / "context.txt")
     return paths
+
+
+def time_by_phase(metrics: list[dict]) -> dict:
+    """Seconds per step by phase, averaged over the steps, and each phase's share of the step time (``other``:
+    what no phase holds, such as counting tokens across ranks and logging)."""
+    timed = [m for m in metrics if "seconds_by_phase" in m]
+    if not timed:
+        return {}
+    step = sum(m["step_seconds"] for m in timed) / len(timed)
+    per_step = {name: sum(m["seconds_by_phase"].get(name, 0.0) for m in timed) / len(timed) for name in PHASES}
+    per_step = {name: seconds for name, seconds in per_step.items() if seconds > 0}
+    per_step["other"] = max(0.0, step - sum(per_step.values()))
+    return {"step_seconds": round(step, 4), "seconds": {k: round(v, 4) for k, v in per_step.items()},
+            "shares": {k: round(v / step, 4) if step > 0 else 0.0 for k, v in per_step.items()}}
 
 
 def peak_memory_gib() -> float:
@@ -488,6 +512,7 @@ def build_summary(run: Run, inputs: dict, before: EvalResult | None, after: Eval
         "peak_memory_gib_by_rank": [round(gib, 3) for gib in peak_memory],
         "final_loss": last.get("loss"),
         "final_topk_mass": last.get("topk_mass"),
+        "time_by_phase": time_by_phase(metrics),
         "sampler": sampler.name,
         "rollouts": "teacher" if rollouts is not None else "student",
         "kernel": "fused-linear" if run.loss.fused else "logits",

@@ -19,6 +19,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 
 from .kernels import fused_linear_sparse_target_kl, fused_linear_topk_kl, sparse_target_kl, topk_kl
+from .timing import NoTimer
 
 T = TypeVar("T")
 
@@ -157,8 +158,9 @@ class DistillLoss:
     def _kl(self, first: Head, second: Head):
         return head_topk_kl(first, second, self.topk, self.renorm, self.vocab, self.backend)
 
-    def on_policy(self, student_in: Packed, teacher_in: Packed, context_in: Packed | None = None) -> LossParts:
-        with torch.no_grad():
+    def on_policy(self, student_in: Packed, teacher_in: Packed, context_in: Packed | None = None,
+                  timer=NoTimer()) -> LossParts:
+        with timer.phase("teacher_forward"), torch.no_grad():
             teacher = with_head(self.teacher, teacher_in, self.fused, lambda head: head)
         kept = []
 
@@ -166,7 +168,8 @@ class DistillLoss:
             kept.append(student.hidden_NH if self.fused else student.logits_NV)
             return self._kl(student, teacher)
 
-        distill_sum, mass = with_head(self.student, student_in, self.fused, distill)
+        with timer.phase("student_forward"):  # the loss too: the fused kernels run inside the forward
+            distill_sum, mass = with_head(self.student, student_in, self.fused, distill)
         consistency = torch.zeros((), device=distill_sum.device)
         if context_in is not None and self.consistency_weight > 0:
             def regularise(with_context: Head):  # the anchor: the no-context output, without gradient
@@ -174,12 +177,15 @@ class DistillLoss:
                           else Head(logits_NV=kept[0].detach()))
                 return self._kl(anchor, with_context)[0]
 
-            consistency = self.consistency_weight * with_head(self.student, context_in, self.fused, regularise)
+            with timer.phase("consistency_forward"):
+                consistency = self.consistency_weight * with_head(self.student, context_in, self.fused, regularise)
         return LossParts(distill_sum + consistency, distill_sum.detach(), consistency.detach(), mass)
 
-    def off_policy(self, student_in: Packed, target_ids_Nk: torch.Tensor, target_logprobs_Nk: torch.Tensor) -> LossParts:
-        loss = with_head(self.student, student_in, self.fused,
-                         lambda head: head_sparse_target_kl(target_ids_Nk, target_logprobs_Nk, head, self.vocab))
+    def off_policy(self, student_in: Packed, target_ids_Nk: torch.Tensor, target_logprobs_Nk: torch.Tensor,
+                   timer=NoTimer()) -> LossParts:
+        with timer.phase("student_forward"):
+            loss = with_head(self.student, student_in, self.fused,
+                             lambda head: head_sparse_target_kl(target_ids_Nk, target_logprobs_Nk, head, self.vocab))
         with torch.no_grad():
             mass = target_logprobs_Nk.exp().sum(-1).mean()
         return LossParts(loss, loss.detach(), torch.zeros((), device=loss.device), mass)

@@ -14,6 +14,21 @@ from contextlib import contextmanager
 import torch
 
 
+PHASES = ("rollouts", "teacher_forward", "student_forward", "consistency_forward", "backward", "optimizer",
+          "weight_push")  # what a distillation step is made of, in order (the fused loss runs inside the forwards)
+
+
+class NoTimer:
+    """Times nothing: for callers of the losses outside a training loop."""
+
+    @contextmanager
+    def phase(self, name: str):
+        yield
+
+    def seconds(self) -> dict[str, float]:
+        return {}
+
+
 class StepTimer:
     """``with timer.phase("teacher_forward"): ...`` around each phase, then ``timer.seconds()`` once per step."""
 

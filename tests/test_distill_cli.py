@@ -44,6 +44,14 @@ def test_cross_size_distill_writes_a_complete_run(cli, tiny_student, tiny_teache
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert set(metrics[0]) >= {"loss", "topk_mass", "response_tokens", "lr", "tokens_per_s", "seconds"}
+    for m in metrics:  # where each step's time went: every phase ran, and together they fit in the step
+        phases = m["seconds_by_phase"]
+        assert all(phases[name] > 0 for name in ("rollouts", "teacher_forward", "student_forward", "backward",
+                                                  "optimizer")), phases
+        assert sum(phases.values()) <= m["step_seconds"] + 1e-3
+    timing = summary["time_by_phase"]
+    assert timing["shares"]["teacher_forward"] > 0 and abs(sum(timing["shares"].values()) - 1) < 0.01
+    assert "time per step" in stderr and "teacher forward" in stderr
     assert json.loads((out / "opcd_config.json").read_text())["teacher"] == str(tiny_teacher)
 
     # plain transformers loads the saved student and computes the logits it had at the end of training
