@@ -102,6 +102,7 @@ def distill(
     merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="With LoRA, also save the merged model beside the adapter (default: merge)."),
     teacher_sharding: Optional[str] = typer.Option(None, help=f"Under torchrun: {names(TEACHER_SHARDING)} the teacher across the processes (default replicate: a whole teacher on each)."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute the student's activations in the backward pass: less memory, about a third more compute."),
+    teacher_prefix_cache: Optional[bool] = typer.Option(None, "--teacher-prefix-cache/--no-teacher-prefix-cache", help="The teacher reads the start all its prompts share (the context) once per run and only the rest of each sequence after (default on; exact)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Read the model configs only and print the memory plan per device for this launch (no weights loaded, nothing written)."),
     world_size: Optional[int] = typer.Option(None, help="With --dry-run: plan for this many processes (default: torchrun's WORLD_SIZE, else 1)."),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),

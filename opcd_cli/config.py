@@ -172,6 +172,7 @@ class DistillConfig:
     # several processes (torchrun): the teacher replicated on each rank, or sharded like the student
     teacher_sharding: str = "replicate"
     gradient_checkpointing: bool = False  # recompute the student's activations in the backward pass
+    teacher_prefix_cache: bool = True  # the teacher reads the prompts' shared start (the context) once per run
     show_prompts: int = 1  # rows whose rendered teacher and student prompts are printed before training
     report_to: str = "none"  # also send the per-step metrics to tensorboard or wandb
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
@@ -417,7 +418,8 @@ def flatten_settings(data: dict[str, Any], source: str = "settings", cls=None) -
     return flat
 
 
-RESUMABLE = ("steps", "save_every", "show_prompts", "teacher_sharding", "gradient_checkpointing")  # what a resumed run may change: train further, keep
+RESUMABLE = ("steps", "save_every", "show_prompts", "teacher_sharding", "gradient_checkpointing",
+             "teacher_prefix_cache")  # what a resumed run may change: train further, keep
 # checkpoints, and what is printed
 
 

@@ -33,7 +33,7 @@ from .config import DistillConfig, SamplingOptions
 from .data import Example, has_context, load_examples, read_context, require_answers, write_jsonl
 from .errors import Interrupted, OpcdError
 from .evaluate import EvalResult, evaluate_model, passes, score
-from .loss import DistillLoss, pack
+from .loss import DistillLoss, TeacherPrefix, can_reuse_prefix, common_prefix, pack
 from .plots import plot_runs
 from .outputs import RUN_MARKER, FollowerRunDir, RunDir, write_json_atomic, write_text_atomic
 from .prompts import ChatRenderer, Views, build_views
@@ -62,6 +62,7 @@ class Run:
     ood_examples: list[Example] | None
     rollouts: rollout_store.Rollouts | None  # off-policy: saved teacher rollouts, when --rollouts holds them
     trainable_parameters: int = 0
+    teacher_prefix: TeacherPrefix | None = None  # what every teacher prompt starts with, read once
 
     def sampler(self, which: str, batch_size: int, follows_training: bool = False) -> Sampler:
         """A sampler (``--sampler``) for the student or the teacher; vLLM loads the model's own folder (the
@@ -396,7 +397,7 @@ def backward(run: Run, batch: list[int], responses: list[list[int]], rollouts, n
         student_in = pack([v.student_ids for v in views[part]], answers, pad_id, device)
         with autocast(cfg.loading.dtype):
             if rollouts is None:  # the teacher reads the context; with the regulariser the student does too
-                teacher_in = pack([v.teacher_ids for v in views[part]], answers, pad_id, device)
+                teacher_in = pack([v.teacher_ids for v in views[part]], answers, pad_id, device, run.teacher_prefix)
                 context_in = (pack([v.student_context_ids for v in views[part]], answers, pad_id, device)
                               if cfg.consistency_weight > 0 else None)
                 parts = run.loss.on_policy(student_in, teacher_in, context_in, timer)
@@ -516,6 +517,7 @@ def build_summary(run: Run, inputs: dict, before: EvalResult | None, after: Eval
         "sampler": sampler.name,
         "rollouts": "teacher" if rollouts is not None else "student",
         "kernel": "fused-linear" if run.loss.fused else "logits",
+        "teacher_prefix_tokens": len(run.teacher_prefix) if run.teacher_prefix else 0,
         "consistency_weight": cfg.consistency_weight,
         "context_file": cfg.context,
         "inputs": inputs,
@@ -606,7 +608,20 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     torch.manual_seed(cfg.seed)
     return Run(cfg, out, examples, views, context, student, teacher, tokenizer, student_renderer, teacher_renderer,
                loss, stop_ids(student, tokenizer), eval_examples, ood_examples, saved,
-               sum(p.numel() for p in student.parameters() if p.requires_grad))
+               sum(p.numel() for p in student.parameters() if p.requires_grad), teacher_prefix(cfg, views, teacher))
+
+
+MIN_PREFIX_TOKENS = 16  # a shorter shared start is not worth a cache
+
+
+def teacher_prefix(cfg: DistillConfig, views: list[Views], teacher) -> TeacherPrefix | None:
+    """On-policy, the start every teacher prompt shares (the rendered context when one serves every row), for
+    the teacher to read once per run; None when the rows' contexts differ, the teacher's attention has sliding
+    windows, or ``--no-teacher-prefix-cache``."""
+    if not cfg.teacher_prefix_cache or cfg.mode != "on-policy" or not can_reuse_prefix(teacher):
+        return None
+    ids = common_prefix([v.teacher_ids for v in views])
+    return TeacherPrefix(ids) if len(ids) >= MIN_PREFIX_TOKENS else None
 
 
 def check_kernel(kernel: str) -> None:

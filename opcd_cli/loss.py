@@ -13,10 +13,11 @@ loss must see it; an unsharded model behaves the same either way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .kernels import fused_linear_sparse_target_kl, fused_linear_topk_kl, sparse_target_kl, topk_kl
 from .timing import NoTimer
@@ -24,22 +25,88 @@ from .timing import NoTimer
 T = TypeVar("T")
 
 
+class TeacherPrefix:
+    """The tokens every teacher prompt starts with (the rendered context, when one context serves every row),
+    and the frozen teacher's keys and values over them, computed once and reused by every micro-batch: the
+    teacher then reads only the rest of each sequence. Exact: the same attention over the same keys."""
+
+    def __init__(self, ids: Sequence[int]):
+        self.ids = list(ids)
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @torch.no_grad()
+    def past(self, model, batch: int):
+        """A cache holding the prefix's keys and values for ``batch`` rows (views, not copies), which the
+        forward reads but never extends: nothing of a micro-batch stays in it."""
+        if self._kv is None:
+            device = model.get_input_embeddings().weight.device
+            out = model(input_ids=torch.tensor([self.ids], device=device), use_cache=True, logits_to_keep=1)
+            self._kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return Cache(layers=[_PrefixLayer(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                             for k, v in self._kv])
+
+
+class _PrefixLayer(DynamicLayer):
+    """A cache layer that holds the prefix's keys and values and returns them with each new token's, without
+    keeping the new ones."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values, self.is_initialized = keys, values, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def common_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """The longest run of tokens every prompt starts with, leaving each prompt at least its last token (whose
+    output predicts the first response token)."""
+    if not prompts:
+        return []
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return list(first[:n])
+
+
+def can_reuse_prefix(model) -> bool:
+    """Whether the teacher's attention is full over every earlier token in every layer (no sliding windows),
+    so that a cached prefix gives the same outputs."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", config)
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        return False
+    return not (getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None))
+
+
 @dataclass(frozen=True)
 class Packed:
-    """A right-padded batch of prompt + response sequences and where its response tokens are predicted."""
+    """A right-padded batch of prompt + response sequences and where its response tokens are predicted; with a
+    ``prefix``, the sequences after it (the model reads the prefix from its cache)."""
 
     input_ids_BT: torch.Tensor
     attention_BT: torch.Tensor
     rows_N: torch.Tensor  # the sequence of each response token
     cols_N: torch.Tensor  # the position whose output predicts it
     first_col: int  # the earliest such position in the batch
+    prefix: TeacherPrefix | None = field(default=None, compare=False)
 
     @property
     def tokens(self) -> int:
         return self.rows_N.shape[0]
 
 
-def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device) -> Packed:
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device,
+         prefix: TeacherPrefix | None = None) -> Packed:
+    if prefix is not None:  # every prompt starts with it (``common_prefix``): keep what follows
+        prompts = [p[len(prefix):] for p in prompts]
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -52,7 +119,7 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
         cols += range(len(prompt) - 1, len(prompt) - 1 + len(response))
     return Packed(
         input_ids.to(device), attention.to(device), torch.tensor(rows, device=device), torch.tensor(cols, device=device),
-        min(cols) if cols else 0,
+        min(cols) if cols else 0, prefix,
     )
 
 
@@ -70,17 +137,24 @@ class Head:
         return Head(detach(self.hidden_NH), detach(self.weight_VH), detach(self.logits_NV))
 
 
-def _run(model, packed: Packed):
+def _run(model, packed: Packed, past=None):
     keep = packed.input_ids_BT.shape[1] - packed.first_col
-    return model(input_ids=packed.input_ids_BT, attention_mask=packed.attention_BT, logits_to_keep=keep,
-                 use_cache=False)
+    if past is None:
+        return model(input_ids=packed.input_ids_BT, attention_mask=packed.attention_BT, logits_to_keep=keep,
+                     use_cache=False)
+    batch = packed.input_ids_BT.shape[0]
+    attention = torch.cat([packed.attention_BT.new_ones((batch, len(packed.prefix))), packed.attention_BT], dim=1)
+    return model(input_ids=packed.input_ids_BT, attention_mask=attention, logits_to_keep=keep, past_key_values=past,
+                 use_cache=True)
 
 
 def with_head(model, packed: Packed, fused: bool, use: Callable[[Head], T]) -> T:
     """Run ``model`` over ``packed`` and return ``use(head)``, called inside the model's forward when ``fused``
     (where a sharded output layer is whole), else on the logits the forward returns."""
+    # a shared prefix's keys and values, made (once) before the output layer is taken over
+    past = None if packed.prefix is None else packed.prefix.past(model, packed.input_ids_BT.shape[0])
     if not fused:
-        logits_BKV = _run(model, packed).logits
+        logits_BKV = _run(model, packed, past).logits
         return use(Head(logits_NV=logits_BKV[packed.rows_N, packed.cols_N - packed.first_col]))
     layer = model.get_output_embeddings()
     result = []
@@ -92,7 +166,7 @@ def with_head(model, packed: Packed, fused: bool, use: Callable[[Head], T]) -> T
 
     layer.forward = forward
     try:
-        _run(model, packed)
+        _run(model, packed, past)
     finally:
         del layer.forward
     return result[0]

@@ -118,7 +118,7 @@ CASES = [
     Case("resume with --overwrite", ("distill", "--resume", "{stateless_run}", "--overwrite"),
          "cannot be combined with --overwrite"),
     Case("resume with other settings", ("distill", "--resume", "{stateless_run}", "--lr", "0.5", "--steps", "9"),
-         "these flags differ from them: --lr (only --steps, --save-every, --show-prompts, --teacher-sharding and --gradient-checkpointing may change)"),
+         "these flags differ from them: --lr (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing and --teacher-prefix-cache may change)"),
     # several processes (torchrun's own cases are in test_distributed.py)
     Case("unknown teacher sharding", distill("--teacher-sharding", "everywhere"),
          "teacher_sharding must be one of replicate, shard"),
