@@ -89,8 +89,8 @@ def distill(cfg: DistillConfig, ui: UI, resume: bool = False) -> dict:
     started = time.time()
     if cfg.student is None:
         raise OpcdError("give --student (or no model arguments at all, to run the built-in toy world)")
-    check_world(cfg, distributed.environment())  # before anything loads or starts
     with terminate_as_interrupt(), distributed.session() as world:
+        distributed.agree(lambda: check_world(cfg, world))  # before anything loads; every rank says it
         out = distributed.agree(lambda: open_output(cfg, resume, world))  # checked and locked by rank 0
         final = distributed.broadcast_object(str(out.final) if out else None)
         out = out or FollowerRunDir(final)
