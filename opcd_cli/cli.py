@@ -141,17 +141,22 @@ def distill(
         print_json(summary)
 
 
+def under_torchrun() -> bool:
+    """Whether ``torchrun`` started this process as one of several (read without loading torch)."""
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+
+
 def one_process_only(command: str) -> None:
     """``opcd eval`` and ``opcd extract`` run as one process: under torchrun every rank would do the whole work
     and write the same files."""
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+    if under_torchrun():
         raise OpcdError(f"opcd {command} runs as one process; start it without torchrun (opcd distill is the "
                         "command that runs on several)")
 
 
 def environment_rank() -> int:
-    """This process's rank under ``torchrun`` (0 outside it), read without loading torch."""
-    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
+    """This process's rank under ``torchrun`` (0 outside it)."""
+    rank = os.environ.get("RANK", "0") if under_torchrun() else "0"
     return int(rank) if rank.isdigit() else 0
 
 
