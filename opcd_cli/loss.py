@@ -13,6 +13,7 @@ loss must see it; an unsharded model behaves the same either way.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
@@ -144,8 +145,10 @@ def _run(model, packed: Packed, past=None):
                      use_cache=False)
     batch = packed.input_ids_BT.shape[0]
     attention = torch.cat([packed.attention_BT.new_ones((batch, len(packed.prefix))), packed.attention_BT], dim=1)
-    return model(input_ids=packed.input_ids_BT, attention_mask=attention, logits_to_keep=keep, past_key_values=past,
-                 use_cache=True)
+    with warnings.catch_warnings():  # newer transformers also call it `cache` and warn about this name, which
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)  # every version takes
+        return model(input_ids=packed.input_ids_BT, attention_mask=attention, logits_to_keep=keep,
+                     past_key_values=past, use_cache=True)
 
 
 def with_head(model, packed: Packed, fused: bool, use: Callable[[Head], T]) -> T:
