@@ -213,9 +213,9 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
     per_step, train_start = cfg.batch_size * cfg.grad_accum, time.time()
     student.train()
     tracker = trackers.open_tracker(cfg.report_to if world.main else "none", out, run.out.final.name, cfg.to_dict())
-    log = (out / "metrics.jsonl").open("a") if world.main else contextlib.nullcontext(io.StringIO())
     timer = StepTimer(models.device())  # one host synchronisation a step, at its end
-    with ui.progress(), log as log, stop_signals() as stop, contextlib.closing(tracker):
+    # the signals are the loop's before metrics.jsonl exists: a signal once it does stops after a step
+    with stop_signals() as stop, ui.progress(), metrics_log(out, world) as log, contextlib.closing(tracker):
         advance = ui.task(f"distill ({cfg.mode})", cfg.steps)
         advance(training.step)
         for step in range(training.step + 1, cfg.steps + 1):
@@ -332,6 +332,11 @@ class StopSignals:
     """The signal that asked the loop to stop (SIGINT or SIGTERM), or None."""
 
     signal: signal.Signals | None = None
+
+
+def metrics_log(out: Path, world):
+    """``metrics.jsonl``, opened to append (rank 0); the other ranks write their lines nowhere."""
+    return (out / "metrics.jsonl").open("a") if world.main else contextlib.nullcontext(io.StringIO())
 
 
 @contextlib.contextmanager
