@@ -72,6 +72,7 @@ def distill(
     steps: Optional[int] = typer.Option(None, help="Optimiser steps."),
     batch_size: Optional[int] = typer.Option(None, help="Prompts per micro-batch."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimiser step."),
+    micro_batch_tokens: Optional[int] = typer.Option(None, help="Regroup each step's batch-size x grad-accum sequences into micro-batches of one row of at most N positions each, packed without padding (0, the default: batch-size prompts per micro-batch in padded rows). SDPA and eager attention read a whole row: one to two times the longest sequence is fastest there."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (paper: 1e-6 to 5e-6)."),
     lr_schedule: Optional[str] = typer.Option(None, help="constant, cosine or linear (after warmup)."),
     warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps."),

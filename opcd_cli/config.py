@@ -152,6 +152,9 @@ class DistillConfig:
     steps: int = 50
     batch_size: int = 8  # prompts per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
+    # 0: a micro-batch is batch_size prompts in padded rows; N: the step's batch_size x grad_accum sequences are
+    # regrouped into micro-batches of one row of at most N positions in every pass, packed without padding
+    micro_batch_tokens: int = 0
     lr: float = 1e-6
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -207,6 +210,7 @@ class DistillConfig:
         _at_least("steps", self.steps, 1)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("grad_accum", self.grad_accum, 1)
+        _at_least("micro_batch_tokens", self.micro_batch_tokens, 0)
         _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("save_every", self.save_every, 0)
         _at_least("show_prompts", self.show_prompts, 0)
@@ -419,7 +423,7 @@ def flatten_settings(data: dict[str, Any], source: str = "settings", cls=None) -
 
 
 RESUMABLE = ("steps", "save_every", "show_prompts", "teacher_sharding", "gradient_checkpointing",
-             "teacher_prefix_cache")  # what a resumed run may change: train further, keep
+             "teacher_prefix_cache", "micro_batch_tokens")  # what a resumed run may change: train further, keep
 # checkpoints, and what is printed
 
 

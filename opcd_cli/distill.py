@@ -33,7 +33,8 @@ from .config import DistillConfig, SamplingOptions
 from .data import Example, has_context, load_examples, read_context, require_answers, write_jsonl
 from .errors import Interrupted, OpcdError
 from .evaluate import EvalResult, evaluate_model, passes, score
-from .loss import DistillLoss, TeacherPrefix, can_reuse_prefix, common_prefix, pack
+from .loss import DistillLoss, TeacherPrefix, attention_kind, can_reuse_prefix, common_prefix, packing_is_exact
+from .micro_batches import MicroBatch, Packer, by_prompts, by_token_budget, sequence_cost, split_to
 from .plots import plot_runs
 from .outputs import RUN_MARKER, FollowerRunDir, RunDir, write_json_atomic, write_text_atomic
 from .prompts import ChatRenderer, Views, build_views
@@ -63,6 +64,7 @@ class Run:
     rollouts: rollout_store.Rollouts | None  # off-policy: saved teacher rollouts, when --rollouts holds them
     trainable_parameters: int = 0
     teacher_prefix: TeacherPrefix | None = None  # what every teacher prompt starts with, read once
+    packer: Packer | None = None  # makes a micro-batch into each pass's inputs: padded rows or one packed row
 
     def sampler(self, which: str, batch_size: int, follows_training: bool = False) -> Sampler:
         """A sampler (``--sampler``) for the student or the teacher; vLLM loads the model's own folder (the
@@ -391,41 +393,92 @@ def step_counts(run: Run, responses: list[list[int]]) -> tuple[int, int]:
 def backward(run: Run, batch: list[int], responses: list[list[int]], rollouts, n_tokens: int,
              timer: StepTimer) -> torch.Tensor:
     """Score this rank's responses micro-batch by micro-batch and accumulate the gradient of the mean loss over
-    the step's ``n_tokens`` response tokens (every rank's); returns the token sums over every rank of (loss,
-    distillation term, consistency term, top-k mass)."""
-    cfg, device, pad_id = run.cfg, models.device(), models.pad_id(run.tokenizer)
+    the step's ``n_tokens`` response tokens (every rank's); returns the sums over every rank of (loss,
+    distillation term, consistency term, top-k mass) over response tokens, then of the padding positions and
+    all positions the passes read."""
+    cfg, device = run.cfg, models.device()
     views = [run.views[i] for i in batch]
     scale = distributed.world().size / n_tokens  # FSDP averages the ranks' gradients: the sum over ranks is wanted
-    sums = torch.zeros(4, device=device)
-    for lo in range(0, len(batch), cfg.batch_size):
-        part, answers = slice(lo, lo + cfg.batch_size), responses[lo : lo + cfg.batch_size]
-        student_in = pack([v.student_ids for v in views[part]], answers, pad_id, device)
+    sums, padding, positions = torch.zeros(4, device=device), 0, 0
+    for micro_batch in micro_batches(run, views, responses):
+        order, rows = [i for row in micro_batch for i in row], [len(row) for row in micro_batch]
+        these, answers = [views[i] for i in order], [responses[i] for i in order]
+        student_in = run.packer([v.student_ids for v in these], answers, rows)
+        inputs = [student_in]
         with autocast(cfg.loading.dtype):
             if rollouts is None:  # the teacher reads the context; with the regulariser the student does too
-                teacher_in = pack([v.teacher_ids for v in views[part]], answers, pad_id, device, run.teacher_prefix)
-                context_in = (pack([v.student_context_ids for v in views[part]], answers, pad_id, device)
+                teacher_in = run.packer([v.teacher_ids for v in these], answers, rows, run.teacher_prefix)
+                context_in = (run.packer([v.student_context_ids for v in these], answers, rows)
                               if cfg.consistency_weight > 0 else None)
+                inputs += [teacher_in] + ([context_in] if context_in is not None else [])
                 parts = run.loss.on_policy(student_in, teacher_in, context_in, timer)
             else:
-                ids_Nk, logprobs_Nk = rollouts.targets(batch[part], cfg.off_policy_loss, device)
+                ids_Nk, logprobs_Nk = rollouts.targets([batch[i] for i in order], cfg.off_policy_loss, device)
                 parts = run.loss.off_policy(student_in, ids_Nk, logprobs_Nk, timer)
         with timer.phase("backward"):
             (parts.total * scale).backward()
         sums += torch.stack([parts.total.detach(), parts.distill, parts.consistency,
                              parts.topk_mass * sum(map(len, answers))])
-    return distributed.all_sum(sums)
+        padding += sum(p.padding for p in inputs)
+        positions += sum(p.positions for p in inputs)
+    return distributed.all_sum(torch.cat([sums, torch.tensor([padding, positions], dtype=sums.dtype, device=device)]))
+
+
+def micro_batches(run: Run, views: list[Views], responses: list[list[int]]) -> list[MicroBatch]:
+    """This rank's sequences (indices into ``views``) in micro-batches of rows: ``--batch-size`` a row each, or
+    one row packed to the token budget (``--micro-batch-tokens``), as many on every rank (sharded ranks run
+    their passes together)."""
+    cfg = run.cfg
+    if not run.packer.packed:
+        return by_prompts(len(views), cfg.batch_size)
+    costs = [sequence_cost(pass_prompt_lengths(cfg, v, run.teacher_prefix), len(r)) for v, r in zip(views, responses)]
+    batches = by_token_budget(costs, cfg.micro_batch_tokens)
+    return split_to(batches, distributed.all_max(len(batches), models.device()), costs)
+
+
+def pass_prompt_lengths(cfg: DistillConfig, view: Views, prefix: TeacherPrefix | None) -> list[int]:
+    """The prompt positions each pass reads for a row: the student's; on-policy, the teacher's after its cached
+    prefix and, with the regulariser, the student's with the context."""
+    lengths = [len(view.student_ids)]
+    if cfg.mode == "on-policy":
+        lengths.append(len(view.teacher_ids) - (len(prefix) if prefix is not None else 0))
+        if cfg.consistency_weight > 0:
+            lengths.append(len(view.student_context_ids))
+    return lengths
+
+
+def make_packer(cfg: DistillConfig, views: list[Views], student, teacher, teacher_name: str,
+                prefix: TeacherPrefix | None, pad_id: int) -> Packer:
+    """A padded row per sequence by default; with ``--micro-batch-tokens``, sequences packed into one row per
+    micro-batch, once the models are seen to keep packed sequences apart and the budget holds the longest
+    sequence a step can have."""
+    device = models.device()
+    if not cfg.micro_batch_tokens:
+        return Packer(pad_id, device)
+    on_policy = cfg.mode == "on-policy"
+    for model, name in [(student, cfg.student)] + ([(teacher, teacher_name)] if on_policy else []):
+        if not packing_is_exact(model):
+            raise OpcdError(f"--micro-batch-tokens packs sequences into one row, and {name} (attention: "
+                            f"{attention_kind(model)}) does not keep them apart there; leave out --micro-batch-tokens")
+    longest = max(sequence_cost(pass_prompt_lengths(cfg, v, prefix), cfg.sampling.max_new_tokens) for v in views)
+    if cfg.micro_batch_tokens < longest:
+        raise OpcdError(f"--micro-batch-tokens {cfg.micro_batch_tokens} cannot hold the longest sequence a micro-batch "
+                        f"may get ({longest} positions: its prompt and --max-new-tokens "
+                        f"{cfg.sampling.max_new_tokens}); give at least {longest} or leave it out")
+    return Packer(pad_id, device, True, prefix is not None and packing_is_exact(teacher, after_prefix=True))
 
 
 def step_values(step: int, n_tokens: int, sums: torch.Tensor, grad_norm: torch.Tensor, out: RunDir) -> dict:
     """The step's loss terms and gradient norm as numbers; a non-finite one stops the run before the step is
     applied (so the model is never broken and nothing samples from it)."""
-    loss, distill_loss, consistency_loss, mass, norm = torch.cat([sums / n_tokens, grad_norm.reshape(1)]).tolist()
+    loss, distill_loss, consistency_loss, mass, padding, positions, norm = torch.cat(
+        [sums[:4] / n_tokens, sums[4:], grad_norm.reshape(1)]).tolist()
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise OpcdError(f"step {step}: the loss is {loss} and the gradient norm {norm}: training diverged and stopped "
                         f"before this step was applied; the metrics and checkpoints so far are in {out.partial} "
                         "(try a lower --lr)")
     return {"loss": loss, "distill_loss": distill_loss, "consistency_loss": consistency_loss, "topk_mass": mass,
-            "grad_norm": norm}
+            "grad_norm": norm, "padding_share": padding / positions if positions else 0.0}
 
 
 def step_record(step: int, n_tokens: int, ends: int, n_responses: int, values: dict, schedule, step_start: float,
@@ -438,6 +491,7 @@ def step_record(step: int, n_tokens: int, ends: int, n_responses: int, values: d
         "truncated": (n_responses - ends) / n_responses,
         "lr": schedule.get_last_lr()[0],
         "grad_norm": values["grad_norm"],
+        "padding_share": round(values["padding_share"], 4),  # of the positions the step's passes read
         "tokens_per_s": n_tokens / (time.time() - step_start),
         "step_seconds": round(time.time() - step_start, 4),
         "seconds_by_phase": {name: round(phases[name], 4) for name in PHASES if name in phases},
@@ -610,10 +664,12 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
             saved = rollout_store.load(folder, rollouts_fingerprint(cfg, context, examples, views))
         elif folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise OpcdError(f"--rollouts {folder} exists and holds no rollouts; give an empty or new folder")
+    prefix = teacher_prefix(cfg, views, teacher)
+    packer = make_packer(cfg, views, student, teacher, teacher_name, prefix, models.pad_id(tokenizer))
     torch.manual_seed(cfg.seed)
     return Run(cfg, out, examples, views, context, student, teacher, tokenizer, student_renderer, teacher_renderer,
                loss, stop_ids(student, tokenizer), eval_examples, ood_examples, saved,
-               sum(p.numel() for p in student.parameters() if p.requires_grad), teacher_prefix(cfg, views, teacher))
+               sum(p.numel() for p in student.parameters() if p.requires_grad), prefix, packer)
 
 
 MIN_PREFIX_TOKENS = 16  # a shorter shared start is not worth a cache

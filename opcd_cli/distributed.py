@@ -142,6 +142,15 @@ def any_rank(flag: bool, device) -> bool:
     return bool(value.item())
 
 
+def all_max(value: int, device) -> int:
+    """The largest ``value`` over ranks (every rank gets it); a single process returns ``value``."""
+    if not _WORLD.active:
+        return value
+    box = torch.tensor([float(value)], device=device)
+    torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+    return int(box.item())
+
+
 def barrier() -> None:
     if _WORLD.active:
         torch.distributed.barrier()

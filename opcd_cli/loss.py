@@ -1,6 +1,8 @@
 """What a model predicts for each response token, and the distillation losses on it.
 
-A micro-batch of prompt + response sequences is packed (``pack``). Running a model over it gives a ``Head``:
+A micro-batch of prompt + response sequences is made into model inputs: a right-padded row each (``pack``), or
+several end to end in a row with positions restarting at each (``pack_rows``, padding only at a row's end:
+attention stays within each sequence). Running a model over it gives a ``Head``:
 its output at the positions that predict response tokens, either final hidden states with the output layer's
 weight (the fused path: the kernels make logits chunk by chunk and never hold [tokens x vocab]) or, for
 models whose logits are not a plain ``hidden @ weight.T`` (soft-capping, scaling), logits.
@@ -89,23 +91,33 @@ def can_reuse_prefix(model) -> bool:
 
 @dataclass(frozen=True)
 class Packed:
-    """A right-padded batch of prompt + response sequences and where its response tokens are predicted; with a
-    ``prefix``, the sequences after it (the model reads the prefix from its cache)."""
+    """Prompt + response sequences as model inputs, and where their response tokens are predicted: one
+    right-padded row each, or (``position_ids_BT`` set) several end to end in a row. With a ``prefix``, the
+    sequences after it (the model reads the prefix from its cache)."""
 
     input_ids_BT: torch.Tensor
-    attention_BT: torch.Tensor
-    rows_N: torch.Tensor  # the sequence of each response token
+    attention_BT: torch.Tensor | None  # 1 on real tokens, 0 on padding; None when packed
+    rows_N: torch.Tensor  # the row of each response token
     cols_N: torch.Tensor  # the position whose output predicts it
     first_col: int  # the earliest such position in the batch
     prefix: TeacherPrefix | None = field(default=None, compare=False)
+    position_ids_BT: torch.Tensor | None = None  # packed: each sequence's positions, from 0 (or the prefix's end)
+    sequence_BT: torch.Tensor | None = None  # packed: which sequence each position belongs to
+    padding: int = 0  # padding positions the model reads
 
     @property
     def tokens(self) -> int:
         return self.rows_N.shape[0]
 
+    @property
+    def positions(self) -> int:
+        """The positions the model reads (padding included, the cached prefix not)."""
+        return self.input_ids_BT.numel()
+
 
 def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device,
          prefix: TeacherPrefix | None = None) -> Packed:
+    """Right-padded rows, one sequence each."""
     if prefix is not None:  # every prompt starts with it (``common_prefix``): keep what follows
         prompts = [p[len(prefix):] for p in prompts]
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
@@ -118,10 +130,70 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
         attention[b, : len(ids)] = 1
         rows += [b] * len(response)
         cols += range(len(prompt) - 1, len(prompt) - 1 + len(response))
+    padding = len(prompts) * width - sum(len(p) + len(r) for p, r in zip(prompts, responses))
     return Packed(
         input_ids.to(device), attention.to(device), torch.tensor(rows, device=device), torch.tensor(cols, device=device),
-        min(cols) if cols else 0, prefix,
+        min(cols) if cols else 0, prefix, padding=padding,
     )
+
+
+def pack_rows(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], rows: Sequence[int], pad_id: int,
+              device, prefix: TeacherPrefix | None = None) -> Packed:
+    """Sequences end to end in rows, without padding between them: row r holds the next ``rows[r]`` sequences
+    and is padded only at its end, up to the longest row. Each sequence's positions start at 0 (after a
+    ``prefix``, at its length), so attention stays within it; the padding at a row's end is a sequence of its
+    own. The response tokens come in the order ``pack`` gives them."""
+    if prefix is not None:
+        prompts = [p[len(prefix):] for p in prompts]
+    if sum(rows) != len(prompts) or min(rows, default=1) < 1:
+        raise ValueError(f"rows {list(rows)} do not hold the {len(prompts)} sequences")
+    start = len(prefix) if prefix is not None else 0
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    ends = [sum(rows[: r + 1]) for r in range(len(rows))]
+    width = max(sum(lengths[end - n : end]) for n, end in zip(rows, ends))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    sequence = torch.zeros((len(rows), width), dtype=torch.long)
+    row_of, cols, s = [], [], 0
+    for r, n in enumerate(rows):
+        offset = 0
+        for _ in range(n):
+            prompt, response = prompts[s], responses[s]
+            input_ids[r, offset : offset + lengths[s]] = torch.tensor(list(prompt) + list(response))
+            positions[r, offset : offset + lengths[s]] = torch.arange(start, start + lengths[s])
+            sequence[r, offset : offset + lengths[s]] = s
+            row_of += [r] * len(response)
+            cols += range(offset + len(prompt) - 1, offset + len(prompt) - 1 + len(response))
+            offset, s = offset + lengths[s], s + 1
+        positions[r, offset:] = torch.arange(start, start + width - offset)  # the padding: a sequence of its own
+        sequence[r, offset:] = -1 - r
+    return Packed(input_ids.to(device), None, torch.tensor(row_of, device=device), torch.tensor(cols, device=device),
+                  min(cols) if cols else 0, prefix, positions.to(device), sequence.to(device),
+                  padding=len(rows) * width - sum(lengths))
+
+
+def attention_kind(model) -> str:
+    """The attention implementation transformers runs for ``model`` (``sdpa``, ``eager``, ``flash_attention_2``...)."""
+    config = getattr(model, "config", None)
+    return getattr(getattr(config, "text_config", config), "_attn_implementation", None) or "eager"
+
+
+PREFIX_MASK_KINDS = ("sdpa", "eager")  # the attention implementations that take a packed row's 4-D mask
+
+
+def prefix_row_mask(packed: Packed, model) -> torch.Tensor:
+    """The 4-D mask of packed rows read after a cached prefix: every position sees the whole prefix and its own
+    sequence up to itself. Boolean for SDPA; for eager attention, added to the scores (0 or the lowest value of
+    the model's dtype)."""
+    sequence = packed.sequence_BT
+    batch, n = sequence.shape
+    order = torch.arange(n, device=sequence.device)
+    own = (sequence[:, :, None] == sequence[:, None, :]) & (order[None, :] <= order[:, None])[None]
+    allowed = torch.cat([own.new_ones((batch, n, len(packed.prefix))), own], dim=2)[:, None]
+    if attention_kind(model) == "sdpa":
+        return allowed
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 @dataclass(frozen=True)
@@ -141,14 +213,18 @@ class Head:
 def _run(model, packed: Packed, past=None):
     keep = packed.input_ids_BT.shape[1] - packed.first_col
     if past is None:
-        return model(input_ids=packed.input_ids_BT, attention_mask=packed.attention_BT, logits_to_keep=keep,
-                     use_cache=False)
-    batch = packed.input_ids_BT.shape[0]
-    attention = torch.cat([packed.attention_BT.new_ones((batch, len(packed.prefix))), packed.attention_BT], dim=1)
+        # packed rows: transformers confines attention to each sequence by its restarting positions
+        return model(input_ids=packed.input_ids_BT, attention_mask=packed.attention_BT,
+                     position_ids=packed.position_ids_BT, logits_to_keep=keep, use_cache=False)
+    if packed.position_ids_BT is None:
+        batch = packed.input_ids_BT.shape[0]
+        attention = torch.cat([packed.attention_BT.new_ones((batch, len(packed.prefix))), packed.attention_BT], dim=1)
+    else:
+        attention = prefix_row_mask(packed, model)
     with warnings.catch_warnings():  # newer transformers also call it `cache` and warn about this name, which
         warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)  # every version takes
-        return model(input_ids=packed.input_ids_BT, attention_mask=attention, logits_to_keep=keep,
-                     past_key_values=past, use_cache=True)
+        return model(input_ids=packed.input_ids_BT, attention_mask=attention, position_ids=packed.position_ids_BT,
+                     logits_to_keep=keep, past_key_values=past, use_cache=True)
 
 
 def with_head(model, packed: Packed, fused: bool, use: Callable[[Head], T]) -> T:
@@ -173,6 +249,23 @@ def with_head(model, packed: Packed, fused: bool, use: Callable[[Head], T]) -> T
     finally:
         del layer.forward
     return result[0]
+
+
+@torch.no_grad()
+def packing_is_exact(model, after_prefix: bool = False) -> bool:
+    """True when ``model`` reads sequences packed in a row (``pack_rows``) as it reads them one by one (its
+    attention keeps them apart); ``after_prefix``: the same after a cached prefix (a 4-D mask, which only some
+    attention implementations take)."""
+    if after_prefix and attention_kind(model) not in PREFIX_MASK_KINDS:
+        return False
+    device = model.get_input_embeddings().weight.device
+    prefix = TeacherPrefix([3, 1, 4, 1]) if after_prefix else None
+    start = list(prefix.ids) if prefix else []
+    prompts, responses = [start + [5, 9, 2], start + [6, 5], start + [7]], [[3, 5], [8, 9, 7], [2]]
+    logits = lambda packed: with_head(model, packed, False, lambda head: head.logits_NV.float())  # noqa: E731
+    flat = logits(pack_rows(prompts, responses, [2, 1], 0, device, prefix))  # the second row ends in padding
+    one_by_one = torch.cat([logits(pack([p], [r], 0, device, prefix)) for p, r in zip(prompts, responses)])
+    return torch.allclose(flat, one_by_one, rtol=1e-2, atol=1e-2)
 
 
 @torch.no_grad()

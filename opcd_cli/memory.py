@@ -154,7 +154,8 @@ def plan_for(cfg: DistillConfig, world_size: int | None = None) -> dict:
     fixed = sum(rows.values())
     prompt = longest_prompt(cfg)
     rows_per_micro_batch = min(cfg.batch_size, cfg.batch_size * cfg.grad_accum // world)
-    tokens = rows_per_micro_batch * (prompt + cfg.sampling.max_new_tokens)
+    # a token budget bounds what any pass reads at once; else the longest prompts with the longest responses
+    tokens = cfg.micro_batch_tokens or rows_per_micro_batch * (prompt + cfg.sampling.max_new_tokens)
     return {
         "world_size": world,
         "compute_dtype": str(compute).removeprefix("torch."),
@@ -170,6 +171,7 @@ def plan_for(cfg: DistillConfig, world_size: int | None = None) -> dict:
         "activations_gib_per_1k_tokens": per_1k / GIB,
         "longest_prompt_tokens": prompt,
         "micro_batch_tokens_at_most": tokens,
+        "micro_batch_tokens_from": "--micro-batch-tokens" if cfg.micro_batch_tokens else "batch_size rows, padded",
         "total_gib_at_longest_micro_batch": (fixed + per_1k * tokens / 1000) / GIB,
     }
 
@@ -209,8 +211,9 @@ def show_plan(ui, plan: dict) -> None:
     rows = [[name, size(gib)] for name, gib in plan["gib"].items()]
     rows.append(["fixed, in all", size(plan["fixed_gib"])])
     rows.append(["activations per 1k tokens of a micro-batch", size(plan["activations_gib_per_1k_tokens"])])
-    rows.append([f"total at the longest micro-batch ({plan['micro_batch_tokens_at_most']:,} tokens: prompts up to "
-                 f"{plan['longest_prompt_tokens']:,}, responses up to max_new_tokens)",
+    bound = ("--micro-batch-tokens" if plan["micro_batch_tokens_from"] == "--micro-batch-tokens" else
+             f"prompts up to {plan['longest_prompt_tokens']:,}, responses up to max_new_tokens")
+    rows.append([f"total at the longest micro-batch ({plan['micro_batch_tokens_at_most']:,} tokens: {bound})",
                  size(plan["total_gib_at_longest_micro_batch"])])
     if plan["vllm_share"] is not None and "vLLM engine" not in plan["gib"]:
         rows.append(["vLLM engine (not in the totals: no GPU here)", f"{100 * plan['vllm_share']:.0f}% of each GPU"])

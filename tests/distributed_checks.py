@@ -5,7 +5,10 @@
   through a sharded teacher;
 * the weights a sampler receives from a sharded student (gathered parameter by parameter) equal the unsharded
   parameters exactly, under every name (the tied output layer too);
-* the whole state dict gathered for saving equals the unsharded one.
+* the whole state dict gathered for saving equals the unsharded one;
+* micro-batches by token budget: sequences packed in one row through the sharded models give the padded
+  unsharded loss and gradients, and ranks that group their sequences into different numbers of micro-batches
+  split to the same number (their sharded passes gather together).
 
 Prints ``checks passed`` on rank 0 when every check held; any failure raises.
 """
@@ -19,7 +22,7 @@ import torch
 
 def main() -> int:
     from opcd_cli import distributed, lora, models, sources
-    from opcd_cli.loss import DistillLoss, pack
+    from opcd_cli.loss import DistillLoss, pack, pack_rows
 
     with distributed.session() as world:
         assert world.active, "run me under torchrun with at least 2 processes"
@@ -40,25 +43,38 @@ def main() -> int:
         responses = [[11, 12, 13], [14, 15, 16, 17, 18, 19, 20]]
         vocab = models.output_rows(plain)
 
-        def loss_and_grads(student, teacher):
-            loss = DistillLoss(student, teacher, vocab, 8, False, 0.5, "torch")
-            assert loss.fused, "the toy's output layer is linear: the fused path must be taken"
-            parts = loss.on_policy(pack(prompts, responses, 0, "cpu"), pack(contexts, responses, 0, "cpu"),
-                                   pack(contexts, responses, 0, "cpu"))
+        # the losses are made before sharding, as training makes them: FSDP2 (torch 2.13) keeps adding a root's
+        # earlier gradients into later ones when the first forward after sharding runs without gradients
+        plain_loss = DistillLoss(plain, teacher_plain, vocab, 8, False, 0.5, "torch")
+        sharded_loss = DistillLoss(sharded, teacher_sharded, vocab, 8, False, 0.5, "torch")
+        assert plain_loss.fused and sharded_loss.fused, "the toy's output layer is linear: the fused path must be taken"
+
+        def loss_and_grads(loss, packed=lambda p, r: pack(p, r, 0, "cpu")):
+            student = loss.student
+            student.zero_grad(set_to_none=True)
+            parts = loss.on_policy(packed(prompts, responses), packed(contexts, responses), packed(contexts, responses))
             parts.total.backward()
             grads = {n: distributed.whole(p.grad).clone() for n, p in student.named_parameters()}
             return parts.total.detach(), parts.consistency, grads
 
-        expected = loss_and_grads(plain, teacher_plain)
+        expected = loss_and_grads(plain_loss)
         distributed.shard(sharded, torch.float32)
         distributed.shard(teacher_sharded, torch.float32)
-        got = loss_and_grads(sharded, teacher_sharded)
+        got = loss_and_grads(sharded_loss)
         torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got[1], expected[1], rtol=1e-6, atol=1e-6)
         assert expected[1] > 0, "the consistency pass must contribute"
         assert got[2].keys() == expected[2].keys()
         for name in expected[2]:
             torch.testing.assert_close(got[2][name], expected[2][name], rtol=1e-5, atol=1e-7, msg=name)
+        # packed in a row: the sums in another order, so compared as training uses them, per response token
+        flat = loss_and_grads(sharded_loss, lambda p, r: pack_rows(p, r, [len(p)], 0, "cpu"))
+        tokens = sum(map(len, responses))
+        torch.testing.assert_close(flat[0] / tokens, expected[0] / tokens, rtol=1e-5, atol=1e-5)
+        for name in expected[2]:
+            torch.testing.assert_close(flat[2][name] / tokens, expected[2][name] / tokens, rtol=1e-5, atol=1e-5,
+                                       msg=name)
+        check_micro_batch_counts(world)
 
         # the weights a sampler receives: every name, gathered, bitwise equal
         pushed = dict(lora.plain_weights(sharded))
@@ -81,6 +97,22 @@ def main() -> int:
         if world.main:
             print("checks passed")
     return 0
+
+
+def check_micro_batch_counts(world) -> None:
+    """Rank 0's four short sequences fit one micro-batch's row and rank 1's four long ones need a row each: both
+    run four micro-batches."""
+    from types import SimpleNamespace
+
+    from opcd_cli.config import DistillConfig
+    from opcd_cli.distill import micro_batches
+
+    cfg = DistillConfig(student="toy:small", data="toy:codes/train", micro_batch_tokens=200)
+    run = SimpleNamespace(cfg=cfg, teacher_prefix=None, packer=SimpleNamespace(packed=True))
+    length = 20 if world.rank == 0 else 90
+    views = [SimpleNamespace(student_ids=[1] * length, teacher_ids=[1] * length)] * 4
+    batches = micro_batches(run, views, [[2] * (length // 2)] * 4)
+    assert len(batches) == 4 and sorted(i for b in batches for row in b for i in row) == [0, 1, 2, 3], batches
 
 
 if __name__ == "__main__":

@@ -118,7 +118,11 @@ CASES = [
     Case("resume with --overwrite", ("distill", "--resume", "{stateless_run}", "--overwrite"),
          "cannot be combined with --overwrite"),
     Case("resume with other settings", ("distill", "--resume", "{stateless_run}", "--lr", "0.5", "--steps", "9"),
-         "these flags differ from them: --lr (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing and --teacher-prefix-cache may change)"),
+         "these flags differ from them: --lr (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing, --teacher-prefix-cache and --micro-batch-tokens may change)"),
+    # micro-batches by token budget
+    Case("negative token budget", distill("--micro-batch-tokens", "-1"), "micro_batch_tokens must be a number of at least 0; got -1"),
+    Case("token budget below the longest sequence", distill("--micro-batch-tokens", "3"),
+         "--micro-batch-tokens 3 cannot hold the longest sequence a micro-batch may get"),
     # several processes (torchrun's own cases are in test_distributed.py)
     Case("unknown teacher sharding", distill("--teacher-sharding", "everywhere"),
          "teacher_sharding must be one of replicate, shard"),

@@ -134,14 +134,19 @@ def test_two_processes_make_the_steps_of_one_and_resume_as_one(folder, reference
 
 @pytest.mark.slow  # two torchrun agents, one process each, with the teacher sharded too (about 40 s)
 def test_two_nodes_over_a_loopback_rendezvous_make_the_same_steps(folder, reference):
+    """Also with micro-batches by token budget (each one row, packed): each rank groups its own sequences, both
+    run as many micro-batches (the sharded passes gather together), and the steps are those of the padded
+    micro-batches of one process."""
     port = free_port()
-    nodes = [launch(["distill", "-o", "nodes", "--steps", "2", *RUN, "--save-every", "2", "--teacher-sharding", "shard"],
-                    folder, node)
+    nodes = [launch(["distill", "-o", "nodes", "--steps", "2", *RUN, "--save-every", "2", "--teacher-sharding", "shard",
+                     "--micro-batch-tokens", "116"], folder, node)
              for node in two_nodes(port)]
     for node in nodes:
         code, out, err = finish(node)
         assert code == 0, err[-3000:]
-    assert_steps_match(per_step(folder / "nodes"), per_step(reference)[:2])
+    got, padded = per_step(folder / "nodes"), per_step(reference)[:2]
+    assert_steps_match(got, padded)
+    assert all(r["padding_share"] == 0 for r in got) and all(r["padding_share"] > 0 for r in padded)
 
 
 def test_a_global_batch_that_does_not_split_stops_every_rank_before_loading(folder):

@@ -41,6 +41,9 @@ def test_checkpointing_and_lora_shrink_the_plan(capsys):
     assert lora["gib"]["optimizer (AdamW)"] < full["gib"]["optimizer (AdamW)"] / 5
     assert full["longest_prompt_tokens"] > 10 and full["micro_batch_tokens_at_most"] == 16 * (
         full["longest_prompt_tokens"] + 24)  # the toy recipe: 16 prompts a micro-batch, 24 new tokens
+    budget = plan(capsys, "--micro-batch-tokens", "200")  # a token budget bounds the micro-batch instead
+    assert budget["micro_batch_tokens_at_most"] == 200 and budget["total_gib_at_longest_micro_batch"] == pytest.approx(
+        budget["fixed_gib"] + budget["activations_gib_per_1k_tokens"] * 0.2)
 
 
 def test_world_size_belongs_to_the_dry_run(capsys):
