@@ -258,7 +258,11 @@ def extract(
 @app.command("eval")
 def eval_command(
     model: list[str] = typer.Option(..., "--model", "-m", help="Model id or folder; repeat for several."),
-    data: str = typer.Option(..., help="Rows with answers: JSONL, JSON, CSV, Parquet or a saved dataset folder."),
+    data: Optional[str] = typer.Option(None, help="Rows with answers: JSONL, JSON, CSV, Parquet or a saved dataset folder."),
+    env: Optional[str] = typer.Option(None, help="Instead of --data, play a game turn by turn: frozenlake, or package.module:Class (see the README's Games)."),
+    env_options: Optional[str] = typer.Option(None, help='The game\'s options, as JSON, e.g. \'{"size": 4, "slippery": false}\'.'),
+    games: int = typer.Option(64, help="With --env: games to play (seeds --seed, --seed + 1, ...)."),
+    max_turns: int = typer.Option(10, help="With --env: most replies a game gets."),
     context: Optional[str] = typer.Option(None, help="Context file (- for stdin): also score with it in front."),
     ood_data: Optional[str] = typer.Option(None, help="Out-of-distribution rows with answers (each with its own context)."),
     best: Optional[int] = typer.Option(None, help="Score a run directory as the mean of its N best checkpoints."),
@@ -280,10 +284,13 @@ def eval_command(
     chat_template_kwargs: Optional[str] = typer.Option(None, help='Keyword arguments for the chat templates, as JSON, e.g. \'{"enable_thinking": false}\' (both views get the same).'),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Accuracy of one or more models, without the context and (when one is given) with it."""
+    """Accuracy of one or more models on rows with answers (or, with --env, success in games), without the context
+    and (when one is given) with it."""
     one_process_only("eval")
     cfg = EvalConfig(
-        models=tuple(model), data=data, ood_data=ood_data, best=best, context=context, context_as=context_as, verifier=verifier,
+        models=tuple(model), data=data, env=env, games=games, max_turns=max_turns,
+        env_options=parse_template_kwargs(env_options, "--env-options", '{"size": 4}') or {},
+        ood_data=ood_data, best=best, context=context, context_as=context_as, verifier=verifier,
         batch_size=batch_size, seed=seed, limit=limit, sampler=sampler, vllm_memory=vllm_memory, vllm_eager=vllm_eager,
         sampling=SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n),
         loading=ModelOptions(dtype=dtype, trust_remote_code=trust_remote_code, allow_bin_weights=allow_bin_weights,
@@ -294,7 +301,7 @@ def eval_command(
     ui = UI()
     with ui.progress():
         results = evaluate(cfg, progress=ui)
-    show_eval_table(ui, results)
+    (show_games_table if env is not None else show_eval_table)(ui, results)
     if json_output:
         print_json(results[0] if len(results) == 1 else {"results": results})
 
@@ -332,6 +339,24 @@ EVAL_COLUMNS = [  # (header, result key, format)
     ("tokens", "mean_response_tokens", lambda x: f"{x:.1f}"),
     ("tokens with context", "mean_response_tokens_with_context", lambda x: f"{x:.1f}"),
 ]
+
+
+GAME_COLUMNS = [  # (header, result key, format)
+    ("games", "games", str),
+    ("success", "success", percent),
+    ("with context", "success_with_context", percent),
+    ("context harm", "context_harm", percent),
+    ("turns", "mean_turns", lambda x: f"{x:.2f}"),
+    ("turns with context", "mean_turns_with_context", lambda x: f"{x:.2f}"),
+    ("invalid moves", "invalid_rate", percent),
+    ("invalid with context", "invalid_rate_with_context", percent),
+]
+
+
+def show_games_table(ui: UI, results: list[dict]) -> None:
+    columns = [c for c in GAME_COLUMNS if any(c[1] in r for r in results)]
+    rows = [[r["model"]] + [fmt(r[key]) if key in r else "-" for _, key, fmt in columns] for r in results]
+    ui.table(f"games: {results[0]['env']}", ["model"] + [header for header, _, _ in columns], rows)
 
 
 def show_eval_table(ui: UI, results: list[dict]) -> None:

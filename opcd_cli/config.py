@@ -240,7 +240,7 @@ class DistillConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     models: tuple[str, ...]
-    data: str
+    data: str | None = None  # rows with answers; or, with `env`, games
     ood_data: str | None = None  # scored with each row's own context
     best: int | None = None  # a run directory scores as the mean of its `best` best checkpoints
     context: str | None = None
@@ -252,6 +252,11 @@ class EvalConfig:
     sampler: str = "hf"
     vllm_memory: float = 0.2
     vllm_eager: bool = False
+    # games: an environment (a built-in name or package.module:Class) played `games` times, seeds seed, seed+1...
+    env: str | None = None
+    env_options: dict = field(default_factory=dict)
+    games: int = 64
+    max_turns: int = 10
     sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(temperature=0.0))
     loading: ModelOptions = field(default_factory=ModelOptions)
 
@@ -259,6 +264,12 @@ class EvalConfig:
         _check_types(self)
         if not self.models:
             raise OpcdError("give at least one --model (a Hugging Face id or a local directory)")
+        if (self.data is None) == (self.env is None):
+            raise OpcdError("give --data (rows with answers) or --env (a game to play), one of the two")
+        _at_least("games", self.games, 1)
+        _at_least("max_turns", self.max_turns, 1)
+        if self.env is not None and (self.ood_data is not None or self.best is not None or self.limit is not None):
+            raise OpcdError("--ood-data, --best and --limit score datasets; with --env, use --games")
         _choice("context_as", self.context_as, CONTEXT_AS)
         _choice("verifier", self.verifier, VERIFIERS)
         _at_least("batch_size", self.batch_size, 1)
@@ -313,18 +324,17 @@ class ExtractConfig:
 
 
 
-def parse_template_kwargs(text: str | None) -> dict | None:
-    """``--chat-template-kwargs``: a JSON object of keyword arguments for every chat template render."""
+def parse_template_kwargs(text: str | None, flag: str = "--chat-template-kwargs",
+                          example: str = '{"enable_thinking": false}') -> dict | None:
+    """``--chat-template-kwargs`` (or another ``flag``): a JSON object of keyword arguments."""
     if text is None:
         return None
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise OpcdError(f"--chat-template-kwargs must be a JSON object such as '{{\"enable_thinking\": false}}'; "
-                        f"{text!r} is not JSON ({e.msg})") from None
+        raise OpcdError(f"{flag} must be a JSON object such as '{example}'; {text!r} is not JSON ({e.msg})") from None
     if not isinstance(value, dict):
-        raise OpcdError(f"--chat-template-kwargs must be a JSON object such as '{{\"enable_thinking\": false}}'; "
-                        f"got {text!r}")
+        raise OpcdError(f"{flag} must be a JSON object such as '{example}'; got {text!r}")
     return value
 
 

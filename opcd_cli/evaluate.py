@@ -149,8 +149,11 @@ def evaluate(cfg: EvalConfig, progress=None) -> list[dict]:
     fields, with the model, the data and the sampler).
 
     With ``cfg.best``, a run directory scores as the mean of its ``best`` best checkpoints (the paper's protocol
-    for system prompts); other models score as themselves.
+    for system prompts); other models score as themselves. With ``cfg.env``, the models play games instead
+    (``evaluate_env``).
     """
+    if cfg.env is not None:
+        return evaluate_env(cfg, progress)
     examples = load_examples(cfg.data)
     if cfg.limit:
         examples = examples[: cfg.limit]
@@ -178,6 +181,42 @@ def evaluate(cfg: EvalConfig, progress=None) -> list[dict]:
         row = scored[0] if len(scored) == 1 else mean_of_best(scored, cfg.best) | {"model": name}
         results.append({"model": name, "data": cfg.data} | row)
     return results
+
+
+def evaluate_env(cfg: EvalConfig, progress=None) -> list[dict]:
+    """``opcd eval --env``: every model plays ``cfg.games`` games (seeds ``cfg.seed`` onwards) without the
+    context and, with ``--context``, with it; one result dict each (``GameEvalResult``'s fields)."""
+    from . import envs
+    from .games import evaluate_games
+
+    make_env = envs.environment_factory(cfg.env, cfg.env_options)  # a bad name or options: before any model
+    context = read_context(cfg.context)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.games))
+    results = []
+    for name in cfg.models:
+        torch.manual_seed(cfg.seed)
+        with open_sampler(Path(name), cfg) as (sampler, tokenizer):
+            renderer = ChatRenderer(tokenizer, name, cfg.loading.chat_template_kwargs)
+            replies = cfg.games * cfg.max_turns * (2 if context else 1)
+            advance = progress.task(f"play {cfg.env} ({name})", replies) if progress else None
+            result = evaluate_games(sampler, renderer, make_env, cfg.env, seeds, context=context,
+                                    context_as=cfg.context_as, sampling=cfg.sampling, max_turns=cfg.max_turns,
+                                    window=config_window(name, cfg.loading.trust_remote_code), advance=advance)
+        results.append({"model": name, "env": cfg.env, "sampler": sampler.name} | result.to_dict())
+    return results
+
+
+def config_window(name: str, trust_remote_code: bool) -> int | None:
+    """A model's window from its config (no weights read); None when the config does not say."""
+    from transformers import AutoConfig
+
+    from . import lora, models
+
+    adapter = lora.adapter_of(Path(name))
+    source = lora.adapter_base(adapter) if adapter is not None else name
+    config = AutoConfig.from_pretrained(models.resolve(str(source)), trust_remote_code=trust_remote_code)
+    config = getattr(config, "text_config", config)
+    return getattr(config, "max_position_embeddings", None)
 
 
 @contextlib.contextmanager

@@ -119,6 +119,13 @@ CASES = [
          "cannot be combined with --overwrite"),
     Case("resume with other settings", ("distill", "--resume", "{stateless_run}", "--lr", "0.5", "--steps", "9"),
          "these flags differ from them: --lr (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing, --teacher-prefix-cache and --micro-batch-tokens may change)"),
+    # games
+    Case("unknown environment", ("eval", "--model", "{student}", "--env", "chess"),
+         "--env chess: no such environment; give one of frozenlake or package.module:Class"),
+    Case("environment class without the interface", ("eval", "--model", "{student}", "--env", "collections:OrderedDict"),
+         "OrderedDict does not implement the environment interface"),
+    Case("zero turns", ("eval", "--model", "{student}", "--env", "frozenlake", "--max-turns", "0"),
+         "max_turns must be a number of at least 1; got 0"),
     # micro-batches by token budget
     Case("negative token budget", distill("--micro-batch-tokens", "-1"), "micro_batch_tokens must be a number of at least 0; got -1"),
     Case("token budget below the longest sequence", distill("--micro-batch-tokens", "3"),

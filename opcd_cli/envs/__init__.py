@@ -1,0 +1,101 @@
+"""Environments a model plays turn by turn: the interface, the built-ins, and loading ``--env``.
+
+An environment is any object with two methods (gymnasium's shape, in text)::
+
+    reset(seed: int) -> str                         # the first observation
+    step(reply: str) -> (observation, reward, done) # or (observation, reward, done, info)
+
+``reply`` is the model's whole answer for the turn; the environment reads its move from it. ``info`` may say
+``{"invalid": True}`` when the reply held no move the environment could read (a failed turn). A game is won
+when its rewards add up to more than 0.
+
+``--env NAME`` names a built-in (``BUILTIN``) or ``package.module:Class`` (a class of the user's, built with
+the ``--env-options`` JSON object as keyword arguments); each game gets its own instance.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from ..errors import OpcdError
+
+
+class Environment(Protocol):
+    def reset(self, seed: int) -> str:
+        ...
+
+    def step(self, reply: str) -> tuple:
+        ...
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one turn gave back."""
+
+    observation: str
+    reward: float
+    done: bool
+    invalid: bool = False
+
+
+BUILTIN = {"frozenlake": "opcd_cli.envs.frozenlake:FrozenLake"}
+
+
+def environment_factory(spec: str, options: dict[str, Any] | None = None) -> Callable[[], Environment]:
+    """A function that makes a fresh environment for one game; raises ``OpcdError`` on a name that is not
+    found, a class that lacks the interface, or options it refuses."""
+    options = dict(options or {})
+    target = BUILTIN.get(spec.lower(), spec)
+    if ":" not in target:
+        raise OpcdError(f"--env {spec}: no such environment; give one of {', '.join(sorted(BUILTIN))} or "
+                        "package.module:Class")
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise OpcdError(f"--env {spec}: cannot import {module_name} ({e})") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise OpcdError(f"--env {spec}: {module_name} has no {class_name}")
+    if not all(callable(getattr(cls, name, None)) for name in ("reset", "step")):
+        raise OpcdError(f"--env {spec}: {class_name} does not implement the environment interface "
+                        "(reset(seed) -> observation, step(reply) -> (observation, reward, done))")
+
+    def make() -> Environment:
+        try:
+            return cls(**options)
+        except Exception as e:  # the user's own class: whatever it raises is its message
+            raise OpcdError(f"--env {spec}: could not make the environment with options {options}: "
+                            f"{type(e).__name__}: {e}") from None
+
+    make()  # options it refuses are reported before any model loads
+    return make
+
+
+def reset(env: Environment, seed: int, name: str) -> str:
+    try:
+        observation = env.reset(seed)
+    except OpcdError:
+        raise
+    except Exception as e:
+        raise OpcdError(f"the environment {name} failed at reset(seed={seed}): {type(e).__name__}: {e}") from None
+    if not isinstance(observation, str):
+        raise OpcdError(f"the environment {name}'s reset returned {type(observation).__name__}, not the observation "
+                        "text")
+    return observation
+
+
+def step(env: Environment, reply: str, name: str) -> Step:
+    try:
+        result = env.step(reply)
+    except OpcdError:
+        raise
+    except Exception as e:
+        raise OpcdError(f"the environment {name} failed at step: {type(e).__name__}: {e}") from None
+    if not isinstance(result, tuple) or len(result) not in (3, 4) or not isinstance(result[0], str):
+        raise OpcdError(f"the environment {name}'s step returned {result!r:.80}; it must return (observation text, "
+                        "reward, done) or (observation text, reward, done, info)")
+    info = result[3] if len(result) == 4 and isinstance(result[3], dict) else {}
+    return Step(result[0], float(result[1]), bool(result[2]), bool(info.get("invalid", False)))
