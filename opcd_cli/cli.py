@@ -16,7 +16,7 @@ import typer
 
 from .config import (
     CONTEXT_AS, DTYPES, KERNELS, REPORT_TO, SAMPLERS, TEACHER_SHARDING, VERIFIERS, EvalConfig, ExtractConfig, ModelOptions, SamplingOptions,
-    build_distill_config, build_extract_config, parse_template_kwargs, read_recipe, resume_config,
+    build_distill_config, build_extract_config, parse_json_object, read_recipe, resume_config,
 )
 from .errors import Interrupted, OpcdError
 from .ui import UI, percent, print_json
@@ -112,7 +112,7 @@ def distill(
     flags = dict(locals())
     for key in ("recipe", "json_output", "toy_task", "resume", "dry_run", "world_size"):
         flags.pop(key, None)
-    flags["chat_template_kwargs"] = parse_template_kwargs(chat_template_kwargs)
+    flags["chat_template_kwargs"] = parse_json_object(chat_template_kwargs)
     if resume is not None:
         if recipe is not None or toy_task is not None:
             raise OpcdError("--resume continues a run with its own settings; drop --recipe and --toy-task")
@@ -237,7 +237,7 @@ def extract(
     flags = dict(locals())
     for key in ("recipe", "json_output"):
         flags.pop(key, None)
-    flags["chat_template_kwargs"] = parse_template_kwargs(chat_template_kwargs)
+    flags["chat_template_kwargs"] = parse_json_object(chat_template_kwargs)
     cfg = build_extract_config(*recipe_layers(recipe, "model", model, "toy-codes-extract", ExtractConfig), flags)
     from .extract import extract as run_extract  # torch and transformers load here, after the flags are checked
 
@@ -289,19 +289,22 @@ def eval_command(
     one_process_only("eval")
     cfg = EvalConfig(
         models=tuple(model), data=data, env=env, games=games, max_turns=max_turns,
-        env_options=parse_template_kwargs(env_options, "--env-options", '{"size": 4}') or {},
+        env_options=parse_json_object(env_options, "--env-options", '{"size": 4}') or {},
         ood_data=ood_data, best=best, context=context, context_as=context_as, verifier=verifier,
         batch_size=batch_size, seed=seed, limit=limit, sampler=sampler, vllm_memory=vllm_memory, vllm_eager=vllm_eager,
         sampling=SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n),
         loading=ModelOptions(dtype=dtype, trust_remote_code=trust_remote_code, allow_bin_weights=allow_bin_weights,
-                             chat_template_kwargs=parse_template_kwargs(chat_template_kwargs) or {}),
+                             chat_template_kwargs=parse_json_object(chat_template_kwargs) or {}),
     )
     from .evaluate import evaluate  # torch and transformers load here, after the flags are checked
 
     ui = UI()
     with ui.progress():
         results = evaluate(cfg, progress=ui)
-    (show_games_table if env is not None else show_eval_table)(ui, results)
+    if env is not None:
+        show_eval_table(ui, results, f"games: {env}", GAME_COLUMNS)
+    else:
+        show_eval_table(ui, results)
     if json_output:
         print_json(results[0] if len(results) == 1 else {"results": results})
 
@@ -353,17 +356,11 @@ GAME_COLUMNS = [  # (header, result key, format)
 ]
 
 
-def show_games_table(ui: UI, results: list[dict]) -> None:
-    columns = [c for c in GAME_COLUMNS if any(c[1] in r for r in results)]
-    rows = [[r["model"]] + [fmt(r[key]) if key in r else "-" for _, key, fmt in columns] for r in results]
-    ui.table(f"games: {results[0]['env']}", ["model"] + [header for header, _, _ in columns], rows)
-
-
-def show_eval_table(ui: UI, results: list[dict]) -> None:
+def show_eval_table(ui: UI, results: list[dict], title: str = "evaluation", all_columns=EVAL_COLUMNS) -> None:
     """One row per model; columns only for what was measured."""
-    columns = [c for c in EVAL_COLUMNS if any(c[1] in r for r in results)]
+    columns = [c for c in all_columns if any(c[1] in r for r in results)]
     rows = [[r["model"]] + [fmt(r[key]) if key in r else "-" for _, key, fmt in columns] for r in results]
-    ui.table("evaluation", ["model"] + [header for header, _, _ in columns], rows)
+    ui.table(title, ["model"] + [header for header, _, _ in columns], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -324,9 +324,10 @@ class ExtractConfig:
 
 
 
-def parse_template_kwargs(text: str | None, flag: str = "--chat-template-kwargs",
-                          example: str = '{"enable_thinking": false}') -> dict | None:
-    """``--chat-template-kwargs`` (or another ``flag``): a JSON object of keyword arguments."""
+def parse_json_object(text: str | None, flag: str = "--chat-template-kwargs",
+                      example: str = '{"enable_thinking": false}') -> dict | None:
+    """A flag's JSON object of keyword arguments: ``--chat-template-kwargs`` (for every chat template render)
+    unless another ``flag`` is named."""
     if text is None:
         return None
     try:

@@ -135,11 +135,7 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool, device) -> bool:
     """Whether ``flag`` is true on some rank (every rank gets the same answer)."""
-    if not _WORLD.active:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+    return all_max(int(flag), device) > 0
 
 
 def all_max(value: int, device) -> int:

@@ -9,6 +9,7 @@ and a reply could not fit the model's window (a loss).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -63,8 +64,7 @@ def play(sampler: Sampler, renderer: ChatRenderer, make_env: Callable[[], envs.E
         env = make_env()
         game.messages.append(("user", envs.reset(env, game.seed, env_name)))
         running.append((game, env))
-    one_reply = SamplingOptions(temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_new_tokens=sampling.max_new_tokens, n=1)
+    one_reply = dataclasses.replace(sampling, n=1)
     for _ in range(max_turns):
         prompts, playing = [], []
         for game, env in running:
@@ -124,7 +124,7 @@ def evaluate_games(sampler: Sampler, renderer: ChatRenderer, make_env, env_name:
         with_ctx = play(sampler, renderer, make_env, env_name, seeds, context=context, **kw)
         scores = GameScores.of(with_ctx)
         harm = sum(a.won and not b.won for a, b in zip(without, with_ctx)) / len(seeds)
-        result = GameEvalResult(**{**result.to_dict(), "success_with_context": scores.success,
-                                   "mean_turns_with_context": scores.mean_turns,
-                                   "invalid_rate_with_context": scores.invalid_rate, "context_harm": harm})
+        result = dataclasses.replace(result, success_with_context=scores.success,
+                                     mean_turns_with_context=scores.mean_turns,
+                                     invalid_rate_with_context=scores.invalid_rate, context_harm=harm)
     return result

@@ -74,13 +74,18 @@ def environment_factory(spec: str, options: dict[str, Any] | None = None) -> Cal
     return make
 
 
-def reset(env: Environment, seed: int, name: str) -> str:
+def _call(name: str, where: str, method, argument):
+    """``method(argument)``, the environment's own code: whatever it raises becomes a one-line error."""
     try:
-        observation = env.reset(seed)
+        return method(argument)
     except OpcdError:
         raise
     except Exception as e:
-        raise OpcdError(f"the environment {name} failed at reset(seed={seed}): {type(e).__name__}: {e}") from None
+        raise OpcdError(f"the environment {name} failed at {where}: {type(e).__name__}: {e}") from None
+
+
+def reset(env: Environment, seed: int, name: str) -> str:
+    observation = _call(name, f"reset(seed={seed})", env.reset, seed)
     if not isinstance(observation, str):
         raise OpcdError(f"the environment {name}'s reset returned {type(observation).__name__}, not the observation "
                         "text")
@@ -88,12 +93,7 @@ def reset(env: Environment, seed: int, name: str) -> str:
 
 
 def step(env: Environment, reply: str, name: str) -> Step:
-    try:
-        result = env.step(reply)
-    except OpcdError:
-        raise
-    except Exception as e:
-        raise OpcdError(f"the environment {name} failed at step: {type(e).__name__}: {e}") from None
+    result = _call(name, "step", env.step, reply)
     if not isinstance(result, tuple) or len(result) not in (3, 4) or not isinstance(result[0], str):
         raise OpcdError(f"the environment {name}'s step returned {result!r:.80}; it must return (observation text, "
                         "reward, done) or (observation text, reward, done, info)")

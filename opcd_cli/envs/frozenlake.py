@@ -16,7 +16,7 @@ import re
 from ..errors import OpcdError
 
 MOVES = ("left", "down", "right", "up")  # gymnasium's action numbers, in order
-MOVE_WORD = re.compile(r"\b(left|down|right|up)\b", re.IGNORECASE)
+MOVE_WORD = re.compile(rf"\b({'|'.join(MOVES)})\b", re.IGNORECASE)
 RULES = ("You are on a frozen lake, at P. Reach the goal G without stepping into a hole H; F is safe ice.{slip} "
          "Reply with one move: Left, Down, Right or Up.")
 
