@@ -57,7 +57,8 @@ class GameScores:
 def play(sampler: Sampler, renderer: ChatRenderer, make_env: Callable[[], envs.Environment], env_name: str,
          seeds: Sequence[int], *, context: str | None, context_as: str, sampling: SamplingOptions, max_turns: int,
          window: int | None = None, advance: Callable[[int], None] | None = None) -> list[Game]:
-    """Play one game per seed; ``advance(k)`` is called as replies are made."""
+    """Play one game per seed; ``advance(k)`` is called as replies are made, and at the end with the turns
+    the games did not need (``len(seeds) * max_turns`` in all)."""
     tokenizer = renderer.tokenizer
     games, running = [Game(seed) for seed in seeds], []
     for game in games:
@@ -92,6 +93,8 @@ def play(sampler: Sampler, renderer: ChatRenderer, make_env: Callable[[], envs.E
             advance(len(playing))
         if not running:
             break
+    if advance:  # the turns games did not need, so that the bar ends full
+        advance(len(games) * max_turns - sum(g.turns for g in games))
     return games
 
 

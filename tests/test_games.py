@@ -89,6 +89,10 @@ def test_games_end_when_the_next_prompt_would_not_fit_the_window(renderer):
     games = play(Scripted(renderer.tokenizer), renderer, Corridor, "corridor", [2], context=None, context_as="system",
                  sampling=SamplingOptions(temperature=0.0, max_new_tokens=4), max_turns=5, window=len(first) + 4)
     assert games[0].turns == 1 and games[0].out_of_window and not games[0].won
+    steps = []
+    play(Scripted(renderer.tokenizer), renderer, Corridor, "corridor", [0, 2], context=None, context_as="system",
+         sampling=SamplingOptions(temperature=0.0, max_new_tokens=4), max_turns=5, advance=steps.append)
+    assert sum(steps) == 2 * 5  # the progress bar ends full although the games end early
     assert GameScores.of(games).success == 0
 
 
