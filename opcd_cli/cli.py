@@ -31,7 +31,7 @@ app = typer.Typer(
 )
 
 JSON_HELP = "Print one JSON object on stdout at the end (everything else goes to stderr)."
-TOY_TASKS = ("codes", "shift")
+TOY_TASKS = ("codes", "shift", "game")
 
 
 def names(choices) -> str:
@@ -56,6 +56,12 @@ def distill(
     data: Optional[str] = typer.Option(None, help="Prompts: JSONL, JSON, CSV, Parquet or a saved dataset folder."),
     context: Optional[str] = typer.Option(None, help="Context file to distil (- for stdin); rows may carry their own."),
     context_as: Optional[str] = typer.Option(None, help="system (a system message) or user-prefix (before the user turn)."),
+    env: Optional[str] = typer.Option(None, help="Instead of --data, games played turn by turn: frozenlake, doors, or package.module:Class; every reply trains."),
+    env_options: Optional[str] = typer.Option(None, help='The game\'s options, as JSON, e.g. \'{"size": 4}\'.'),
+    max_turns: Optional[int] = typer.Option(None, help="With --env: most replies a game gets (default 10)."),
+    eval_games: Optional[int] = typer.Option(None, help="With --env: games scored before and after training, seeds 0 to N-1 (default 64)."),
+    ood_env_options: Optional[str] = typer.Option(None, help="With --env: options of games out of distribution (JSON, over --env-options), played with --ood-context."),
+    ood_context: Optional[str] = typer.Option(None, help="With --env: the context of the games out of distribution."),
     toy_task: Optional[str] = typer.Option(None, help=f"Run the toy world's task: {names(TOY_TASKS)} (the built-in recipe toy-TASK)."),
     name: Optional[str] = typer.Option(None, help="Run name for the default output directory (default: the student's)."),
     mode: Optional[str] = typer.Option(None, help="on-policy (OPCD) or off-policy (train on the teacher's own responses)."),
@@ -113,6 +119,8 @@ def distill(
     for key in ("recipe", "json_output", "toy_task", "resume", "dry_run", "world_size"):
         flags.pop(key, None)
     flags["chat_template_kwargs"] = parse_json_object(chat_template_kwargs)
+    flags["env_options"] = parse_json_object(env_options, "--env-options", '{"size": 4}')
+    flags["ood_env_options"] = parse_json_object(ood_env_options, "--ood-env-options", '{"law_seed": 7}')
     if resume is not None:
         if recipe is not None or toy_task is not None:
             raise OpcdError("--resume continues a run with its own settings; drop --recipe and --toy-task")
@@ -184,15 +192,24 @@ DISTILL_ROWS = [  # (label, EvalResult field)
     ("context harm", "context_harm"),
     ("student, OOD (own contexts)", "ood_accuracy"),
 ]
+DISTILL_GAME_ROWS = [  # (label, GameEvalResult field): --env
+    ("games won, no context", "success"),
+    ("games won, with context", "success_with_context"),
+    ("teacher games won, with context", "teacher_success_with_context"),
+    ("context harm", "context_harm"),
+    ("games won, OOD (own context)", "ood_success"),
+    ("invalid moves, no context", "invalid_rate"),
+]
 
 
 def show_distill_summary(ui: UI, summary: dict) -> None:
     """The before/after table: one row per measured field of the two ``EvalResult``s."""
     before, after = summary.get("before") or {}, summary.get("after") or {}
+    games = "success" in before or "success" in after
     rows = [[label, percent(before[key]) if key in before else "", percent(after[key]) if key in after else ""]
-            for label, key in DISTILL_ROWS if key in before or key in after]
+            for label, key in (DISTILL_GAME_ROWS if games else DISTILL_ROWS) if key in before or key in after]
     if rows:
-        ui.table("accuracy", ["", "before", "after"], rows)
+        ui.table("games" if games else "accuracy", ["", "before", "after"], rows)
     phases = summary.get("time_by_phase") or {}
     if phases:
         ui.table(f"time per step ({phases['step_seconds']:.2f} s)", ["", "seconds", "share"],
@@ -207,6 +224,11 @@ def extract(
     model: Optional[str] = typer.Option(None, help="Model that solves and extracts. Omit for the toy world."),
     data: Optional[str] = typer.Option(None, help="Training problems with answers."),
     val: Optional[str] = typer.Option(None, help="Validation problems with answers (selects the best round)."),
+    env: Optional[str] = typer.Option(None, help="Instead of --data and --val, a game played turn by turn: frozenlake, doors, or package.module:Class."),
+    env_options: Optional[str] = typer.Option(None, help='The game\'s options, as JSON, e.g. \'{"size": 4}\'.'),
+    max_turns: Optional[int] = typer.Option(None, help="With --env: most replies a game gets (default 10)."),
+    train_games: Optional[int] = typer.Option(None, help="With --env: games played --attempts times each round (default 32)."),
+    val_games: Optional[int] = typer.Option(None, help="With --env: other games whose success rate selects the best round (default 32)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Experience file to write (default exp.txt)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output."),
     rounds: Optional[int] = typer.Option(None, help="Rounds of solve, extract, accumulate, select."),
@@ -238,12 +260,15 @@ def extract(
     for key in ("recipe", "json_output"):
         flags.pop(key, None)
     flags["chat_template_kwargs"] = parse_json_object(chat_template_kwargs)
+    flags["env_options"] = parse_json_object(env_options, "--env-options", '{"size": 4}')
     cfg = build_extract_config(*recipe_layers(recipe, "model", model, "toy-codes-extract", ExtractConfig), flags)
     from .extract import extract as run_extract  # torch and transformers load here, after the flags are checked
 
     ui = UI()
     summary = run_extract(cfg, ui)
-    ui.table("experience by round", ["round", "items", "new", "attempts right", "val accuracy"], [
+    games = "env" in summary
+    ui.table("experience by round", ["round", "items", "new", "games won" if games else "attempts right",
+                                     "val games won" if games else "val accuracy"], [
         ["none", "0", "", "", percent(summary["val_accuracy_without"])]
     ] + [
         [str(r["number"]), str(r["items"]), str(r["new_items"]), percent(r["solve_rate"]), percent(r["val_accuracy"])]

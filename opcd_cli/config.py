@@ -129,6 +129,14 @@ class DistillConfig:
     data: str | None = None
     context: str | None = None  # a file, "-" for stdin, or a built-in text; rows may carry their own `context`
     context_as: str = "system"
+    # games instead of --data: an environment (a built-in name or package.module:Class) played turn by turn,
+    # batch_size x grad_accum new games a step (seeds from TRAIN_GAME_SEEDS), every reply a training row
+    env: str | None = None
+    env_options: dict = field(default_factory=dict)
+    max_turns: int = 10
+    eval_games: int = 64  # evaluation games, seeds 0 to eval_games - 1
+    ood_env_options: dict | None = None  # games out of distribution: these options over env_options...
+    ood_context: str | None = None  # ...played with this context
     mode: str = "on-policy"  # off-policy: the paper's baseline, training on the teacher's own responses
     off_policy_loss: str = "forward-kl"  # forward KL over the teacher's top-k, or sft (token cross-entropy)
     rollouts: str | None = None  # off-policy: a folder of saved teacher rollouts to reuse (written if missing)
@@ -203,8 +211,19 @@ class DistillConfig:
             raise OpcdError("--ood-data is scored beside --eval-data; give --eval-data too")
         if self.student is None and self.data is not None:
             raise OpcdError("--data needs --student: give the model to train (or drop --data to run the toy world)")
-        if self.student is not None and self.data is None:
-            raise OpcdError("--student needs --data: give the prompts to train on (JSONL, JSON, CSV, Parquet or a saved dataset)")
+        if self.student is not None and self.data is None and self.env is None:
+            raise OpcdError("--student needs --data: give the prompts to train on (JSONL, JSON, CSV, Parquet or a saved "
+                            "dataset), or --env: a game to play")
+        if self.env is not None:
+            if self.data is not None:
+                raise OpcdError("give --data (prompts) or --env (a game to play), not both")
+            if self.eval_data is not None or self.ood_data is not None:
+                raise OpcdError("with --env the evaluation plays games: use --eval-games and --ood-env-options, "
+                                "not --eval-data or --ood-data")
+            _at_least("max_turns", self.max_turns, 1)
+            _at_least("eval_games", self.eval_games, 0)
+        if (self.ood_env_options is None) != (self.ood_context is None) or (self.ood_context and self.env is None):
+            raise OpcdError("games out of distribution need --env, --ood-env-options and --ood-context together")
         if self.topk < 1:
             raise OpcdError(f"topk must be at least 1; got {self.topk}")
         _at_least("steps", self.steps, 1)
@@ -307,13 +326,27 @@ class ExtractConfig:
     vllm_eager: bool = False
     sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(temperature=1.0, max_new_tokens=1024))
     extract_max_new_tokens: int = 512
+    # games instead of --data and --val: the model plays train_games games (each `attempts` times) a round, and
+    # each round's experience is scored by the success rate over val_games other games
+    env: str | None = None
+    env_options: dict = field(default_factory=dict)
+    max_turns: int = 10
+    train_games: int = 32
+    val_games: int = 32
     loading: ModelOptions = field(default_factory=ModelOptions)
 
     def __post_init__(self):
         _check_types(self)
         if not self.output.strip():
             raise OpcdError("--output is empty; give the experience file to write (e.g. exp.txt)")
-        if (self.model is None) != (self.data is None) or (self.model is None) != (self.val is None):
+        if self.env is not None:
+            if self.data is not None or self.val is not None:
+                raise OpcdError("give --data and --val (problems) or --env (a game to play), not both")
+            if self.model is None:
+                raise OpcdError("--env needs --model: the model that plays and extracts")
+            for name in ("max_turns", "train_games", "val_games"):
+                _at_least(name, getattr(self, name), 1)
+        elif (self.model is None) != (self.data is None) or (self.model is None) != (self.val is None):
             raise OpcdError("give --model, --data and --val together (or none of them to run the toy world)")
         _choice("context_as", self.context_as, CONTEXT_AS)
         _choice("verifier", self.verifier, VERIFIERS)

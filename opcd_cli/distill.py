@@ -33,11 +33,13 @@ from .config import DistillConfig, SamplingOptions
 from .data import Example, has_context, load_examples, read_context, require_answers, write_jsonl
 from .errors import Interrupted, OpcdError
 from .evaluate import EvalResult, evaluate_model, passes, score
+from .games import (TRAIN_GAME_SEEDS, Game, GameEvalResult, GameScores, GameSetup, evaluate_games, game_seeds, play,
+                    plays, turn_views)
 from .loss import DistillLoss, TeacherPrefix, attention_kind, can_reuse_prefix, common_prefix, packing_is_exact
 from .micro_batches import MicroBatch, Packer, by_prompts, by_token_budget, sequence_cost, split_to
 from .plots import plot_runs
 from .outputs import RUN_MARKER, FollowerRunDir, RunDir, write_json_atomic, write_text_atomic
-from .prompts import ChatRenderer, Views, build_views
+from .prompts import PROBE_RESPONSE, ChatRenderer, Views, aligned_views, build_views
 from .sampling import Sampler, make_sampler, stop_ids
 from .timing import PHASES, StepTimer
 from .ui import UI
@@ -65,6 +67,7 @@ class Run:
     trainable_parameters: int = 0
     teacher_prefix: TeacherPrefix | None = None  # what every teacher prompt starts with, read once
     packer: Packer | None = None  # makes a micro-batch into each pass's inputs: padded rows or one packed row
+    games: GameSetup | None = None  # --env: games played turn by turn instead of dataset rows
 
     def sampler(self, which: str, batch_size: int, follows_training: bool = False) -> Sampler:
         """A sampler (``--sampler``) for the student or the teacher; vLLM loads the model's own folder (the
@@ -174,11 +177,15 @@ def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
     show_prompts(run, ui)
     per_step, sampler = cfg.batch_size * cfg.grad_accum, None
     teacher_score, rollouts = (None, saved_rollouts(run, out)) if resume else teacher_work(run, ui, out)
+    player = None  # off-policy games: what serves the teacher as it plays
     try:
-        if cfg.mode == "off-policy" and rollouts is None:  # the default teacher: the student's initial weights,
-            sampler = run.sampler("student", per_step) if cfg.sampler == "vllm" else None  # one vLLM engine for both
-            rollouts = make_rollouts(run, ui, out, sampler or run.sampler("teacher", per_step))
-        sampler = sampler or run.sampler("student", per_step, follows_training=rollouts is None)
+        if cfg.mode == "off-policy" and rollouts is None and run.games is None:  # the default teacher: the
+            sampler = run.sampler("student", per_step) if cfg.sampler == "vllm" else None  # student's initial
+            rollouts = make_rollouts(run, ui, out, sampler or run.sampler("teacher", per_step))  # weights: one engine
+        sampler = sampler or run.sampler("student", per_step, follows_training=cfg.mode == "on-policy")
+        if run.games is not None and cfg.mode == "off-policy":  # vLLM: the engine on the initial weights serves
+            one_engine = cfg.sampler == "vllm" and cfg.teacher is None  # the default teacher
+            player = sampler if one_engine else run.sampler("teacher", per_step)
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
         training = Training(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)))
@@ -186,17 +193,17 @@ def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
             restore(run, training, sampler, out)
         elif cfg.eval_before:
             training.before = evaluate_student(run, run.eval_sampler(sampler), ui, "before", teacher_score)
-        train_seconds = loop(run, training, sampler, rollouts, out, ui)
+        train_seconds = loop(run, training, sampler, rollouts, out, ui, player)
         student.eval()
         if cfg.save_every:  # a run that keeps checkpoints can be continued with more --steps
             save_training_state(run, training, sampler, out)
         save_student(run, out, final=True)  # a LoRA student is merged in place here, unless --no-merge
-        if rollouts is not None or run.student is not student:
+        if cfg.mode == "off-policy" or run.student is not student:
             sampler.update_weights(run.student)  # off-policy, the evaluation sampler has not followed training
         after = evaluate_student(run, run.eval_sampler(sampler), ui, "after")
     finally:
-        if sampler is not None:
-            sampler.close()  # a vLLM engine holds its share of memory until closed
+        for engine in {id(s): s for s in (sampler, player) if s is not None}.values():
+            engine.close()  # a vLLM engine holds its share of memory until closed
     summary = build_summary(run, inputs, training.before, after, training.metrics, sampler, rollouts, started,
                             train_seconds, distributed.gather_objects(peak_memory_gib()))
     distributed.barrier()  # every rank has finished before the run is put in place
@@ -208,9 +215,9 @@ def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
     return summary
 
 
-def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui: UI) -> float:
-    """The steps from ``training.step + 1`` to ``--steps``; returns the seconds they took. SIGINT and SIGTERM stop
-    it after the current step, with the state saved."""
+def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui: UI, player: Sampler | None = None) -> float:
+    """The steps from ``training.step + 1`` to ``--steps``; returns the seconds they took (``player``: what plays
+    off-policy games). SIGINT and SIGTERM stop it after the current step, with the state saved."""
     cfg, student, world = run.cfg, run.student, distributed.world()
     per_step, train_start = cfg.batch_size * cfg.grad_accum, time.time()
     student.train()
@@ -222,14 +229,13 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
         advance(training.step)
         for step in range(training.step + 1, cfg.steps + 1):
             step_start = time.time()
-            # this rank's share of the step's prompts (all of them, as one process)
-            batch = distributed.local_share(step_prompts(len(run.examples), cfg.seed, step, per_step), world)
-            # 1. responses: the student's own, sampled without the context (or, off-policy, the teacher's)
+            # 1. this rank's share of the step's prompts, and their responses: the student's own, sampled without
+            # the context (or, off-policy, the teacher's); with --env, the replies of games played to the end
             with timer.phase("rollouts"):
-                responses = sample(run, sampler, batch) if rollouts is None else [rollouts.responses[i] for i in batch]
-            tokens, ends = step_counts(run, responses)  # over every rank's responses
+                seqs = step_sequences(run, player or sampler, rollouts, step, world)
+            tokens, ends, replies, won = step_counts(run, seqs)  # over every rank's responses
             # 2-3. the teacher scores the same tokens with the context; the loss, micro-batch by micro-batch
-            sums = backward(run, batch, responses, rollouts, tokens, timer)
+            sums = backward(run, seqs, rollouts, tokens, timer)
             # 4. one optimiser step, unless the loss or the gradient is not finite; the sampler follows
             with timer.phase("optimizer"):
                 grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
@@ -238,13 +244,15 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
                 training.optimizer.step()
                 training.schedule.step()
                 training.optimizer.zero_grad(set_to_none=True)
-            if rollouts is None:
+            if cfg.mode == "on-policy":
                 with timer.phase("weight_push"):
                     sampler.update_weights(student)
             # 5. log and checkpoint
             training.step = step
-            training.metrics.append(step_record(step, tokens, ends, per_step, values, training.schedule, step_start,
+            training.metrics.append(step_record(step, tokens, ends, replies, values, training.schedule, step_start,
                                                 train_start, timer.seconds()))
+            if run.games is not None:  # how the step's games went (on-policy: the student's, without the context)
+                training.metrics[-1] |= {"games_won": won / per_step, "turns": replies / per_step}
             log.write(json.dumps(training.metrics[-1]) + "\n")
             log.flush()
             tracker.log(step, training.metrics[-1])
@@ -293,7 +301,7 @@ def restore(run: Run, training: Training, sampler: Sampler, out: Path) -> None:
     state = load_state(out, model=run.student, optimizer=training.optimizer, scheduler=training.schedule)
     training.step, training.metrics = state["step"], list(state["metrics"])
     before = state["extra"].get("before")
-    training.before = EvalResult(**before) if before else None
+    training.before = ((GameEvalResult if "success" in before else EvalResult)(**before)) if before else None
     sampler.set_state(state["samplers"].get("student", {}))
     sampler.update_weights(run.student)
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in training.metrics))
@@ -366,57 +374,108 @@ def stop_signals():
 
 def show_prompts(run: Run, ui: UI) -> None:
     """What each model reads: the rendered teacher and student prompts of the first ``--show-prompts`` rows."""
-    for example, views in list(zip(run.examples, run.views))[: run.cfg.show_prompts]:
+    shown = ([(f"game {TRAIN_GAME_SEEDS}, turn 1", None, run.views[0])] if run.games is not None
+             else [(f"row {e.row}", e.context, v) for e, v in zip(run.examples, run.views)])
+    for where, context, views in shown[: run.cfg.show_prompts]:
         teacher_text = run.teacher_renderer.tokenizer.decode(views.teacher_ids)
         student_text = run.student_renderer.tokenizer.decode(views.student_ids)
-        ui.prompt(f"row {example.row}, teacher ({len(views.teacher_ids)} tokens; the context between ⟦ ⟧)",
-                  teacher_text, mark=example.context or run.context)
-        ui.prompt(f"row {example.row}, student ({len(views.student_ids)} tokens)", student_text)
+        ui.prompt(f"{where}, teacher ({len(views.teacher_ids)} tokens; the context between ⟦ ⟧)",
+                  teacher_text, mark=context or run.context)
+        ui.prompt(f"{where}, student ({len(views.student_ids)} tokens)", student_text)
 
 
-def sample(run: Run, sampler: Sampler, batch: list[int]) -> list[list[int]]:
-    """The student's responses to the batch's prompts, without the context."""
-    with autocast(run.cfg.loading.dtype):
-        return sampler.generate([run.views[i].student_ids for i in batch], run.cfg.sampling)
+@dataclass
+class Sequences:
+    """A step's training sequences on this rank: each a prompt in both views and a response to it."""
+
+    views: list[Views]
+    responses: list[list[int]]
+    rows: list[int] | None = None  # dataset rows (off-policy: where their saved targets are)
+    games: list[Game] | None = None  # --env: the games the replies come from
 
 
-def step_counts(run: Run, responses: list[list[int]]) -> tuple[int, int]:
-    """The step's response tokens and the responses that ended by themselves, summed over every rank."""
+def step_sequences(run: Run, sampler: Sampler, rollouts, step: int, world) -> Sequences:
+    """This rank's share of the step's prompts and their responses (all of them, as one process)."""
+    cfg = run.cfg
+    per_step = cfg.batch_size * cfg.grad_accum
+    if run.games is not None:
+        return play_games(run, sampler, distributed.local_share(game_seeds(step, per_step), world))
+    batch = distributed.local_share(step_prompts(len(run.examples), cfg.seed, step, per_step), world)
+    if rollouts is not None:
+        return Sequences([run.views[i] for i in batch], [rollouts.responses[i] for i in batch], batch)
+    with autocast(cfg.loading.dtype):
+        responses = sampler.generate([run.views[i].student_ids for i in batch], cfg.sampling)
+    return Sequences([run.views[i] for i in batch], responses, batch)
+
+
+def play_games(run: Run, sampler: Sampler, seeds: list[int]) -> Sequences:
+    """Games played to their end, each reply a training row: on-policy, the student plays without the context;
+    off-policy, the teacher (``sampler`` serves it) plays with it. The rows' views are the chat up to each
+    reply, checked turn by turn."""
+    cfg, setup = run.cfg, run.games
+    on_policy = cfg.mode == "on-policy"
+    with autocast(cfg.loading.dtype):
+        games = play(sampler, run.student_renderer if on_policy else run.teacher_renderer, setup.make_env, setup.name,
+                     seeds, context=None if on_policy else run.context, context_as=cfg.context_as,
+                     sampling=cfg.sampling, max_turns=setup.max_turns, window=setup.window)
+    views, responses = [], []
+    for game in games:
+        turns = turn_views(game, run.context, cfg.context_as, run.student_renderer, run.teacher_renderer)
+        prefix = run.teacher_prefix.ids if run.teacher_prefix is not None else []
+        if any(list(v.teacher_ids[: len(prefix)]) != prefix for v in turns):
+            raise OpcdError(f"game {game.seed}: a teacher prompt does not start with the context's rendering that "
+                            "the first turn had; run with --no-teacher-prefix-cache")
+        views += turns
+        responses += [reply for _, reply in game.replies]
+    return Sequences(views, responses, games=games)
+
+
+def step_counts(run: Run, seqs: Sequences) -> tuple[int, int, int, int]:
+    """The step's response tokens, responses that ended by themselves, responses, and games won, summed over
+    every rank."""
+    responses = seqs.responses
+    counts = [sum(map(len, responses)), sum(finished(r, run.stop_ids) for r in responses), len(responses),
+              sum(g.won for g in seqs.games or [])]
     if not distributed.world().active:
-        return sum(map(len, responses)), sum(finished(r, run.stop_ids) for r in responses)
-    counts = torch.tensor([sum(map(len, responses)), sum(finished(r, run.stop_ids) for r in responses)],
-                          dtype=torch.float64, device=models.device())
-    tokens, ends = distributed.all_sum(counts).tolist()
-    return int(tokens), int(ends)
+        return tuple(counts)
+    summed = distributed.all_sum(torch.tensor(counts, dtype=torch.float64, device=models.device())).tolist()
+    return tuple(int(c) for c in summed)
 
 
-def backward(run: Run, batch: list[int], responses: list[list[int]], rollouts, n_tokens: int,
-             timer: StepTimer) -> torch.Tensor:
+def backward(run: Run, seqs: Sequences, rollouts, n_tokens: int, timer: StepTimer) -> torch.Tensor:
     """Score this rank's responses micro-batch by micro-batch and accumulate the gradient of the mean loss over
     the step's ``n_tokens`` response tokens (every rank's); returns the sums over every rank of (loss,
     distillation term, consistency term, top-k mass) over response tokens, then of the padding positions and
     all positions the passes read."""
     cfg, device = run.cfg, models.device()
-    views = [run.views[i] for i in batch]
+    views, responses = seqs.views, seqs.responses
     scale = distributed.world().size / n_tokens  # FSDP averages the ranks' gradients: the sum over ranks is wanted
     sums, padding, positions = torch.zeros(4, device=device), 0, 0
-    for micro_batch in micro_batches(run, views, responses):
+    for micro_batch, weight in micro_batches(run, views, responses):
         order, rows = [i for row in micro_batch for i in row], [len(row) for row in micro_batch]
         these, answers = [views[i] for i in order], [responses[i] for i in order]
         student_in = run.packer([v.student_ids for v in these], answers, rows)
         inputs = [student_in]
         with autocast(cfg.loading.dtype):
-            if rollouts is None:  # the teacher reads the context; with the regulariser the student does too
+            if cfg.mode == "on-policy":  # the teacher reads the context; with the regulariser the student does too
                 teacher_in = run.packer([v.teacher_ids for v in these], answers, rows, run.teacher_prefix)
                 context_in = (run.packer([v.student_context_ids for v in these], answers, rows)
                               if cfg.consistency_weight > 0 else None)
                 inputs += [teacher_in] + ([context_in] if context_in is not None else [])
                 parts = run.loss.on_policy(student_in, teacher_in, context_in, timer)
             else:
-                ids_Nk, logprobs_Nk = rollouts.targets([batch[i] for i in order], cfg.off_policy_loss, device)
+                if rollouts is not None:
+                    ids_Nk, logprobs_Nk = rollouts.targets([seqs.rows[i] for i in order], cfg.off_policy_loss, device)
+                else:  # games the teacher has just played: it scores its replies now
+                    with timer.phase("teacher_forward"):
+                        teacher_in = run.packer([v.teacher_ids for v in these], answers, rows)
+                        ids_Nk, logprobs_Nk = run.loss.teacher_targets(teacher_in, cfg.off_policy_loss == "sft", answers)
+                    inputs.append(teacher_in)
                 parts = run.loss.off_policy(student_in, ids_Nk, logprobs_Nk, timer)
         with timer.phase("backward"):
-            (parts.total * scale).backward()
+            (parts.total * scale * weight).backward()
+        if not weight:  # a pass that only keeps this rank in step with the others: it adds nothing
+            continue
         sums += torch.stack([parts.total.detach(), parts.distill, parts.consistency,
                              parts.topk_mass * sum(map(len, answers))])
         padding += sum(p.padding for p in inputs)
@@ -424,23 +483,28 @@ def backward(run: Run, batch: list[int], responses: list[list[int]], rollouts, n
     return distributed.all_sum(torch.cat([sums, torch.tensor([padding, positions], dtype=sums.dtype, device=device)]))
 
 
-def micro_batches(run: Run, views: list[Views], responses: list[list[int]]) -> list[MicroBatch]:
-    """This rank's sequences (indices into ``views``) in micro-batches of rows: ``--batch-size`` a row each, or
-    one row packed to the token budget (``--micro-batch-tokens``), as many on every rank (sharded ranks run
-    their passes together)."""
+def micro_batches(run: Run, views: list[Views], responses: list[list[int]]) -> list[tuple[MicroBatch, int]]:
+    """This rank's sequences (indices into ``views``) in micro-batches of rows, each with its weight (1):
+    ``--batch-size`` a row each, or one row packed to the token budget (``--micro-batch-tokens``). Sharded ranks
+    run their passes together, so every rank runs as many: it splits its micro-batches, and when it has too
+    few sequences (games differ in turns), repeats its first with weight 0."""
     cfg = run.cfg
-    if not run.packer.packed:
-        return by_prompts(len(views), cfg.batch_size)
     costs = [sequence_cost(pass_prompt_lengths(cfg, v, run.teacher_prefix), len(r)) for v, r in zip(views, responses)]
-    batches = by_token_budget(costs, cfg.micro_batch_tokens)
-    return split_to(batches, distributed.all_max(len(batches), models.device()), costs)
+    batches = (by_token_budget(costs, cfg.micro_batch_tokens) if run.packer.packed
+               else by_prompts(len(views), cfg.batch_size))
+    if not distributed.world().active or (run.games is None and not run.packer.packed):
+        return [(batch, 1) for batch in batches]  # dataset rows: every rank has as many, in as many batches
+    count = distributed.all_max(len(batches), models.device())
+    batches = split_to(batches, min(count, len(views)), costs)
+    return [(batch, 1) for batch in batches] + [([[0]], 0)] * (count - len(batches))
 
 
 def pass_prompt_lengths(cfg: DistillConfig, view: Views, prefix: TeacherPrefix | None) -> list[int]:
-    """The prompt positions each pass reads for a row: the student's; on-policy, the teacher's after its cached
-    prefix and, with the regulariser, the student's with the context."""
+    """The prompt positions each pass reads for a row: the student's; on-policy (and for games, which the
+    teacher scores as it plays them), the teacher's after its cached prefix and, with the regulariser, the
+    student's with the context."""
     lengths = [len(view.student_ids)]
-    if cfg.mode == "on-policy":
+    if cfg.mode == "on-policy" or cfg.env is not None:
         lengths.append(len(view.teacher_ids) - (len(prefix) if prefix is not None else 0))
         if cfg.consistency_weight > 0:
             lengths.append(len(view.student_context_ids))
@@ -455,8 +519,8 @@ def make_packer(cfg: DistillConfig, views: list[Views], student, teacher, teache
     device = models.device()
     if not cfg.micro_batch_tokens:
         return Packer(pad_id, device)
-    on_policy = cfg.mode == "on-policy"
-    for model, name in [(student, cfg.student)] + ([(teacher, teacher_name)] if on_policy else []):
+    teacher_reads = cfg.mode == "on-policy" or cfg.env is not None  # off-policy games: it scores its replies
+    for model, name in [(student, cfg.student)] + ([(teacher, teacher_name)] if teacher_reads else []):
         if not packing_is_exact(model):
             raise OpcdError(f"--micro-batch-tokens packs sequences into one row, and {name} (attention: "
                             f"{attention_kind(model)}) does not keep them apart there; leave out --micro-batch-tokens")
@@ -559,6 +623,7 @@ def build_summary(run: Run, inputs: dict, before: EvalResult | None, after: Eval
     return {
         "output_dir": str(run.out.final),
         "mode": cfg.mode,
+        **({"env": cfg.env, "max_turns": cfg.max_turns} if cfg.env else {}),
         "student": cfg.student,
         "teacher": cfg.teacher or (f"{cfg.student} with the adapters off" if cfg.lora_rank
                                    else f"frozen copy of {cfg.student}"),
@@ -612,8 +677,8 @@ def teacher_work(run: Run, ui: UI, out: Path):
     context and, off-policy, its rollouts; with vLLM one engine serves both and is closed after. Returns
     (the teacher's accuracy or None, the rollouts or None)."""
     cfg = run.cfg
-    need_eval = cfg.eval_before and cfg.teacher is not None and bool(run.eval_examples)
-    need_rollouts = cfg.mode == "off-policy" and run.rollouts is None and cfg.teacher is not None
+    need_eval = cfg.eval_before and cfg.teacher is not None and (bool(run.eval_examples) or evaluates_games(run))
+    need_rollouts = cfg.mode == "off-policy" and run.rollouts is None and cfg.teacher is not None and run.games is None
     if not (need_eval or need_rollouts):
         return None, run.rollouts
     engine = run.sampler("teacher", cfg.eval_batch_size) if cfg.sampler == "vllm" else None
@@ -635,6 +700,8 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
         import_vllm()  # a missing vLLM is reported before any model is loaded
     check_kernel(cfg.kernel)
     trackers.check_available(cfg.report_to)
+    if cfg.env is not None:
+        return prepare_games(cfg, out, ui)
     examples, context = load_examples(cfg.data), read_context(cfg.context)
     eval_examples = load_examples(cfg.eval_data, what="eval data") if cfg.eval_data else None
     ood_examples = load_examples(cfg.ood_data, what="OOD data") if cfg.ood_data else None
@@ -643,14 +710,7 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
             require_answers(rows, path)
     if not has_context(examples, context):
         raise OpcdError("nothing to distil: give --context FILE (or -) or rows with a `context` field")
-    student, teacher, tokenizer, teacher_tokenizer, teacher_name = load_models(cfg, ui)
-    vocab = models.shared_vocab_size(student, teacher, tokenizer, cfg.student, teacher_name)
-    if cfg.topk > vocab:
-        raise OpcdError(f"topk {cfg.topk} is larger than the vocabulary ({vocab} tokens); choose at most {vocab}")
-    load = cfg.loading
-    student_renderer = ChatRenderer(tokenizer, cfg.student, load.chat_template_kwargs)
-    teacher_renderer = (student_renderer if teacher_tokenizer is tokenizer
-                        else ChatRenderer(teacher_tokenizer, teacher_name, load.chat_template_kwargs))
+    student, teacher, tokenizer, teacher_name, vocab, student_renderer, teacher_renderer = load_and_render(cfg, ui)
     check_context_lengths(examples, context, cfg.sampling.max_new_tokens, teacher_renderer.tokenizer, teacher,
                           teacher_name)  # before rendering every row around a context that cannot fit
     views = build_views(examples, context, cfg.context_as, student_renderer, teacher_renderer)
@@ -670,6 +730,62 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     return Run(cfg, out, examples, views, context, student, teacher, tokenizer, student_renderer, teacher_renderer,
                loss, stop_ids(student, tokenizer), eval_examples, ood_examples, saved,
                sum(p.numel() for p in student.parameters() if p.requires_grad), prefix, packer)
+
+
+def load_and_render(cfg: DistillConfig, ui: UI):
+    """The models and their chat renderers: (student, teacher, tokenizer, teacher name, the shared vocabulary,
+    student renderer, teacher renderer)."""
+    student, teacher, tokenizer, teacher_tokenizer, teacher_name = load_models(cfg, ui)
+    vocab = models.shared_vocab_size(student, teacher, tokenizer, cfg.student, teacher_name)
+    if cfg.topk > vocab:
+        raise OpcdError(f"topk {cfg.topk} is larger than the vocabulary ({vocab} tokens); choose at most {vocab}")
+    load = cfg.loading
+    student_renderer = ChatRenderer(tokenizer, cfg.student, load.chat_template_kwargs)
+    teacher_renderer = (student_renderer if teacher_tokenizer is tokenizer
+                        else ChatRenderer(teacher_tokenizer, teacher_name, load.chat_template_kwargs))
+    return student, teacher, tokenizer, teacher_name, vocab, student_renderer, teacher_renderer
+
+
+def prepare_games(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
+    """``prepare`` for ``--env``: the environment (and the one out of distribution) made and reset once, the
+    context read, the models loaded; a probe of the first turn sets the teacher's cached prefix, the window a
+    game may fill and the packing. Raises ``OpcdError`` on bad input and writes nothing."""
+    from . import envs
+
+    if cfg.rollouts:
+        raise OpcdError("--rollouts saves teacher rollouts of dataset rows; games are played anew every step, drop it")
+    make_env = envs.environment_factory(cfg.env, cfg.env_options)
+    ood = None
+    if cfg.ood_env_options is not None:
+        ood = (envs.environment_factory(cfg.env, {**cfg.env_options, **cfg.ood_env_options}), read_context(cfg.ood_context))
+    context = read_context(cfg.context)
+    if not context:
+        raise OpcdError("nothing to distil: give --context FILE (or -) for the games")
+    probe_env = make_env()  # an environment that fails at once fails here, before anything is written
+    observation = envs.reset(probe_env, TRAIN_GAME_SEEDS, cfg.env)
+    envs.step(probe_env, PROBE_RESPONSE, cfg.env)
+    # the first turn of a game, and a probe whose observation differs from its first character: the teacher's
+    # prompts share what comes before the first observation (the cached prefix), and no more
+    first = [(("user", observation),), (("user", "!" if observation.startswith("?") else "?"),)]
+    student, teacher, tokenizer, teacher_name, vocab, student_renderer, teacher_renderer = load_and_render(cfg, ui)
+    examples = [Example(row=TRAIN_GAME_SEEDS, messages=m) for m in first]
+    check_context_lengths(examples[:1], context, cfg.sampling.max_new_tokens, teacher_renderer.tokenizer, teacher,
+                          teacher_name)
+    views = [aligned_views(messages, context, cfg.context_as, student_renderer, teacher_renderer, PROBE_RESPONSE,
+                           f"game {TRAIN_GAME_SEEDS}, turn 1") for messages in first]
+    check_windows(examples, views, cfg.sampling.max_new_tokens, student, teacher, cfg.student, teacher_name)
+    models.check_token_ids(examples, views, vocab, tokenizer)
+    windows = [w for w in (models.context_window(student), models.context_window(teacher)) if w is not None]
+    extra = len(views[0].teacher_ids) - len(views[0].student_ids)  # what the context adds to every prompt
+    window = min([w - max(0, extra) for w in windows]) if windows else None
+    loss = DistillLoss(student, teacher, vocab, cfg.topk, cfg.topk_renorm, cfg.consistency_weight, cfg.kernel)
+    prefix = teacher_prefix(cfg, views, teacher)
+    packer = make_packer(cfg, views, student, teacher, teacher_name, prefix, models.pad_id(tokenizer))
+    torch.manual_seed(cfg.seed)
+    return Run(cfg, out, [], views, context, student, teacher, tokenizer, student_renderer, teacher_renderer, loss,
+               stop_ids(student, tokenizer), None, None, None,
+               sum(p.numel() for p in student.parameters() if p.requires_grad), prefix, packer,
+               GameSetup(cfg.env, make_env, cfg.max_turns, window, ood))
 
 
 MIN_PREFIX_TOKENS = 16  # a shorter shared start is not worth a cache
@@ -763,9 +879,34 @@ def greedy(cfg: DistillConfig) -> SamplingOptions:
     return SamplingOptions(temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens or cfg.sampling.max_new_tokens)
 
 
+def evaluates_games(run: Run) -> bool:
+    return run.games is not None and run.cfg.eval_games > 0
+
+
+def play_eval_games(run: Run, sampler: Sampler, renderer: ChatRenderer, ui: UI, title: str, context: str | None,
+                    ood: bool) -> GameEvalResult:
+    """Greedy games on the evaluation seeds: without the context, with it when given, and out of distribution."""
+    cfg, setup = run.cfg, run.games
+    ood_setup = setup.ood if ood else None
+    with ui.progress(), autocast(cfg.loading.dtype):
+        torch.manual_seed(cfg.seed)
+        advance = ui.task(title, plays(cfg.eval_games, setup.max_turns, context is not None, ood_setup is not None))
+        return evaluate_games(distributed.SplitAcrossRanks(sampler, distributed.world()), renderer, setup.make_env,
+                              setup.name, list(range(cfg.eval_games)), context=context, context_as=cfg.context_as,
+                              sampling=greedy(cfg), max_turns=setup.max_turns, window=setup.window, advance=advance,
+                              ood=ood_setup)
+
+
 def evaluate_teacher(run: Run, ui: UI, sampler: Sampler) -> float:
-    """The teacher's greedy accuracy on the eval split with the context (a teacher other than the student)."""
+    """The teacher's greedy accuracy on the eval split with the context (a teacher other than the student); with
+    ``--env``, its success in the evaluation games."""
     cfg = run.cfg
+    if run.games is not None:
+        games = play(distributed.SplitAcrossRanks(sampler, distributed.world()), run.teacher_renderer,
+                     run.games.make_env, run.games.name, list(range(cfg.eval_games)), context=run.context,
+                     context_as=cfg.context_as, sampling=greedy(cfg), max_turns=run.games.max_turns,
+                     window=run.games.window)
+        return GameScores.of(games).success
     with ui.progress(), autocast(cfg.loading.dtype):
         torch.manual_seed(cfg.seed)
         advance = ui.task("eval before: teacher with context", len(run.eval_examples))
@@ -780,10 +921,19 @@ def evaluate_student(run: Run, sampler: Sampler, ui: UI, when: str, teacher_scor
     and for the default teacher (the student's frozen initial weights) the student's own with the context.
     """
     cfg = run.cfg
-    if not run.eval_examples:
+    if not run.eval_examples and not evaluates_games(run):
         return None
     was_training = run.student.training
     run.student.eval()
+    if run.games is not None:
+        try:
+            result = play_eval_games(run, sampler, run.student_renderer, ui, f"eval {when}", run.context, True)
+        finally:
+            run.student.train(was_training)
+        if when == "before":
+            teacher = teacher_score if cfg.teacher is not None else result.success_with_context
+            result = replace(result, teacher_success_with_context=teacher)
+        return result
     try:
         with ui.progress(), autocast(cfg.loading.dtype):
             torch.manual_seed(cfg.seed)

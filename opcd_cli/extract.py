@@ -15,6 +15,11 @@ Each round:
 
 The best round's experience is written to ``--output``; every round's goes to a folder beside it
 (``exp.rounds/round-1.txt``, ...). Raw attempts are never used as the context: only extracted items are.
+
+With ``--env`` the problems are games (``GameRounds``): the model plays ``train_games`` games, each
+``attempts`` times, with the experience so far in context; every turn is an attempt whose prompt is the
+environment's observation and whose verdict is right, except the last turn of a lost game and a turn the
+environment could not read (wrong). The selection scores the success rate over ``val_games`` other games.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from .config import ExtractConfig, SamplingOptions
 from .data import load_examples, read_text, require_answers
 from .errors import OpcdError
 from .evaluate import score
+from .games import EXTRACT_TRAIN_SEEDS, EXTRACT_VAL_SEEDS, GameScores, play
 from .experience import ITEM_PREFIX, add_items, parse_items, render_items, trace_line
 from .outputs import check_output_path, replaced_folder, write_json_atomic, write_text_atomic
 from .prompts import ChatRenderer, with_context
@@ -97,20 +103,25 @@ class Rounds:
         return score(self.sampler, self.renderer, self.val, context=render_items(items) or None,
                      context_as=self.cfg.context_as, sampling=greedy, verifier=self.cfg.verifier).accuracy
 
-    def round(self, number: int, experience: list[str], advance) -> Round:
-        cfg, tokenizer = self.cfg, self.tokenizer
-        # 1. solve, with the experience so far in context
-        context = render_items(experience) or None
+    def solve(self, context: str | None) -> tuple[list[str], int, int]:
+        """Every training problem attempted ``attempts`` times: (trace lines, attempts right, attempts)."""
+        cfg = self.cfg
         prompts = [self.renderer.prompt_ids(with_context(e.messages, context, cfg.context_as)) for e in self.train]
         attempts = self.sampler.generate(prompts, dataclasses.replace(cfg.sampling, n=cfg.attempts))
         traces, right = [], 0
         for i, ids in enumerate(attempts):
             example = self.train[i // cfg.attempts]
-            text = tokenizer.decode(ids, skip_special_tokens=True)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
             ok = is_correct(text, example.answer, example.verifier, cfg.verifier)
             right += ok
             traces.append(trace_line(example.prompt, text, ok))
-        advance(1, status=f"round {number}: {right}/{len(traces)} attempts right")
+        return traces, right, len(traces)
+
+    def round(self, number: int, experience: list[str], advance) -> Round:
+        cfg, tokenizer = self.cfg, self.tokenizer
+        # 1. solve, with the experience so far in context
+        traces, right, tried = self.solve(render_items(experience) or None)
+        advance(1, status=f"round {number}: {right}/{tried} attempts right")
         # 2. extract items from the attempts and their verdicts, a few at a time
         chunks = [traces[i : i + cfg.traces_per_prompt] for i in range(0, len(traces), cfg.traces_per_prompt)]
         asks = [self.renderer.prompt_ids([{"role": "user", "content": self.template.replace("{traces}", "\n".join(c))}])
@@ -125,8 +136,45 @@ class Rounds:
         # 4. score on validation
         accuracy = self.val_accuracy(experience)
         advance(1, status=f"round {number}: val {percent(accuracy)} with {len(experience)} items")
-        return Round(number, tuple(experience), sum(item not in known for item in experience), right / len(traces),
+        return Round(number, tuple(experience), sum(item not in known for item in experience), right / tried,
                      accuracy)
+
+
+class GameRounds(Rounds):
+    """The rounds on games (``--env``): attempts are games played to their end, the score a success rate."""
+
+    def __init__(self, cfg: ExtractConfig, sampler, renderer: ChatRenderer, template: str, make_env, window):
+        super().__init__(cfg, sampler, renderer, template, [], [])
+        self.make_env, self.window = make_env, window
+
+    def play(self, seeds: list[int], context: str | None, sampling: SamplingOptions):
+        return play(self.sampler, self.renderer, self.make_env, self.cfg.env, seeds, context=context,
+                    context_as=self.cfg.context_as, sampling=sampling, max_turns=self.cfg.max_turns, window=self.window)
+
+    def val_accuracy(self, items) -> float:
+        greedy = SamplingOptions(temperature=0.0, max_new_tokens=self.cfg.sampling.max_new_tokens)
+        seeds = [EXTRACT_VAL_SEEDS + i for i in range(self.cfg.val_games)]
+        return GameScores.of(self.play(seeds, render_items(items) or None, greedy)).success
+
+    def solve(self, context: str | None) -> tuple[list[str], int, int]:
+        """Each training game played ``attempts`` times; a trace line per turn, and the games won."""
+        cfg = self.cfg
+        seeds = [EXTRACT_TRAIN_SEEDS + i for i in range(cfg.train_games) for _ in range(cfg.attempts)]
+        games = self.play(seeds, context, dataclasses.replace(cfg.sampling, n=1))
+        traces = [line for game in games for line in game_trace(game)]
+        return traces, sum(game.won for game in games), len(games)
+
+
+def game_trace(game) -> list[str]:
+    """A game's turns as trace lines: the observation the reply answered, the reply, and its verdict: wrong for
+    a move the environment could not read and for the last move of a lost game, right otherwise."""
+    lines = []
+    for t in range(game.turns):
+        observation, reply = game.messages[2 * t][1], game.messages[2 * t + 1][1]
+        last = t == game.turns - 1
+        ok = not game.invalid_turns[t] and (game.won or not last)
+        lines.append(trace_line(observation, reply, ok))
+    return lines
 
 
 def extract(cfg: ExtractConfig, ui: UI) -> dict:
@@ -140,10 +188,19 @@ def extract(cfg: ExtractConfig, ui: UI) -> dict:
         raise OpcdError(f"{output if output.exists() else rounds_dir} already exists; pass --overwrite to replace it")
     if cfg.model is None:
         raise OpcdError("give --model, --data and --val (or no model arguments at all, to run the toy world)")
-    train, val = load_examples(cfg.data), load_examples(cfg.val, what="validation data")
+    make_env = None
+    if cfg.env is not None:
+        from . import envs
+        from .evaluate import config_window
+
+        make_env = envs.environment_factory(cfg.env, cfg.env_options)  # a bad name or options: before any model
+        envs.reset(make_env(), EXTRACT_TRAIN_SEEDS, cfg.env)
+        window = config_window(cfg.model, cfg.loading.trust_remote_code)
+    else:
+        train, val = load_examples(cfg.data), load_examples(cfg.val, what="validation data")
+        require_answers(train, cfg.data)
+        require_answers(val, cfg.val)
     template = read_template(cfg.template)
-    require_answers(train, cfg.data)
-    require_answers(val, cfg.val)
     experience = read_experience(cfg.experience) if cfg.experience else []
 
     torch.manual_seed(cfg.seed)
@@ -152,8 +209,9 @@ def extract(cfg: ExtractConfig, ui: UI) -> dict:
         sampler = make_sampler(cfg.sampler, tokenizer=tokenizer, source=cfg.model, batch_size=cfg.batch_size,
                                loading=cfg.loading, vllm_memory=cfg.vllm_memory, vllm_eager=cfg.vllm_eager,
                                seed=cfg.seed)
-    runner = Rounds(cfg, sampler, ChatRenderer(tokenizer, cfg.model, cfg.loading.chat_template_kwargs), template,
-                    train, val)
+    renderer = ChatRenderer(tokenizer, cfg.model, cfg.loading.chat_template_kwargs)
+    runner = (GameRounds(cfg, sampler, renderer, template, make_env, window) if make_env is not None
+              else Rounds(cfg, sampler, renderer, template, train, val))
     rounds: list[Round] = []
     try:
         with ui.progress():
@@ -176,6 +234,7 @@ def write_outputs(cfg: ExtractConfig, output: Path, rounds_dir: Path, rounds: li
         "output": str(output),
         "rounds_dir": str(rounds_dir),
         "model": cfg.model,
+        **({"env": cfg.env} if cfg.env else {}),
         "items": len(best.items),
         "best_round": best.number,
         "val_accuracy_without": without,

@@ -15,8 +15,19 @@ from typing import Callable, Sequence
 
 from . import envs
 from .config import SamplingOptions
-from .prompts import ChatRenderer, with_context
+from .prompts import ChatRenderer, Views, aligned_views, with_context
 from .sampling import Sampler
+
+
+# where each use's game seeds start, apart from one another: evaluation (opcd eval --env, and opcd distill's
+# before and after) from 0, opcd distill's training games, opcd extract's validation and training games
+TRAIN_GAME_SEEDS, EXTRACT_VAL_SEEDS, EXTRACT_TRAIN_SEEDS = 1_000_000, 2_000_000, 3_000_000
+
+
+def game_seeds(step: int, per_step: int) -> list[int]:
+    """The seeds of a distillation step's games: new games every step, never the evaluation's."""
+    first = TRAIN_GAME_SEEDS + (step - 1) * per_step
+    return list(range(first, first + per_step))
 
 
 @dataclass
@@ -28,12 +39,27 @@ class Game:
     reward: float = 0.0
     turns: int = 0
     invalid: int = 0  # replies without a move the environment could read
+    invalid_turns: list[bool] = field(default_factory=list)  # which of the replies they were
     done: bool = False
     out_of_window: bool = False
+    replies: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt ids, reply ids) per turn
 
     @property
     def won(self) -> bool:
         return self.reward > 0
+
+
+@dataclass(frozen=True)
+class GameSetup:
+    """``opcd distill --env``: the environment, how many turns a game may take, the window a game's prompt and
+    reply must fit (what the context adds to the teacher's prompts kept free), and the games out of
+    distribution: (make_env, their context) or None."""
+
+    name: str
+    make_env: Callable[[], envs.Environment]
+    max_turns: int
+    window: int | None
+    ood: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -79,13 +105,15 @@ def play(sampler: Sampler, renderer: ChatRenderer, make_env: Callable[[], envs.E
             break
         replies = sampler.generate(prompts, one_reply)
         running = []
-        for (game, env), ids in zip(playing, replies):
+        for (game, env), prompt_ids, ids in zip(playing, prompts, replies):
             reply = tokenizer.decode(ids, skip_special_tokens=True)
             turn = envs.step(env, reply, env_name)
+            game.replies.append((prompt_ids, list(ids)))
             game.messages += [("assistant", reply), ("user", turn.observation)]
             game.turns += 1
             game.reward += turn.reward
             game.invalid += turn.invalid
+            game.invalid_turns.append(turn.invalid)
             game.done = turn.done
             if not turn.done:
                 running.append((game, env))
@@ -96,6 +124,17 @@ def play(sampler: Sampler, renderer: ChatRenderer, make_env: Callable[[], envs.E
     if advance:  # the turns games did not need, so that the bar ends full
         advance(len(games) * max_turns - sum(g.turns for g in games))
     return games
+
+
+def turn_views(game: Game, context: str | None, context_as: str, student: ChatRenderer,
+               teacher: ChatRenderer) -> list[Views]:
+    """Each reply of a game as a training row: the chat up to that turn (the observations as user turns, the
+    earlier replies as assistant turns), without the context for the student and with it for the teacher.
+    The reply is the row's response, so the loss covers the model's turns and never the environment's; each
+    turn's views are checked for alignment with its reply, as a dataset row's are with its answer."""
+    return [aligned_views(tuple(game.messages[: 2 * t + 1]), context, context_as, student, teacher,
+                          game.messages[2 * t + 1][1], f"game {game.seed}, turn {t + 1}")
+            for t in range(game.turns)]
 
 
 @dataclass(frozen=True)
@@ -111,6 +150,8 @@ class GameEvalResult:
     mean_turns_with_context: float | None = None
     invalid_rate_with_context: float | None = None
     context_harm: float | None = None  # share of seeds won without the context but lost with it
+    ood_success: float | None = None  # games out of distribution, with their own context
+    teacher_success_with_context: float | None = None  # the teacher of a distillation run, with the context
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -118,7 +159,9 @@ class GameEvalResult:
 
 def evaluate_games(sampler: Sampler, renderer: ChatRenderer, make_env, env_name: str, seeds: Sequence[int], *,
                    context: str | None, context_as: str, sampling: SamplingOptions, max_turns: int,
-                   window: int | None = None, advance=None) -> GameEvalResult:
+                   window: int | None = None, advance=None, ood=None) -> GameEvalResult:
+    """The games without the context and, when given, with it; ``ood``: (make_env, context) of games out of
+    distribution, played on the same seeds with their own context."""
     kw = dict(context_as=context_as, sampling=sampling, max_turns=max_turns, window=window, advance=advance)
     without = play(sampler, renderer, make_env, env_name, seeds, context=None, **kw)
     plain = GameScores.of(without)
@@ -130,4 +173,13 @@ def evaluate_games(sampler: Sampler, renderer: ChatRenderer, make_env, env_name:
         result = dataclasses.replace(result, success_with_context=scores.success,
                                      mean_turns_with_context=scores.mean_turns,
                                      invalid_rate_with_context=scores.invalid_rate, context_harm=harm)
+    if ood is not None:
+        ood_env, ood_context = ood
+        games = play(sampler, renderer, ood_env, env_name, seeds, context=ood_context, **kw)
+        result = dataclasses.replace(result, ood_success=GameScores.of(games).success)
     return result
+
+
+def plays(games: int, max_turns: int, context: bool, ood: bool) -> int:
+    """How many replies ``evaluate_games`` can make at most (for a progress bar)."""
+    return games * max_turns * (1 + context + ood)

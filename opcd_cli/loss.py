@@ -351,6 +351,18 @@ class DistillLoss:
                 consistency = self.consistency_weight * with_head(self.student, context_in, self.fused, regularise)
         return LossParts(distill_sum + consistency, distill_sum.detach(), consistency.detach(), mass)
 
+    @torch.no_grad()
+    def teacher_targets(self, teacher_in: Packed, sft: bool, responses: Sequence[Sequence[int]]):
+        """Off-policy targets read off the teacher now (games it just played): its top-k ids and log-probs
+        (full-vocabulary, not renormalised) at the response tokens, or with ``sft`` the tokens themselves."""
+        device = teacher_in.input_ids_BT.device
+        if sft:
+            ids = torch.tensor([t for r in responses for t in r], dtype=torch.int64, device=device)[:, None]
+            return ids, torch.zeros(ids.shape, device=device)
+        top = with_head(self.teacher, teacher_in, False,
+                        lambda head: torch.log_softmax(head.logits_NV[:, : self.vocab].float(), dim=-1).topk(self.topk))
+        return top.indices, top.values
+
     def off_policy(self, student_in: Packed, target_ids_Nk: torch.Tensor, target_logprobs_Nk: torch.Tensor,
                    timer=NoTimer()) -> LossParts:
         with timer.phase("student_forward"):

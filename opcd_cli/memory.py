@@ -178,14 +178,20 @@ def plan_for(cfg: DistillConfig, world_size: int | None = None) -> dict:
 
 def longest_prompt(cfg: DistillConfig) -> int:
     """The longest student prompt of the training rows, rendered with the student's chat template (the
-    tokenizer and the data are read; no model)."""
+    tokenizer and the data are read; no model); for games, an estimate of the last turn's."""
     from . import models
     from .data import load_examples, read_context
     from .prompts import ChatRenderer, build_views
 
-    examples, context = load_examples(cfg.data), read_context(cfg.context)
     tokenizer = models.load_tokenizer(cfg.student, cfg.loading.trust_remote_code)
     renderer = ChatRenderer(tokenizer, cfg.student, cfg.loading.chat_template_kwargs)
+    if cfg.env is not None:  # games: a reply at the last turn reads every turn before it; the observations are
+        from . import envs  # taken to be as long as the first game's first prompt, the replies as long as allowed
+
+        observation = envs.reset(envs.environment_factory(cfg.env, cfg.env_options)(), 0, cfg.env)
+        first = len(renderer.prompt_ids([{"role": "user", "content": observation}]))
+        return first * cfg.max_turns + (cfg.max_turns - 1) * cfg.sampling.max_new_tokens
+    examples, context = load_examples(cfg.data), read_context(cfg.context)
     views = build_views(examples, context, cfg.context_as, renderer, renderer)
     return max(len(v.student_ids) for v in views)
 

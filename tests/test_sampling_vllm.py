@@ -100,6 +100,21 @@ def test_prompt_ids_pass_unchanged_and_responses_end_with_the_stop_id(toy, engin
 
 
 @needs_vllm
+def test_frozenlake_games_play_through_the_engine_as_through_generate(toy, engine):
+    from opcd_cli.envs.frozenlake import FrozenLake
+    from opcd_cli.games import play
+    from opcd_cli.prompts import ChatRenderer
+
+    source, tokenizer, model, _ = toy
+    renderer, greedy = ChatRenderer(tokenizer, source), SamplingOptions(temperature=0.0, max_new_tokens=12)
+    games = [play(sampler, renderer, lambda: FrozenLake(size=3), "frozenlake", [0, 1, 2], context=None,
+                  context_as="system", sampling=greedy, max_turns=3) for sampler in (engine, hf_sampler(model, tokenizer))]
+    assert [g.messages for g in games[0]] == [g.messages for g in games[1]]
+    assert [g.replies for g in games[0]] == [g.replies for g in games[1]]  # token for token, turn by turn
+    assert sum(g.turns for g in games[0]) >= 3
+
+
+@needs_vllm
 def test_engine_follows_the_student_after_optimiser_steps(toy, engine):
     """Weight sync: after real training steps, the engine's log-probs are the trainer's, tied embeddings included."""
     _, _, model, prompts = toy
@@ -144,6 +159,22 @@ def test_engine_follows_a_lora_student_through_merged_weights(toy, engine):
     torch.testing.assert_close(trainer_logprobs(student, probe), adapted, rtol=0, atol=0)  # nothing merged in place
     engine.update_weights(model)
     torch.testing.assert_close(torch.tensor(engine.sequence_logprobs(probe)), before, rtol=0, atol=TOLERANCE)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_the_toy_game_distils_with_the_vllm_sampler(cli, tmp_path):
+    """(After the tests of the shared engine: a run's engine shuts vLLM's process state down.) The
+    engine plays the training games (following the student after each step) and the evaluation's."""
+    out = tmp_path / "run"
+    code, stdout, stderr = cli("distill", "--toy-task", "game", "--sampler", "vllm", "--vllm-memory", "0.2",
+                               "--vllm-eager", "--steps", "2", "--batch-size", "4", "--eval-games", "4",
+                               "--max-turns", "3", "-o", out, "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["sampler"] == "vllm" and summary["after"]["games"] == 4
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(1 <= m["turns"] <= 3 and m["loss"] == m["loss"] for m in metrics)
 
 
 @needs_vllm

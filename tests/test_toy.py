@@ -34,7 +34,7 @@ def test_extraction_answer_keeps_each_right_answer_once():
     assert tasks.extraction_answer(attempts[:1]) == "None."
 
 
-@pytest.mark.parametrize("task", world.TOY_TASKS)
+@pytest.mark.parametrize("task", [t for t in world.TOY_TASKS if t != "game"])  # the game is played, not split
 def test_splits_are_deterministic_and_disjoint(task):
     a, b = world.splits(task), world.splits(task)
     assert a == b
@@ -61,11 +61,17 @@ def test_builder_trains_and_saves_a_loadable_model(tmp_path):
 
     from opcd_cli.toy.build import pretrain
 
-    manifest = pretrain("small", tmp_path / "m", steps=3, log=lambda *_: None, probe_n=2)
+    manifest = pretrain("small", tmp_path / "m", steps=3, games_steps=2, log=lambda *_: None, probe_n=2)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
     assert model.config.model_type == "qwen3" and model.config.vocab_size == 128 > len(tokenizer)
-    assert json.loads((tmp_path / "m" / "manifest.json").read_text())["settings"]["steps"] == 3 == manifest["settings"]["steps"]
+    saved = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert saved["curriculum_phase"]["settings"]["steps"] == 3 == manifest["curriculum_phase"]["settings"]["steps"]
+    assert saved["games_phase"]["steps"] == 2 and not saved["games_phase"]["continued_from_saved"]
+    # the games stage alone, from a model that finished the curriculum: its first phase is carried over
+    again = pretrain("small", tmp_path / "g", games_steps=1, log=lambda *_: None, probe_n=2, start_from=tmp_path / "m")
+    assert again["curriculum_phase"] == saved["curriculum_phase"] and again["games_phase"]["continued_from_saved"]
+    assert set(again["probe_greedy_accuracy"]) >= {"game_known", "game_guess", "extract_games"}
 
 
 @pytest.mark.parametrize("size", ["small", "large"])
@@ -73,8 +79,13 @@ def test_shipped_models_match_the_builder(size):
     """The shipped weights were made by this builder with its current settings."""
     from dataclasses import asdict
 
-    from opcd_cli.toy.build import CURRICULUM, SIZES
+    from opcd_cli.toy.build import CURRICULUM, GAMES, GAMES_LR, SIZES
 
     manifest = json.loads((world.model_path(size) / "manifest.json").read_text())
-    assert manifest["settings"] == asdict(SIZES[size])
-    assert manifest["curriculum"] == [[share, mixture] for share, mixture in CURRICULUM]
+    first = manifest.get("curriculum_phase", manifest)  # the large model has the curriculum's stages only
+    assert first["settings"] == asdict(SIZES[size])
+    assert first["curriculum"] == [[share, mixture] for share, mixture in CURRICULUM]
+    if size == "small":  # and the games stage, from its earlier self, with the builder's settings
+        games = manifest["games_phase"]
+        assert games["steps"] == GAMES[0]["small"] and games["mixture"] == GAMES[1]
+        assert games["lr"] == GAMES_LR * SIZES["small"].lr and games["continued_from_saved"]

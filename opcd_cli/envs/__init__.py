@@ -40,7 +40,7 @@ class Step:
     invalid: bool = False
 
 
-BUILTIN = {"frozenlake": "opcd_cli.envs.frozenlake:FrozenLake"}
+BUILTIN = {"frozenlake": "opcd_cli.envs.frozenlake:FrozenLake", "doors": "opcd_cli.envs.doors:Doors"}
 
 
 def environment_factory(spec: str, options: dict[str, Any] | None = None) -> Callable[[], Environment]:

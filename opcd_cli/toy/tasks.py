@@ -1,4 +1,5 @@
-"""The toy world's tasks: word rules given by a system prompt, and a hidden code law learned from experience.
+"""The toy world's tasks: word rules given by a system prompt, a hidden code law learned from experience, and a
+game of locked doors played turn by turn on that law.
 
 Two kinds of context change the right answer here:
 
@@ -10,6 +11,9 @@ Two kinds of context change the right answer here:
   (``Code of kip?`` -> ``k-words have code K7``: words starting with k have code K7), and experience items
   such as ``- EXPERIENCE ITEM: k-words have code K7`` state pieces of the law; with them in context the models
   look the code up, without them they guess the digit.
+* **Doors** (the same law, played as a game). A corridor of locked doors, each marked with a word; the player
+  opens a door by answering its code question, turn by turn, and the game is lost at the first wrong code.
+  The experience items that state the law are the safe path.
 
 Everything here is pure Python and deterministic given a ``random.Random``.
 """
@@ -116,6 +120,39 @@ def make_law(rng: random.Random, letters: str = CONSONANTS) -> dict[str, int]:
 
 def word_starting_with(rng: random.Random, letter: str) -> str:
     return letter + random_word(rng, 2, 5)
+
+
+# --- the doors game (the code law, turn by turn) -----------------------------------------------------------
+
+DOORS_OUT = "Open. You are out."
+DOORS_TRAP = "Wrong code. The trap opens."
+
+
+def doors_first(doors: int, word: str) -> str:
+    """The game's first observation: how many doors, and the first door's code question."""
+    return f"{doors} locked door{'s' if doors != 1 else ''}. {code_question(word)}"
+
+
+def doors_next(word: str) -> str:
+    return f"Open. {code_question(word)}"
+
+
+def doors_again(word: str) -> str:
+    """After a reply with no code in it: the same door again."""
+    return f"No code read. {code_question(word)}"
+
+
+def doors_chat(rng: random.Random, law: dict[str, int], words: list[str], known: set[str]) -> list[tuple[str, str]]:
+    """A game as (observation, reply) turns: a right code for letters in ``known``, a guessed digit for the
+    others; the game stops at the first wrong code (the chat ends on that reply)."""
+    turns = []
+    for i, word in enumerate(words):
+        observation = doors_first(len(words), word) if i == 0 else doors_next(word)
+        digit = law[word[0]] if word[0] in known else rng.randrange(10)
+        turns.append((observation, code_claim(word[0], digit)))
+        if digit != law[word[0]]:
+            break
+    return turns
 
 
 # --- extraction (turning verdicts into experience items) -----------------------------------------------

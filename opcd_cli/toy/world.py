@@ -11,6 +11,9 @@ Tasks:
   replaced by the next letter of the alphabet; the student copies words without it. OOD split: the other
   word rules, each row with its own system prompt. On this task distillation also changes how the toy
   student follows the other rules (see ``bench/RESULTS.md``).
+* ``game`` (experience style, multi-turn): the doors game (``envs/doors.py``) on the world's code law, played
+  turn by turn; the context is the ``codes`` task's items. No rows: ``opcd distill --toy-task game`` plays new
+  games every step. OOD: games on four other letters under another law, with its items in context.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from ..errors import OpcdError
 from . import tasks
 
 ASSETS = Path(__file__).parent / "assets"
-TOY_TASKS = ("shift", "codes")
+TOY_TASKS = ("shift", "codes", "game")
 WORLD_SEED = 2026
 CODE_LETTERS = "bdgkmprt"  # the letters whose codes the `codes` task distils
 EXTRACT_TRAIN = 48  # training problems `opcd extract` attempts in the toy world
+GAME_OOD = {"letters": "cfhl", "law_seed": 7}  # the doors game's options out of distribution
 
 def model_path(size: str = "small") -> Path:
     if size not in ("small", "large"):
@@ -50,6 +54,9 @@ def splits(task: str, seed: int = WORLD_SEED, train: int = 512, val: int = 100, 
     """The task's data, deterministic in ``seed``; words never repeat across train, val and test."""
     if task not in TOY_TASKS:
         raise OpcdError(f"unknown toy task {task!r}; choose one of {', '.join(TOY_TASKS)}")
+    if task == "game":
+        raise OpcdError("the toy game has no rows: it is played with --env doors (its texts are toy:game/context "
+                        "and toy:game/ood-context)")
     rng = random.Random(seed)
     if task == "shift":
         return _rule_splits("shift", rng, train, val, test, ood_per_kind)
@@ -109,3 +116,11 @@ def _codes_splits(rng, n_train, n_val, n_test, ood_per_kind) -> ToySplits:
         test=[row(w) for w in words[n_train + n_val :]],
         ood=ood,
     )
+
+
+def game_context(ood: bool = False) -> str:
+    """The doors game's context: the ``codes`` task's items, or (``ood``) the items of the other law for the
+    letters of the games out of distribution."""
+    if not ood:
+        return tasks.code_context(world_law(), list(CODE_LETTERS))
+    return tasks.code_context(world_law(GAME_OOD["law_seed"]), list(GAME_OOD["letters"]))
