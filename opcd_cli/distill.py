@@ -414,10 +414,13 @@ def play_games(run: Run, sampler: Sampler, seeds: list[int]) -> Sequences:
     reply, checked turn by turn."""
     cfg, setup = run.cfg, run.games
     on_policy = cfg.mode == "on-policy"
+    # several processes: a sharded model's passes are collective, so every process generates as many turns
+    in_step = ((lambda playing: distributed.any_rank(playing, models.device())) if distributed.world().active
+               else None)
     with autocast(cfg.loading.dtype):
         games = play(sampler, run.student_renderer if on_policy else run.teacher_renderer, setup.make_env, setup.name,
                      seeds, context=None if on_policy else run.context, context_as=cfg.context_as,
-                     sampling=cfg.sampling, max_turns=setup.max_turns, window=setup.window)
+                     sampling=cfg.sampling, max_turns=setup.max_turns, window=setup.window, in_step=in_step)
     views, responses = [], []
     for game in games:
         turns = turn_views(game, run.context, cfg.context_as, run.student_renderer, run.teacher_renderer)

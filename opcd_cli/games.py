@@ -82,9 +82,12 @@ class GameScores:
 
 def play(sampler: Sampler, renderer: ChatRenderer, make_env: Callable[[], envs.Environment], env_name: str,
          seeds: Sequence[int], *, context: str | None, context_as: str, sampling: SamplingOptions, max_turns: int,
-         window: int | None = None, advance: Callable[[int], None] | None = None) -> list[Game]:
+         window: int | None = None, advance: Callable[[int], None] | None = None,
+         in_step: Callable[[bool], bool] | None = None) -> list[Game]:
     """Play one game per seed; ``advance(k)`` is called as replies are made, and at the end with the turns
-    the games did not need (``len(seeds) * max_turns`` in all)."""
+    the games did not need (``len(seeds) * max_turns`` in all). ``in_step(playing)`` (several processes, each
+    playing its own games with a sharded model): whether any process still plays; a process whose games have
+    ended generates for a stand-in prompt while others play, so that every process runs as many passes."""
     tokenizer = renderer.tokenizer
     games, running = [Game(seed) for seed in seeds], []
     for game in games:
@@ -92,6 +95,7 @@ def play(sampler: Sampler, renderer: ChatRenderer, make_env: Callable[[], envs.E
         game.messages.append(("user", envs.reset(env, game.seed, env_name)))
         running.append((game, env))
     one_reply = dataclasses.replace(sampling, n=1)
+    stand_in = None  # the last prompt this process generated for
     for _ in range(max_turns):
         prompts, playing = [], []
         for game, env in running:
@@ -101,8 +105,14 @@ def play(sampler: Sampler, renderer: ChatRenderer, make_env: Callable[[], envs.E
                 continue
             prompts.append(ids)
             playing.append((game, env))
+        if in_step is not None and not in_step(bool(playing)):
+            break  # every process's games have ended
         if not playing:
-            break
+            if in_step is None or stand_in is None:
+                break
+            sampler.generate([stand_in], one_reply)  # a pass that only keeps this process in step
+            continue
+        stand_in = prompts[0]
         replies = sampler.generate(prompts, one_reply)
         running = []
         for (game, env), prompt_ids, ids in zip(playing, prompts, replies):
@@ -119,7 +129,7 @@ def play(sampler: Sampler, renderer: ChatRenderer, make_env: Callable[[], envs.E
                 running.append((game, env))
         if advance:
             advance(len(playing))
-        if not running:
+        if not running and in_step is None:
             break
     if advance:  # the turns games did not need, so that the bar ends full
         advance(len(games) * max_turns - sum(g.turns for g in games))
