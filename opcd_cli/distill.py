@@ -928,27 +928,23 @@ def evaluate_student(run: Run, sampler: Sampler, ui: UI, when: str, teacher_scor
         return None
     was_training = run.student.training
     run.student.eval()
-    if run.games is not None:
-        try:
-            result = play_eval_games(run, sampler, run.student_renderer, ui, f"eval {when}", run.context, True)
-        finally:
-            run.student.train(was_training)
-        if when == "before":
-            teacher = teacher_score if cfg.teacher is not None else result.success_with_context
-            result = replace(result, teacher_success_with_context=teacher)
-        return result
     try:
-        with ui.progress(), autocast(cfg.loading.dtype):
-            torch.manual_seed(cfg.seed)
-            advance = ui.task(f"eval {when}", passes(run.eval_examples, run.context, run.ood_examples))
-            result = evaluate_model(sampler, run.student_renderer, run.eval_examples, context=run.context,
-                                    context_as=cfg.context_as, sampling=greedy(cfg), verifier=cfg.verifier,
-                                    ood=run.ood_examples, advance=advance)
+        if run.games is not None:
+            result = play_eval_games(run, sampler, run.student_renderer, ui, f"eval {when}", run.context, True)
+        else:
+            with ui.progress(), autocast(cfg.loading.dtype):
+                torch.manual_seed(cfg.seed)
+                advance = ui.task(f"eval {when}", passes(run.eval_examples, run.context, run.ood_examples))
+                result = evaluate_model(sampler, run.student_renderer, run.eval_examples, context=run.context,
+                                        context_as=cfg.context_as, sampling=greedy(cfg), verifier=cfg.verifier,
+                                        ood=run.ood_examples, advance=advance)
     finally:
         run.student.train(was_training)
-    if when == "before":
-        teacher = teacher_score if cfg.teacher is not None else result.accuracy_with_context
-        result = replace(result, teacher_accuracy_with_context=teacher)
+    if when == "before":  # games: the same two fields under their games names
+        games = run.games is not None
+        own = result.success_with_context if games else result.accuracy_with_context
+        teacher = teacher_score if cfg.teacher is not None else own
+        result = replace(result, **{"teacher_success_with_context" if games else "teacher_accuracy_with_context": teacher})
     return result
 
 
