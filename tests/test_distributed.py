@@ -53,10 +53,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(port: int) -> list[list[str]]:
-    """torchrun arguments of two simulated nodes, one process each, meeting over a loopback rendezvous."""
+def two_nodes(port: int, hosted_store: bool = False) -> list[list[str]]:
+    """torchrun arguments of two simulated nodes, one process each, meeting over a loopback rendezvous.
+
+    By default the first agent to start hosts the rendezvous store (as on a cluster without etcd). With
+    ``hosted_store`` neither does: the caller hosts it (``rendezvous_store``), as an etcd would."""
+    store = ["--rdzv-conf", "is_host=false"] if hosted_store else []
     return [["--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"opcd-test-{port}"] for rank in (0, 1)]
+             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"opcd-test-{port}", *store] for rank in (0, 1)]
+
+
+def rendezvous_store(port: int):
+    """A rendezvous store outside both agents, which outlives them.
+
+    When both nodes' processes fail, each agent ends on its own; had one of them hosted the store, the other could
+    find it gone while it still looks at it and end with torchrun's own traceback instead of the exit code."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=TIMEOUT))
 
 
 def per_step(run: Path) -> list[dict]:
@@ -168,8 +184,11 @@ def test_bad_input_seen_by_one_node_ends_every_rank_with_the_one_line_error(fold
     write_jsonl(seen / "train.jsonl", world.splits("codes", train=16, val=1, test=1, ood_per_kind=1).train)
     args = ["distill", "--student", "toy:small", "--data", "train.jsonl", "--context", "toy:codes/context",
             "--topk", "16", "--steps", "1", "-o", str(tmp_path / "run")]
-    nodes = [launch(args, where, node) for where, node in zip((seen, tmp_path / "unseen"), two_nodes(port))]
+    store = rendezvous_store(port)
+    nodes = [launch(args, where, node)
+             for where, node in zip((seen, tmp_path / "unseen"), two_nodes(port, hosted_store=True))]
     results = [finish(node) for node in nodes]
+    del store
     for code, out, err in results:
         assert code != 0 and "exitcode  : 2" in err, err[-3000:]
         errors = [line for line in err.splitlines() if line.startswith("opcd:")]
