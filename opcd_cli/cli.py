@@ -68,6 +68,7 @@ def distill(
     off_policy_loss: Optional[str] = typer.Option(None, help="Off-policy loss: forward-kl (teacher's top-k) or sft."),
     rollouts: Optional[str] = typer.Option(None, help="Off-policy: folder of saved teacher rollouts to reuse (made if missing)."),
     consistency_weight: Optional[float] = typer.Option(None, help="Weight of the context-removability regulariser (0: off)."),
+    anchor_weight: Optional[float] = typer.Option(None, help="Weight of the in-context anchor: the top-k KL from the student with the context to the teacher, on the same responses (0: off); keeps what the student does when the context is there."),
     eval_data: Optional[str] = typer.Option(None, help="Rows with answers, scored before and after training."),
     ood_data: Optional[str] = typer.Option(None, help="Out-of-distribution rows with answers (and their own contexts)."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory (default runs/NAME-TIME)."),
@@ -75,6 +76,9 @@ def distill(
     save_every: Optional[int] = typer.Option(None, help="Keep a checkpoint every N steps (0: only the final model)."),
     topk: Optional[int] = typer.Option(None, help="Size of the student's top-k support of the KL (paper: 256)."),
     topk_renorm: Optional[bool] = typer.Option(None, "--topk-renorm", help="Renormalise both distributions within the top-k."),
+    topk_tail: Optional[bool] = typer.Option(None, "--topk-tail", help="Add the mass outside the top-k as one more bucket of both distributions (a true KL on k + 1 buckets)."),
+    min_topk_mass: Optional[float] = typer.Option(None, help="Warn once when the student's mean probability inside its own top-k falls below this (default 0.8; 0: never): the loss is then being lowered by moving mass out of the support."),
+    stop_on_escape: Optional[bool] = typer.Option(None, "--stop-on-escape", help="When the top-k mass falls below --min-topk-mass, stop and keep the weights of the last step above it."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps."),
     batch_size: Optional[int] = typer.Option(None, help="Prompts per micro-batch."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimiser step."),
@@ -215,6 +219,11 @@ def show_distill_summary(ui: UI, summary: dict) -> None:
         ui.table(f"time per step ({phases['step_seconds']:.2f} s)", ["", "seconds", "share"],
                  [[name.replace("_", " "), f"{seconds:.3f}", percent(phases["shares"][name])]
                   for name, seconds in phases["seconds"].items()])
+    escape = summary.get("topk_mass_escape")
+    if escape:
+        from .escape import Escape
+
+        ui.info(f"[yellow]warning:[/] {Escape(**escape).message()}")
     ui.info(f"{summary['steps']} steps in {summary['seconds']:.0f} s; student saved to {summary['output_dir']}")
 
 

@@ -141,6 +141,7 @@ class DistillConfig:
     off_policy_loss: str = "forward-kl"  # forward KL over the teacher's top-k, or sft (token cross-entropy)
     rollouts: str | None = None  # off-policy: a folder of saved teacher rollouts to reuse (written if missing)
     consistency_weight: float = 0.0  # context-removability regulariser (0: off)
+    anchor_weight: float = 0.0  # in-context anchor: the student with the context kept at the teacher (0: off)
     # evaluation before and after (optional for real models, always on for the toy world)
     eval_data: str | None = None
     ood_data: str | None = None
@@ -155,7 +156,11 @@ class DistillConfig:
     # the loss
     topk: int = 256
     topk_renorm: bool = False
+    topk_tail: bool = False  # the mass outside the top-k as one more bucket of both distributions
     kernel: str = "auto"
+    # the mass-escape guard (on-policy): the student's mean probability inside its own top-k, watched every step
+    min_topk_mass: float = 0.8  # below it: a warning, once (0: never)
+    stop_on_escape: bool = False  # below it: stop, keeping the weights of the last step above it
     # optimisation
     steps: int = 50
     batch_size: int = 8  # prompts per micro-batch
@@ -199,6 +204,9 @@ class DistillConfig:
         _at_least("consistency_weight", self.consistency_weight, 0.0)
         if self.mode == "off-policy" and self.consistency_weight > 0:
             raise OpcdError("the consistency regulariser needs on-policy rollouts; drop --consistency-weight or use --mode on-policy")
+        _at_least("anchor_weight", self.anchor_weight, 0.0)
+        if self.mode == "off-policy" and self.anchor_weight > 0:
+            raise OpcdError("the in-context anchor scores the student's own rollouts; drop --anchor-weight or use --mode on-policy")
         _choice("verifier", self.verifier, VERIFIERS)
         _choice("kernel", self.kernel, KERNELS)
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
@@ -226,6 +234,16 @@ class DistillConfig:
             raise OpcdError("games out of distribution need --env, --ood-env-options and --ood-context together")
         if self.topk < 1:
             raise OpcdError(f"topk must be at least 1; got {self.topk}")
+        if self.topk_renorm and self.topk_tail:
+            raise OpcdError("--topk-renorm and --topk-tail each make the top-k a whole distribution; choose one")
+        if self.topk_tail and self.mode == "off-policy":
+            raise OpcdError("--topk-tail shapes the on-policy loss over the student's top-k; drop it with --mode off-policy")
+        if isinstance(self.min_topk_mass, bool) or not isinstance(self.min_topk_mass, (int, float)) or \
+                not 0 <= self.min_topk_mass < 1:
+            raise OpcdError(f"min_topk_mass must be a fraction in [0, 1) (0: no guard); got {self.min_topk_mass!r}")
+        if self.stop_on_escape and (self.mode == "off-policy" or self.min_topk_mass == 0):
+            raise OpcdError("--stop-on-escape watches the student's own top-k mass on-policy; it needs --mode on-policy "
+                            "and a --min-topk-mass above 0")
         _at_least("steps", self.steps, 1)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("grad_accum", self.grad_accum, 1)
@@ -246,6 +264,11 @@ class DistillConfig:
             raise OpcdError(f"max_grad_norm must be positive; got {self.max_grad_norm}")
         if self.sampling.n != 1:
             raise OpcdError("on-policy distillation samples one response per prompt; set n = 1 (raise batch_size instead)")
+
+    @property
+    def context_pass(self) -> bool:
+        """Whether each micro-batch has a second student pass, with the context (the regulariser, the anchor)."""
+        return self.consistency_weight > 0 or self.anchor_weight > 0
 
     def default_output_dir(self) -> str:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -467,8 +490,8 @@ def flatten_settings(data: dict[str, Any], source: str = "settings", cls=None) -
 
 
 RESUMABLE = ("steps", "save_every", "show_prompts", "teacher_sharding", "gradient_checkpointing",
-             "teacher_prefix_cache", "micro_batch_tokens")  # what a resumed run may change: train further, keep
-# checkpoints, and what is printed
+             "teacher_prefix_cache", "micro_batch_tokens", "min_topk_mass", "stop_on_escape")  # what a resumed run
+# may change: train further, keep checkpoints, how it runs, what is printed and watched
 
 
 def _flag_list(keys) -> str:

@@ -5,7 +5,8 @@
 Each step (on-policy, the default): the student answers a batch of prompts WITHOUT the context; the frozen
 teacher scores the same tokens WITH the context in front; the student descends the mean over response tokens
 of the top-k reverse KL(student || teacher), plus, with ``--consistency-weight``, the context-removability
-term; the sampler follows the new weights. Off-policy (the paper's baseline), the responses are the
+term and, with ``--anchor-weight``, the in-context anchor; the sampler follows the new weights. The step's
+top-k mass is watched (``escape.py``). Off-policy (the paper's baseline), the responses are the
 teacher's own, written once with the context, and the loss a forward KL over the teacher's saved top-k (or
 the tokens' cross-entropy). ``prepare`` does everything that can fail on bad input before anything is
 written; ``train`` is the loop.
@@ -32,6 +33,7 @@ from .checkpoint import load_state, save_model, save_state, saved_step, step_pro
 from .config import DistillConfig, SamplingOptions
 from .data import Example, has_context, load_examples, read_context, require_answers, write_jsonl
 from .errors import Interrupted, OpcdError
+from .escape import Escape, EscapeGuard
 from .evaluate import EvalResult, evaluate_model, passes, score
 from .games import (TRAIN_GAME_SEEDS, Game, GameEvalResult, GameScores, GameSetup, evaluate_games, game_seeds, play,
                     plays, turn_views)
@@ -163,6 +165,7 @@ class Training:
     step: int = 0
     metrics: list[dict] = field(default_factory=list)
     before: EvalResult | None = None
+    escape: Escape | None = None  # the step where the student's top-k mass fell below --min-topk-mass
 
 
 def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
@@ -195,7 +198,8 @@ def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
             training.before = evaluate_student(run, run.eval_sampler(sampler), ui, "before", teacher_score)
         train_seconds = loop(run, training, sampler, rollouts, out, ui, player)
         student.eval()
-        if cfg.save_every:  # a run that keeps checkpoints can be continued with more --steps
+        stopped = training.escape is not None and training.escape.stopped
+        if cfg.save_every and not stopped:  # a run that keeps checkpoints can be continued with more --steps
             save_training_state(run, training, sampler, out)
         save_student(run, out, final=True)  # a LoRA student is merged in place here, unless --no-merge
         if cfg.mode == "off-policy" or run.student is not student:
@@ -205,7 +209,7 @@ def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
         for engine in {id(s): s for s in (sampler, player) if s is not None}.values():
             engine.close()  # a vLLM engine holds its share of memory until closed
     summary = build_summary(run, inputs, training.before, after, training.metrics, sampler, rollouts, started,
-                            train_seconds, distributed.gather_objects(peak_memory_gib()))
+                            train_seconds, distributed.gather_objects(peak_memory_gib()), training.escape)
     distributed.barrier()  # every rank has finished before the run is put in place
     if main:
         write_json_atomic(out / "summary.json", summary)
@@ -223,6 +227,8 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
     student.train()
     tracker = trackers.open_tracker(cfg.report_to if world.main else "none", out, run.out.final.name, cfg.to_dict())
     timer = StepTimer(models.device())  # one host synchronisation a step, at its end
+    guard = EscapeGuard(cfg.min_topk_mass if cfg.mode == "on-policy" else 0.0, cfg.stop_on_escape,
+                        student.parameters())
     # the signals are the loop's before metrics.jsonl exists: a signal once it does stops after a step
     with stop_signals() as stop, ui.progress(), metrics_log(out, world) as log, contextlib.closing(tracker):
         advance = ui.task(f"distill ({cfg.mode})", cfg.steps)
@@ -240,13 +246,18 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
             with timer.phase("optimizer"):
                 grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
             values = step_values(step, tokens, sums, grad_norm, run.out)  # the step's one host sync
-            with timer.phase("optimizer"):
-                training.optimizer.step()
-                training.schedule.step()
-                training.optimizer.zero_grad(set_to_none=True)
-            if cfg.mode == "on-policy":
-                with timer.phase("weight_push"):
-                    sampler.update_weights(student)
+            escape = guard.check(step, values["topk_mass"])  # the same mass on every rank: the same decision
+            if escape is not None:
+                training.escape = escape
+                ui.info(f"[yellow]warning:[/] {escape.message()}")
+            if escape is None or not escape.stopped:
+                with timer.phase("optimizer"):
+                    training.optimizer.step()
+                    training.schedule.step()
+                    training.optimizer.zero_grad(set_to_none=True)
+                if cfg.mode == "on-policy":
+                    with timer.phase("weight_push"):
+                        sampler.update_weights(student)
             # 5. log and checkpoint
             training.step = step
             training.metrics.append(step_record(step, tokens, ends, replies, values, training.schedule, step_start,
@@ -256,7 +267,13 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
             log.write(json.dumps(training.metrics[-1]) + "\n")
             log.flush()
             tracker.log(step, training.metrics[-1])
-            advance(1, status=f"loss {values['loss']:.4f} top-k mass {values['topk_mass']:.3f}")
+            escaped = " [yellow](below --min-topk-mass)[/]" if training.escape is not None else ""
+            advance(1, status=f"loss {values['loss']:.4f} top-k mass {values['topk_mass']:.3f}{escaped}")
+            if escape is not None and escape.stopped:  # the last good weights back, this step not applied
+                training.optimizer.zero_grad(set_to_none=True)
+                guard.restore()
+                sampler.update_weights(student)
+                break
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 save_student(run, out / "checkpoints" / f"step-{step:06d}")
                 save_training_state(run, training, sampler, out)
@@ -448,12 +465,12 @@ def step_counts(run: Run, seqs: Sequences) -> tuple[int, int, int, int]:
 def backward(run: Run, seqs: Sequences, rollouts, n_tokens: int, timer: StepTimer) -> torch.Tensor:
     """Score this rank's responses micro-batch by micro-batch and accumulate the gradient of the mean loss over
     the step's ``n_tokens`` response tokens (every rank's); returns the sums over every rank of (loss,
-    distillation term, consistency term, top-k mass) over response tokens, then of the padding positions and
+    distillation term, consistency term, anchor term, top-k mass) over response tokens, then of the padding positions and
     all positions the passes read."""
     cfg, device = run.cfg, models.device()
     views, responses = seqs.views, seqs.responses
     scale = distributed.world().size / n_tokens  # FSDP averages the ranks' gradients: the sum over ranks is wanted
-    sums, padding, positions = torch.zeros(4, device=device), 0, 0
+    sums, padding, positions = torch.zeros(5, device=device), 0, 0
     for micro_batch, weight in micro_batches(run, views, responses):
         order, rows = [i for row in micro_batch for i in row], [len(row) for row in micro_batch]
         these, answers = [views[i] for i in order], [responses[i] for i in order]
@@ -463,7 +480,7 @@ def backward(run: Run, seqs: Sequences, rollouts, n_tokens: int, timer: StepTime
             if cfg.mode == "on-policy":  # the teacher reads the context; with the regulariser the student does too
                 teacher_in = run.packer([v.teacher_ids for v in these], answers, rows, run.teacher_prefix)
                 context_in = (run.packer([v.student_context_ids for v in these], answers, rows)
-                              if cfg.consistency_weight > 0 else None)
+                              if cfg.context_pass else None)
                 inputs += [teacher_in] + ([context_in] if context_in is not None else [])
                 parts = run.loss.on_policy(student_in, teacher_in, context_in, timer)
             else:
@@ -479,7 +496,7 @@ def backward(run: Run, seqs: Sequences, rollouts, n_tokens: int, timer: StepTime
             (parts.total * scale * weight).backward()
         if not weight:  # a pass that only keeps this rank in step with the others: it adds nothing
             continue
-        sums += torch.stack([parts.total.detach(), parts.distill, parts.consistency,
+        sums += torch.stack([parts.total.detach(), parts.distill, parts.consistency, parts.anchor,
                              parts.topk_mass * sum(map(len, answers))])
         padding += sum(p.padding for p in inputs)
         positions += sum(p.positions for p in inputs)
@@ -509,7 +526,7 @@ def pass_prompt_lengths(cfg: DistillConfig, view: Views, prefix: TeacherPrefix |
     lengths = [len(view.student_ids)]
     if cfg.mode == "on-policy" or cfg.env is not None:
         lengths.append(len(view.teacher_ids) - (len(prefix) if prefix is not None else 0))
-        if cfg.consistency_weight > 0:
+        if cfg.context_pass:
             lengths.append(len(view.student_context_ids))
     return lengths
 
@@ -538,13 +555,14 @@ def make_packer(cfg: DistillConfig, views: list[Views], student, teacher, teache
 def step_values(step: int, n_tokens: int, sums: torch.Tensor, grad_norm: torch.Tensor, out: RunDir) -> dict:
     """The step's loss terms and gradient norm as numbers; a non-finite one stops the run before the step is
     applied (so the model is never broken and nothing samples from it)."""
-    loss, distill_loss, consistency_loss, mass, padding, positions, norm = torch.cat(
-        [sums[:4] / n_tokens, sums[4:], grad_norm.reshape(1)]).tolist()
+    loss, distill_loss, consistency_loss, anchor_loss, mass, padding, positions, norm = torch.cat(
+        [sums[:5] / n_tokens, sums[5:], grad_norm.reshape(1)]).tolist()
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise OpcdError(f"step {step}: the loss is {loss} and the gradient norm {norm}: training diverged and stopped "
                         f"before this step was applied; the metrics and checkpoints so far are in {out.partial} "
                         "(try a lower --lr)")
-    return {"loss": loss, "distill_loss": distill_loss, "consistency_loss": consistency_loss, "topk_mass": mass,
+    return {"loss": loss, "distill_loss": distill_loss, "consistency_loss": consistency_loss,
+            "anchor_loss": anchor_loss, "topk_mass": mass,
             "grad_norm": norm, "padding_share": padding / positions if positions else 0.0}
 
 
@@ -553,7 +571,7 @@ def step_record(step: int, n_tokens: int, ends: int, n_responses: int, values: d
     """One line of ``metrics.jsonl``; ``phases`` the step's seconds by phase (``timing.PHASES``)."""
     return {
         "step": step,
-        **{key: values[key] for key in ("loss", "distill_loss", "consistency_loss", "topk_mass")},
+        **{key: values[key] for key in ("loss", "distill_loss", "consistency_loss", "anchor_loss", "topk_mass")},
         "response_tokens": n_tokens / n_responses,
         "truncated": (n_responses - ends) / n_responses,
         "lr": schedule.get_last_lr()[0],
@@ -620,7 +638,7 @@ def peak_memory_gib() -> float:
 
 def build_summary(run: Run, inputs: dict, before: EvalResult | None, after: EvalResult | None,
                   metrics: list[dict], sampler: Sampler, rollouts, started: float, train_seconds: float,
-                  peak_memory: list[float]) -> dict:
+                  peak_memory: list[float], escape: Escape | None = None) -> dict:
     cfg = run.cfg
     last = metrics[-1] if metrics else {}
     return {
@@ -640,12 +658,16 @@ def build_summary(run: Run, inputs: dict, before: EvalResult | None, after: Eval
         "peak_memory_gib_by_rank": [round(gib, 3) for gib in peak_memory],
         "final_loss": last.get("loss"),
         "final_topk_mass": last.get("topk_mass"),
+        "topk_tail": cfg.topk_tail,
+        "min_topk_mass": cfg.min_topk_mass,
+        "topk_mass_escape": None if escape is None else escape.to_dict(),
         "time_by_phase": time_by_phase(metrics),
         "sampler": sampler.name,
         "rollouts": "teacher" if rollouts is not None else "student",
         "kernel": "fused-linear" if run.loss.fused else "logits",
         "teacher_prefix_tokens": len(run.teacher_prefix) if run.teacher_prefix else 0,
         "consistency_weight": cfg.consistency_weight,
+        "anchor_weight": cfg.anchor_weight,
         "context_file": cfg.context,
         "inputs": inputs,
         "before": None if before is None else before.to_dict(),
@@ -719,7 +741,8 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     views = build_views(examples, context, cfg.context_as, student_renderer, teacher_renderer)
     check_windows(examples, views, cfg.sampling.max_new_tokens, student, teacher, cfg.student, teacher_name)
     models.check_token_ids(examples, views, vocab, tokenizer)
-    loss = DistillLoss(student, teacher, vocab, cfg.topk, cfg.topk_renorm, cfg.consistency_weight, cfg.kernel)
+    loss = DistillLoss(student, teacher, vocab, cfg.topk, cfg.topk_renorm, cfg.consistency_weight, cfg.kernel,
+                       cfg.topk_tail, cfg.anchor_weight)
     saved = None
     if cfg.mode == "off-policy" and cfg.rollouts:
         folder = Path(cfg.rollouts)
@@ -781,7 +804,8 @@ def prepare_games(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     windows = [w for w in (models.context_window(student), models.context_window(teacher)) if w is not None]
     extra = len(views[0].teacher_ids) - len(views[0].student_ids)  # what the context adds to every prompt
     window = min([w - max(0, extra) for w in windows]) if windows else None
-    loss = DistillLoss(student, teacher, vocab, cfg.topk, cfg.topk_renorm, cfg.consistency_weight, cfg.kernel)
+    loss = DistillLoss(student, teacher, vocab, cfg.topk, cfg.topk_renorm, cfg.consistency_weight, cfg.kernel,
+                       cfg.topk_tail, cfg.anchor_weight)
     prefix = teacher_prefix(cfg, views, teacher)
     packer = make_packer(cfg, views, student, teacher, teacher_name, prefix, models.pad_id(tokenizer))
     torch.manual_seed(cfg.seed)

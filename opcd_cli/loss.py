@@ -280,9 +280,10 @@ def logits_are_linear(model) -> bool:
     return torch.allclose(fused, plain, rtol=1e-2, atol=1e-2)
 
 
-def head_topk_kl(first: Head, second: Head, k: int, renorm: bool, vocab: int, backend: str = "auto"):
+def head_topk_kl(first: Head, second: Head, k: int, renorm: bool, vocab: int, backend: str = "auto",
+                 tail: bool = False):
     """Sum over tokens of the top-k KL(first || second) over the first's top-k, and its mean top-k mass."""
-    kw = dict(k=k, renorm=renorm, reduction="sum", return_topk_mass=True, backend=backend)
+    kw = dict(k=k, renorm=renorm, reduction="sum", return_topk_mass=True, backend=backend, tail=tail)
     if first.logits_NV is None:
         return fused_linear_topk_kl(first.hidden_NH, first.weight_VH[:vocab], second.hidden_NH,
                                     second.weight_VH[:vocab], **kw)
@@ -305,28 +306,33 @@ class LossParts:
     distill: torch.Tensor  # the distillation term
     consistency: torch.Tensor  # the context-removability term (already weighted), 0 when off
     topk_mass: torch.Tensor  # mean student probability inside its top-k (on-policy) or the teacher's (off-policy)
+    anchor: torch.Tensor | None = None  # the in-context anchor (already weighted), 0 when off
 
 
 class DistillLoss:
     """The losses of one micro-batch.
 
-    * on-policy: top-k reverse KL(student without context || teacher with context) over the student's top-k;
+    * on-policy: top-k reverse KL(student without context || teacher with context) over the student's top-k
+      (``renorm``: both renormalised on it; ``tail``: the mass outside it one more bucket of both);
       with ``consistency_weight`` > 0, plus that weight times KL(stopgrad(student without context) || student
       with context) over the top-k of the no-context student: the same top-k KL, differentiated on its
-      second side (one extra student forward pass with the context).
+      second side (one extra student forward pass with the context); with ``anchor_weight`` > 0, plus that
+      weight times the top-k reverse KL(student with context || teacher with context) over the with-context
+      student's top-k: the student keeps behaving as the teacher does when the context is there (the same
+      extra pass, shared with the regulariser).
     * off-policy: KL(teacher || student) over the teacher's saved top-k, or the teacher tokens' cross-entropy
       (a saved distribution with all its mass on the token the teacher wrote).
     """
 
     def __init__(self, student, teacher, vocab: int, topk: int, renorm: bool, consistency_weight: float = 0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", tail: bool = False, anchor_weight: float = 0.0):
         self.student, self.teacher = student, teacher
-        self.vocab, self.topk, self.renorm, self.backend = vocab, topk, renorm, backend
-        self.consistency_weight = consistency_weight
+        self.vocab, self.topk, self.renorm, self.backend, self.tail = vocab, topk, renorm, backend, tail
+        self.consistency_weight, self.anchor_weight = consistency_weight, anchor_weight
         self.fused = logits_are_linear(student) and (teacher is None or logits_are_linear(teacher))
 
     def _kl(self, first: Head, second: Head):
-        return head_topk_kl(first, second, self.topk, self.renorm, self.vocab, self.backend)
+        return head_topk_kl(first, second, self.topk, self.renorm, self.vocab, self.backend, self.tail)
 
     def on_policy(self, student_in: Packed, teacher_in: Packed, context_in: Packed | None = None,
                   timer=NoTimer()) -> LossParts:
@@ -340,16 +346,22 @@ class DistillLoss:
 
         with timer.phase("student_forward"):  # the loss too: the fused kernels run inside the forward
             distill_sum, mass = with_head(self.student, student_in, self.fused, distill)
-        consistency = torch.zeros((), device=distill_sum.device)
-        if context_in is not None and self.consistency_weight > 0:
-            def regularise(with_context: Head):  # the anchor: the no-context output, without gradient
-                anchor = (Head(kept[0].detach(), with_context.weight_VH.detach()) if self.fused
-                          else Head(logits_NV=kept[0].detach()))
-                return self._kl(anchor, with_context)[0]
+        consistency = anchor = torch.zeros((), device=distill_sum.device)
+        if context_in is not None and (self.consistency_weight > 0 or self.anchor_weight > 0):
+            def regularise(with_context: Head):
+                terms = [consistency, anchor]
+                if self.consistency_weight > 0:  # towards the no-context output, held without gradient
+                    no_context = (Head(kept[0].detach(), with_context.weight_VH.detach()) if self.fused
+                                  else Head(logits_NV=kept[0].detach()))
+                    terms[0] = self.consistency_weight * self._kl(no_context, with_context)[0]
+                if self.anchor_weight > 0:  # towards the teacher, both with the context
+                    terms[1] = self.anchor_weight * self._kl(with_context, teacher)[0]
+                return terms
 
             with timer.phase("consistency_forward"):
-                consistency = self.consistency_weight * with_head(self.student, context_in, self.fused, regularise)
-        return LossParts(distill_sum + consistency, distill_sum.detach(), consistency.detach(), mass)
+                consistency, anchor = with_head(self.student, context_in, self.fused, regularise)
+        return LossParts(distill_sum + consistency + anchor, distill_sum.detach(), consistency.detach(), mass,
+                         anchor.detach())
 
     @torch.no_grad()
     def teacher_targets(self, teacher_in: Packed, sft: bool, responses: Sequence[Sequence[int]]):
@@ -370,4 +382,5 @@ class DistillLoss:
                              lambda head: head_sparse_target_kl(target_ids_Nk, target_logprobs_Nk, head, self.vocab))
         with torch.no_grad():
             mass = target_logprobs_Nk.exp().sum(-1).mean()
-        return LossParts(loss, loss.detach(), torch.zeros((), device=loss.device), mass)
+        zero = torch.zeros((), device=loss.device)
+        return LossParts(loss, loss.detach(), zero, mass, zero)

@@ -149,7 +149,7 @@ def plan_for(cfg: DistillConfig, world_size: int | None = None) -> dict:
     teacher = None if cfg.teacher is None else model_shape(cfg.teacher, trust_remote_code=load.trust_remote_code)
     rows, per_1k = estimate(student, teacher, world=world, compute=compute, lora=lora,
                             teacher_sharding=cfg.teacher_sharding, checkpointing=cfg.gradient_checkpointing,
-                            consistency=cfg.consistency_weight > 0,
+                            consistency=cfg.context_pass,
                             vllm_bytes=vllm_bytes(cfg))
     fixed = sum(rows.values())
     prompt = longest_prompt(cfg)

@@ -19,7 +19,7 @@ from typing import Protocol
 from .errors import OpcdError
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-LOGGED = ("loss", "distill_loss", "consistency_loss", "topk_mass", "response_tokens", "truncated", "lr", "grad_norm",
+LOGGED = ("loss", "distill_loss", "consistency_loss", "anchor_loss", "topk_mass", "response_tokens", "truncated", "lr", "grad_norm",
           "tokens_per_s")
 
 

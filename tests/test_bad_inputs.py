@@ -128,7 +128,12 @@ CASES = [
     Case("resume with --overwrite", ("distill", "--resume", "{stateless_run}", "--overwrite"),
          "cannot be combined with --overwrite"),
     Case("resume with other settings", ("distill", "--resume", "{stateless_run}", "--lr", "0.5", "--steps", "9"),
-         "these flags differ from them: --lr (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing, --teacher-prefix-cache and --micro-batch-tokens may change)"),
+         "these flags differ from them: --lr (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing, --teacher-prefix-cache, --micro-batch-tokens, --min-topk-mass and --stop-on-escape may change)"),
+    # the loss and its guard
+    Case("renorm and tail", distill("--topk-renorm", "--topk-tail"), "--topk-renorm and --topk-tail each make"),
+    Case("top-k mass threshold of 1.5", distill("--min-topk-mass", "1.5"), "min_topk_mass must be a fraction in [0, 1)"),
+    Case("anchor off-policy", distill("--anchor-weight", "1", "--mode", "off-policy"),
+         "the in-context anchor scores the student's own rollouts"),
     # games
     Case("unknown environment", ("eval", "--model", "{student}", "--env", "chess"),
          "--env chess: no such environment; give one of doors, frozenlake or package.module:Class"),

@@ -52,6 +52,14 @@ def test_missing_recipe(tmp_path):
         ({"data": "d.jsonl"}, "--data needs --student"),
         ({"n": 4}, "one response per prompt"),
         ({"steps": "ten"}, "steps must be a whole number; got .ten."),
+        ({"topk_renorm": True, "topk_tail": True}, "--topk-renorm and --topk-tail each make"),
+        ({"topk_tail": True, "mode": "off-policy"}, "--topk-tail shapes the on-policy loss"),
+        ({"min_topk_mass": 1.0}, "min_topk_mass must be a fraction in \\[0, 1\\)"),
+        ({"min_topk_mass": -0.1}, "min_topk_mass must be a fraction"),
+        ({"stop_on_escape": True, "mode": "off-policy"}, "--stop-on-escape watches"),
+        ({"stop_on_escape": True, "min_topk_mass": 0}, "--stop-on-escape watches"),
+        ({"anchor_weight": -1}, "anchor_weight must be"),
+        ({"anchor_weight": 1.0, "mode": "off-policy"}, "the in-context anchor scores the student's own rollouts"),
     ],
 )
 def test_validation_errors(settings, message):

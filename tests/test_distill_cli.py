@@ -203,10 +203,22 @@ def test_consistency_regulariser_is_logged(cli, tiny_student, toy_files, tmp_pat
     code, stdout, err = cli(*distill_args(tiny_student, toy_files, out, "--consistency-weight", "0.5", "--json"))
     assert code == 0, err
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["consistency_loss"] != 0 for m in metrics)
+    assert all(m["consistency_loss"] != 0 and m["anchor_loss"] == 0 for m in metrics)
     assert all(abs(m["loss"] - m["distill_loss"] - m["consistency_loss"]) < 1e-5 for m in metrics)
     summary = json.loads(stdout)
     assert summary["consistency_weight"] == 0.5 and 0 <= summary["after"]["context_harm"] <= 1
+
+
+def test_in_context_anchor_is_logged(cli, tiny_student, toy_files, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = cli(*distill_args(tiny_student, toy_files, out, "--anchor-weight", "2", "--json"))
+    assert code == 0, err
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the teacher is the student's initial weights: the same with the context at step 1, apart after it
+    assert metrics[0]["anchor_loss"] == 0 and metrics[1]["anchor_loss"] != 0  # (a top-k KL may be below 0)
+    assert all(m["consistency_loss"] == 0 for m in metrics)
+    assert all(abs(m["loss"] - m["distill_loss"] - m["anchor_loss"]) < 1e-5 for m in metrics)
+    assert json.loads(stdout)["anchor_weight"] == 2.0
 
 
 def test_eval_several_models_best_checkpoints_and_ood(cli, tiny_student, toy_files, tmp_path):

@@ -95,6 +95,26 @@ def test_fused_and_logits_paths_agree_with_the_naive_loss(tiny_student, tiny_tea
     assert 0 < float(fused.topk_mass) <= 1 and float(fused.consistency) == 0
 
 
+def test_the_tail_bucket_reaches_the_loss_on_both_paths(tiny_student, tiny_teacher):
+    """``tail``: the distillation term is the naive top-k KL with the tail bucket, fused and from logits alike,
+    and differs from the loss without it."""
+    student, teacher = _models(tiny_student, tiny_teacher)
+    s_in, t_in = pack(PROMPTS_S, RESPONSES, 0, "cpu"), pack(PROMPTS_T, RESPONSES, 0, "cpu")
+    loss_fn = DistillLoss(student, teacher, vocab=112, topk=8, renorm=False, tail=True)
+    fused = loss_fn.on_policy(s_in, t_in)
+    fused_grad = _grads_of(student, fused.total)
+    loss_fn.fused = False
+    logits = loss_fn.on_policy(s_in, t_in)
+    torch.testing.assert_close(fused_grad, _grads_of(student, logits.total), rtol=1e-3, atol=1e-5)
+    with torch.no_grad():
+        z_s, z_t = response_logits(student, s_in)[:, :112], response_logits(teacher, t_in)[:, :112]
+        expected = naive_topk_kl(z_s, z_t, k=8, reduction="sum", tail=True)
+        untailed = naive_topk_kl(z_s, z_t, k=8, reduction="sum")
+    for parts in (fused, logits):
+        torch.testing.assert_close(parts.distill, expected, rtol=1e-4, atol=1e-5)
+    assert abs(float(expected - untailed)) > 1e-3
+
+
 def test_consistency_term_is_kl_from_the_frozen_no_context_student_to_the_with_context_one(tiny_student, tiny_teacher):
     student, teacher = _models(tiny_student, tiny_teacher)
     s_in, t_in = pack(PROMPTS_S, RESPONSES, 0, "cpu"), pack(PROMPTS_T, RESPONSES, 0, "cpu")
@@ -114,6 +134,30 @@ def test_consistency_term_is_kl_from_the_frozen_no_context_student_to_the_with_c
     torch.testing.assert_close(parts.total, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(parts.consistency, weight * consistency.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got, _grads_of(student, expected), rtol=1e-3, atol=1e-5)
+
+
+def test_anchor_term_is_the_reverse_kl_from_the_with_context_student_to_the_teacher(tiny_student, tiny_teacher):
+    """``anchor_weight``: plus that weight times the top-k reverse KL(student with the context || teacher), the
+    teacher fixed; with the regulariser on too, both terms ride on the one with-context pass."""
+    student, teacher = _models(tiny_student, tiny_teacher)
+    s_in, t_in = pack(PROMPTS_S, RESPONSES, 0, "cpu"), pack(PROMPTS_T, RESPONSES, 0, "cpu")
+    c_in = pack(PROMPTS_T, RESPONSES, 0, "cpu")
+    for consistency in (0.0, 0.5):
+        loss_fn = DistillLoss(student, teacher, vocab=112, topk=8, renorm=False, consistency_weight=consistency,
+                              anchor_weight=2.0)
+        parts = loss_fn.on_policy(s_in, t_in, c_in)
+        got = _grads_of(student, parts.total)
+        z_s = response_logits(student, s_in)[:, :112]
+        z_t = response_logits(teacher, t_in)[:, :112].detach()
+        z_c = response_logits(student, c_in)[:, :112]
+        anchor = naive_topk_kl(z_c, z_t, k=8, reduction="sum")
+        regulariser = naive_topk_kl(z_s.detach(), z_c, k=8, reduction="sum")
+        expected = naive_topk_kl(z_s, z_t, k=8, reduction="sum") + 2.0 * anchor + consistency * regulariser
+        torch.testing.assert_close(parts.total, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(parts.anchor, 2.0 * anchor.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(parts.consistency, consistency * regulariser.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, _grads_of(student, expected), rtol=1e-3, atol=1e-5)
+        assert float(parts.anchor) > 0
 
 
 def test_off_policy_sft_target_is_the_token_cross_entropy(tiny_student):

@@ -115,7 +115,7 @@ def test_a_finished_run_trains_further_and_refuses_changed_settings(small_eval, 
     assert "has done 2 steps already; give --steps above 2" in capsys.readouterr().err
     assert main(["distill", "--resume", str(run), "--steps", "4", "--lr", "0.5", "--topk", "3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("these flags differ from them: --lr, --topk (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing, --teacher-prefix-cache and --micro-batch-tokens may change)")
+    assert err.endswith("these flags differ from them: --lr, --topk (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing, --teacher-prefix-cache, --micro-batch-tokens, --min-topk-mass and --stop-on-escape may change)")
     assert main(["distill", "--resume", str(run), "--overwrite"]) == 2
     assert "cannot be combined with --overwrite" in capsys.readouterr().err
     assert (run / "opcd_config.json").read_text() == config and not run.with_name("further.partial").exists()

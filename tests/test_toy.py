@@ -46,6 +46,21 @@ def test_splits_are_deterministic_and_disjoint(task):
     assert all(r["context"] and r["context"] != a.context for r in a.ood)
 
 
+@pytest.mark.parametrize("rule", ["reverse", "twice"])
+def test_every_word_rule_has_splits_of_its_own(rule):
+    """``rule_splits``: the rule's own prompt as the context and answers; OOD rows of every other rule, each
+    with its own prompt (the rule-family sweep's data); shift's are the `shift` task's."""
+    splits = world.rule_splits(rule, test=20, ood_per_kind=3)
+    assert splits.context == tasks.rule_context(rule)
+    assert all(r["answer"] == tasks.RULES[rule].apply(r["prompt"]) for r in splits.test)
+    others = {name: tasks.rule_context(name) for name in tasks.RULES if name != rule}
+    assert sorted(r["context"] for r in splits.ood) == sorted(c for c in others.values() for _ in range(3))
+    for r in splits.ood:
+        name = next(n for n, c in others.items() if c == r["context"])
+        assert r["answer"] == tasks.RULES[name].apply(r["prompt"])
+    assert world.rule_splits("shift") == world.splits("shift")
+
+
 def test_codes_context_states_the_law_for_the_task_letters():
     law = world.world_law()
     splits = world.splits("codes")

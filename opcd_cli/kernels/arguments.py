@@ -7,7 +7,14 @@ import torch
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_logits(first_NV: torch.Tensor, second_NV: torch.Tensor, k: int, mask_N, reduction: str) -> None:
+def check_support(renorm: bool, tail: bool) -> None:
+    if renorm and tail:
+        raise ValueError("renorm and tail exclude each other: each makes the top-k a whole distribution; choose one")
+
+
+def check_logits(first_NV: torch.Tensor, second_NV: torch.Tensor, k: int, mask_N, reduction: str,
+                 renorm: bool = False, tail: bool = False) -> None:
+    check_support(renorm, tail)
     if first_NV.dim() != 2 or first_NV.shape != second_NV.shape:
         raise ValueError(f"both logits must be [N, V]; got {tuple(first_NV.shape)} and {tuple(second_NV.shape)}")
     if not 1 <= k <= first_NV.shape[1]:
@@ -15,7 +22,9 @@ def check_logits(first_NV: torch.Tensor, second_NV: torch.Tensor, k: int, mask_N
     check_mask_and_reduction(mask_N, first_NV.shape[0], reduction)
 
 
-def check_fused_linear(first_hidden, first_weight, second_hidden, second_weight, k, mask, reduction) -> None:
+def check_fused_linear(first_hidden, first_weight, second_hidden, second_weight, k, mask, reduction,
+                       renorm: bool = False, tail: bool = False) -> None:
+    check_support(renorm, tail)
     N, V = first_hidden.shape[0], first_weight.shape[0]
     if second_hidden.shape[0] != N or second_weight.shape[0] != V:
         raise ValueError(

@@ -38,7 +38,7 @@ class FusedLinearTopkKLTriton(torch.autograd.Function):
     """Chunked over tokens; each chunk's logits buffers become its gradient buffers."""
 
     @staticmethod
-    def forward(ctx, h1_NH, w1_VH, h2_NM, w2_VM, weight_N, k, renorm, rows, block_v):
+    def forward(ctx, h1_NH, w1_VH, h2_NM, w2_VM, weight_N, k, renorm, rows, block_v, tail):
         N = h1_NH.shape[0]
         need = ctx.needs_input_grad[:4]
         grad_first, grad_second = need[0] or need[1], need[2] or need[3]
@@ -57,7 +57,7 @@ class FusedLinearTopkKLTriton(torch.autograd.Function):
                 a_nV, b_nV = logits(h1, w1, dt1), logits(h2, w2, dt2)
                 loss_N[s:e], mass_N[s:e], _, _ = topk_kl_forward(
                     a_nV, b_nV, k, renorm, weight_N=weight_N[s:e] if grad_first or grad_second else None,
-                    grad_first=grad_first, grad_second=grad_second, ids_Nc=ids_nc, block_v=block_v,
+                    grad_first=grad_first, grad_second=grad_second, ids_Nc=ids_nc, block_v=block_v, tail=tail,
                 )
                 if grad_first:  # a_nV now holds the chunk's weighted gradient
                     backprop_chunk(a_nV, h1, w1, None if grad_h1 is None else grad_h1[s:e], grad_w1)
@@ -68,12 +68,13 @@ class FusedLinearTopkKLTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_mass_N):
-        return (*scale_saved_grads(ctx, grad_total), None, None, None, None, None)
+        return (*scale_saved_grads(ctx, grad_total), None, None, None, None, None, None)
 
 
 def fused_linear_topk_kl_triton(
     first_hidden, first_weight, second_hidden, second_weight, k=256, mask=None, renorm=False,
     reduction="mean", chunk_size=None, return_topk_mass=False, chunk_bytes=TRITON_CHUNK_BYTES, block_v=None,
+    tail=False,
 ):
     """Top-k KL of ``hidden @ weight.T`` logits (same contract as ``fused_linear_topk_kl_torch``).
 
@@ -81,12 +82,12 @@ def fused_linear_topk_kl_triton(
     each that requires grad gets its gradient. ``chunk_size`` (tokens per chunk) overrides the chunk length
     derived from ``chunk_bytes``.
     """
-    check_fused_linear(first_hidden, first_weight, second_hidden, second_weight, k, mask, reduction)
+    check_fused_linear(first_hidden, first_weight, second_hidden, second_weight, k, mask, reduction, renorm, tail)
     N, V = first_hidden.shape[0], first_weight.shape[0]
     weight_N = token_weights(mask, N, reduction, first_hidden.device)
     rows = chunk_size or chunk_rows(V, k, first_hidden.dtype, second_hidden.dtype, chunk_bytes)
     loss, mass_N = FusedLinearTopkKLTriton.apply(
-        first_hidden, first_weight, second_hidden, second_weight, weight_N, k, renorm, max(1, rows), block_v
+        first_hidden, first_weight, second_hidden, second_weight, weight_N, k, renorm, max(1, rows), block_v, tail
     )
     if return_topk_mass:
         return loss, reduce_loss(mass_N, None if mask is None else mask.float(), "mean").detach()

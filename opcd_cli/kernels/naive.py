@@ -9,8 +9,15 @@ q = softmax(b), and S the k ids with the largest first logits (ties go to the lo
     top-k KL:           loss_n = KL_S(p || q) = sum_{i in S} p_i * (log p_i - log q_i)
 
 with both softmaxes normalised over the full vocabulary; with ``renorm`` both distributions are first
-renormalised within S, which makes loss_n a true KL divergence on S. In OPCD the first argument is the
-student (without the context) and the second the frozen teacher (with it).
+renormalised within S, which makes loss_n a true KL divergence on S. With ``tail`` the mass outside S is one
+more bucket of both distributions, P_t = 1 - sum_S p and Q_t = 1 - sum_S q, which also makes loss_n a true KL
+divergence (on k + 1 buckets):
+
+    top-k KL with tail: loss_n = sum_{i in S} p_i * (log p_i - log q_i) + P_t * (log P_t - log Q_t)
+
+Each tail is computed as -expm1(log mass on S) with the log mass capped at ``TAIL_LOG_MASS_MAX`` (-1e-7), so
+a tail is never below about 1e-7 and a capped one passes no gradient (k = V gives both tails 1e-7: 0 loss).
+In OPCD the first argument is the student (without the context) and the second the frozen teacher (with it).
 
     sparse-target KL:   loss_n = sum_{i = 1..k} q_i * (lq_i - log p_{id_i})
 
@@ -24,6 +31,15 @@ from __future__ import annotations
 import torch
 
 from .arguments import check_logits, check_targets, reduce_loss
+
+# The log of the mass on S is capped here before a tail 1 - mass is taken from it (a float32 mass that rounds to
+# 1 would otherwise make a tail of 0 and an infinite or undefined log).
+TAIL_LOG_MASS_MAX = -1e-7
+
+
+def log_tail(log_mass: torch.Tensor) -> torch.Tensor:
+    """log(1 - mass) from log(mass), the mass capped just under 1 (``TAIL_LOG_MASS_MAX``)."""
+    return torch.log(-torch.expm1(log_mass.clamp(max=TAIL_LOG_MASS_MAX)))
 
 
 def topk_ids(logits_NV: torch.Tensor, k: int) -> torch.Tensor:
@@ -40,9 +56,9 @@ def topk_ids(logits_NV: torch.Tensor, k: int) -> torch.Tensor:
     return take_NV.nonzero()[:, 1].view(logits_NV.shape[0], k)
 
 
-def naive_topk_kl(first_logits, second_logits, k=256, mask=None, renorm=False, reduction="mean"):
+def naive_topk_kl(first_logits, second_logits, k=256, mask=None, renorm=False, reduction="mean", tail=False):
     """The top-k KL from its definition, with autograd to both arguments."""
-    check_logits(first_logits, second_logits, k, mask, reduction)
+    check_logits(first_logits, second_logits, k, mask, reduction, renorm, tail)
     logp = torch.log_softmax(first_logits.float(), dim=-1)
     logq = torch.log_softmax(second_logits.float(), dim=-1)
     ids = topk_ids(first_logits.detach().float(), k)
@@ -52,6 +68,9 @@ def naive_topk_kl(first_logits, second_logits, k=256, mask=None, renorm=False, r
         logq_k = torch.log_softmax(logq_k, dim=-1)
     p_k = logp_k.exp()
     loss_N = torch.where(p_k > 0, p_k * (logp_k - logq_k), torch.zeros_like(p_k)).sum(-1)  # 0 log 0 = 0
+    if tail:
+        logp_t, logq_t = log_tail(torch.logsumexp(logp_k, -1)), log_tail(torch.logsumexp(logq_k, -1))
+        loss_N = loss_N + logp_t.exp() * (logp_t - logq_t)
     return reduce_loss(loss_N, mask, reduction)
 
 

@@ -13,7 +13,15 @@ With ``renorm`` both distributions are renormalised within S (p~ = softmax(a_S),
     dloss/da_j = [j in S] * p~_j * (log p~_j - log q~_j - loss)
     dloss/db_j = [j in S] * (q~_j - p~_j)
 
-So a row needs the two log-sum-exps, the set S, and the k pairs (a_i, b_i) on S. The kernels stream the row
+With ``tail`` the mass outside S is one more bucket of both (P_t = 1 - P, Q_t = 1 - Q, Q = sum_{i in S} q_i):
+loss gains P_t (log P_t - log Q_t), and with c = log(P_t / Q_t) + 1, beta = P_t / Q_t (0 where a tail is
+capped, ``naive.TAIL_LOG_MASS_MAX``) the gradients take one form for every variant:
+
+    dloss/da_j = p_j * ([j in S] * (r_j + 1 - c) - alpha)          alpha = loss_S + P - c P
+    dloss/db_j = q_j * ([j in S] * beta + gamma) - [j in S] * p_j    gamma = P - beta Q
+
+(plain: c = beta = 0; renorm, with p~ and q~ for p and q: alpha = loss, c = 1, gamma = 1, beta = 0, and
+nothing off S). So a row needs the two log-sum-exps, the set S, and the k pairs (a_i, b_i) on S. The kernels stream the row
 in blocks of ``BLOCK_V`` columns (``STREAM_V``, twice as wide, in passes 2 and 5) and keep every pass free of
 work that synchronises the program's threads inside the loop (reductions, scans, histograms). An earlier
 design ran a radix select over the whole row, with a histogram or a scan in every block; on an H200 it moved
@@ -32,10 +40,11 @@ data at 0.9 TB/s, against 1.7 TB/s now (``bench/RESULTS.md``). The passes:
    (adversarial rows: thousands of equal values), or k exceeds what the first pass can bound, an exact radix
    select over the row runs instead (histogram passes over 8 key bits at a time, then a compaction that
    ranks ties in id order);
-4. **loss**: the loss, the top-k mass P and the log normalisers (full vocabulary, or over S with renorm) come
-   from the k triples (id, a_id, b_id), read at the gathered ids;
+4. **loss**: the loss, the top-k masses P and Q and the log normalisers (full vocabulary, or over S with
+   renorm) come from the k triples (id, a_id, b_id), read at the gathered ids; then the tail bucket, and the
+   row's gradient coefficients (alpha, c, gamma, beta);
 5. **gradients**, when the upstream gradient of every row is known in advance (the fused linear loss): the
-   part of each gradient that holds outside S (``-p_j (loss + P)`` for a, ``q_j P`` for b, 0 with renorm) is
+   part of each gradient that holds outside S (``-p_j alpha`` for a, ``q_j gamma`` for b, 0 with renorm) is
    written over the whole row in place, scaled by a per-row weight; then, after a barrier, the k entries on S
    are overwritten with their full values, from (a_i, b_i) saved in pass 4 (the dense pass has overwritten
    the logits by then). A side not asked for (``GRAD_FIRST``, ``GRAD_SECOND``) costs no load or store; with
@@ -47,7 +56,7 @@ Every load is upcast to float32 straight away; the arithmetic is float32.
 Cost per row with bf16 logits and the first side's gradient fused: a is read 3 times and b once, the
 gradient written once, plus a few k scattered accesses; the scratch is an int32 candidate buffer
 [N, ``scratch_width(k)``], an int32 counter per row, [N, 2k] float32 pairs (only when a gradient is
-written in place) and [N, 4] row statistics.
+written in place) and [N, 6] row statistics.
 
 Layers: ``@triton.jit`` kernels, the launch functions ``topk_kl_forward`` and ``topk_kl_backward``,
 ``TopkKLTriton`` (a ``torch.autograd.Function``) and the functional ``topk_kl_triton``; the fused-linear
@@ -61,6 +70,7 @@ import triton
 import triton.language as tl
 
 from .arguments import check_logits, reduce_loss
+from .naive import TAIL_LOG_MASS_MAX
 
 # Columns per block of the first pass (2048 at 8 warps was the fastest of the launch configurations measured on
 # an H200 inside the fused loss), and the width of the streaming passes as a multiple of it (twice as many loads
@@ -76,6 +86,9 @@ MAX_CANDIDATES = 4096
 # a position still at the floor has seen no finite logit. _EMPTY_KEY is its ordering key (``_ordered_key``).
 _EMPTY = tl.constexpr(-3.0e38)
 _EMPTY_KEY = tl.constexpr(-2137108967)
+_TAIL_LOG_MASS_MAX = tl.constexpr(TAIL_LOG_MASS_MAX)
+# Per-row statistics kept for the gradients: the log normalisers and the coefficients alpha, c, gamma, beta.
+STATS = 6
 
 
 @triton.jit
@@ -194,10 +207,10 @@ def _radix_select(a_row, ids_row, V, K, KEY_BITS: tl.constexpr, BLOCK_V: tl.cons
 
 
 @triton.jit
-def _dense_grads(a_row, b_row, ga_row, gb_row, w, ref_a, ref_b, loss, mass, V,
+def _dense_grads(a_row, b_row, ga_row, gb_row, w, ref_a, ref_b, alpha, gamma, V,
                  RENORM: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The gradients as they are off S, times ``w``, over the whole row: -p_j (loss + P) into ``ga_row`` and
-    q_j P into ``gb_row`` (zero with renorm). The outputs may be the inputs: each block reads, then writes."""
+    """The gradients as they are off S, times ``w``, over the whole row: -p_j alpha into ``ga_row`` and
+    q_j gamma into ``gb_row`` (zero with renorm). The outputs may be the inputs: each block reads, then writes."""
     cols0 = tl.arange(0, BLOCK_V)
     for off in range(0, V, BLOCK_V):
         cols = off + cols0
@@ -207,37 +220,56 @@ def _dense_grads(a_row, b_row, ga_row, gb_row, w, ref_a, ref_b, loss, mass, V,
                 ga = tl.zeros((BLOCK_V,), dtype=tl.float32)
             else:
                 p = tl.exp(tl.load(a_row + cols, mask=valid, other=float("-inf")).to(tl.float32) - ref_a)
-                ga = tl.where(p > 0, -p * (loss + mass), 0.0) * w
+                ga = tl.where(p > 0, -p * alpha, 0.0) * w
             tl.store(ga_row + cols, ga.to(ga_row.dtype.element_ty), mask=valid)
         if GRAD_SECOND:
             if RENORM:
                 gb = tl.zeros((BLOCK_V,), dtype=tl.float32)
             else:
                 q = tl.exp(tl.load(b_row + cols, mask=valid, other=float("-inf")).to(tl.float32) - ref_b)
-                gb = q * mass * w
+                gb = q * gamma * w
             tl.store(gb_row + cols, gb.to(gb_row.dtype.element_ty), mask=valid)
 
 
 @triton.jit
-def _grads_on_s(ids, a, b, kv, ga_row, gb_row, w, ref_a, ref_b, loss, mass,
-                RENORM: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr):
-    """The full gradients at the ids of S (given their logits ``a``, ``b``), times ``w``, over the dense values."""
+def _grads_on_s(ids, a, b, kv, ga_row, gb_row, w, ref_a, ref_b, alpha, c, gamma, beta,
+                GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr):
+    """The full gradients at the ids of S (given their logits ``a``, ``b``), times ``w``, over the dense values:
+    p_j (r_j + 1 - c - alpha) and q_j (gamma + beta) - p_j."""
     logp = a - ref_a
     logq = b - ref_b
     p = tl.exp(logp)
     if GRAD_FIRST:
-        if RENORM:
-            ga = tl.where(p > 0, p * (logp - logq - loss), 0.0)
-        else:
-            ga = tl.where(p > 0, p * (logp - logq + 1.0 - (loss + mass)), 0.0)
+        ga = tl.where(p > 0, p * (logp - logq + 1.0 - c - alpha), 0.0)
         tl.store(ga_row + ids, (ga * w).to(ga_row.dtype.element_ty), mask=kv)
     if GRAD_SECOND:
-        q = tl.exp(logq)
-        if RENORM:
-            gb = q - p
-        else:
-            gb = q * mass - p
+        gb = tl.exp(logq) * (gamma + beta) - p
         tl.store(gb_row + ids, (gb * w).to(gb_row.dtype.element_ty), mask=kv)
+
+
+@triton.jit
+def _log_tail(log_mass):
+    """log(1 - mass) from log(mass), the mass capped just under 1 (``TAIL_LOG_MASS_MAX``): 1 - exp(x) as a
+    series near 0, where the subtraction would lose the digits."""
+    x = tl.minimum(log_mass, _TAIL_LOG_MASS_MAX)
+    series = -x * (1.0 + x / 2 * (1.0 + x / 3 * (1.0 + x / 4 * (1.0 + x / 5 * (1.0 + x / 6)))))
+    return tl.log(tl.where(x > -0.1, series, 1.0 - tl.exp(x)))
+
+
+@triton.jit
+def _coefficients(loss, mass, q_mass, RENORM: tl.constexpr, TAIL: tl.constexpr):
+    """(loss with the tail bucket, alpha, c, gamma, beta): the row's loss and its gradients' coefficients."""
+    if RENORM:
+        return loss, loss, 1.0, 1.0, 0.0
+    if TAIL:
+        log_p_mass = tl.log(mass)
+        log_q_mass = tl.log(q_mass)
+        logp_t = _log_tail(log_p_mass)
+        logq_t = _log_tail(log_q_mass)
+        c = tl.where(log_p_mass <= _TAIL_LOG_MASS_MAX, logp_t - logq_t + 1.0, 0.0)
+        beta = tl.where(log_q_mass <= _TAIL_LOG_MASS_MAX, tl.exp(logp_t - logq_t), 0.0)
+        return loss + tl.exp(logp_t) * (logp_t - logq_t), loss + mass - c * mass, c, mass - beta * q_mass, beta
+    return loss, loss + mass, 0.0, mass, 0.0
 
 
 @triton.jit
@@ -308,11 +340,12 @@ def _pairs_at(ids_row, a_row, b_row, kk, K):
 @triton.jit
 def _topk_loss(a_row, b_row, ids_row, pairs_row, lse_a, lse_b, K, RENORM: tl.constexpr, KEEP_PAIRS: tl.constexpr,
                BLOCK_K: tl.constexpr):
-    """Pass 4: (loss, top-k mass, ref_a, ref_b) from the k triples (id, a_id, b_id); ref_a and ref_b are the log
-    normalisers (full vocabulary, or over S with renorm). With ``KEEP_PAIRS`` the pairs (a_id, b_id) are saved
+    """Pass 4: (loss, top-k mass, the second's mass on S, ref_a, ref_b) from the k triples (id, a_id, b_id); ref_a
+    and ref_b are the log normalisers (full vocabulary, or over S with renorm). With ``KEEP_PAIRS`` the pairs (a_id, b_id) are saved
     to ``pairs_row`` for the gradient pass, which overwrites the logits."""
     kk0 = tl.arange(0, BLOCK_K)
     mass = 0.0
+    q_mass = 0.0
     loss = 0.0
     m_q = float("-inf")
     d_q = 0.0
@@ -322,6 +355,7 @@ def _topk_loss(a_row, b_row, ids_row, pairs_row, lse_a, lse_b, K, RENORM: tl.con
         logp = a - lse_a
         p = tl.where(kv, tl.exp(logp), 0.0)
         mass += tl.sum(p, 0)
+        q_mass += tl.sum(tl.where(kv, tl.exp(b - lse_b), 0.0), 0)
         loss += tl.sum(tl.where(p > 0, p * (logp - (b - lse_b)), 0.0), 0)
         if RENORM:
             m_q, d_q = _online_lse(m_q, d_q, tl.where(kv, b, float("-inf")))
@@ -340,15 +374,15 @@ def _topk_loss(a_row, b_row, ids_row, pairs_row, lse_a, lse_b, K, RENORM: tl.con
     else:
         ref_a = lse_a
         ref_b = lse_b
-    return loss, mass, ref_a, ref_b
+    return loss, mass, q_mass, ref_a, ref_b
 
 
 @triton.jit
 def _topk_kl_fwd_kernel(
     a_ptr, a_stride, b_ptr, b_stride, ids_ptr, ids_stride, cnt_ptr, pairs_ptr, pairs_stride, w_ptr, w_stride,
     loss_ptr, mass_ptr, stats_ptr, V, K,
-    RENORM: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr, KEY_BITS: tl.constexpr,
-    FAST: tl.constexpr, BLOCK_V: tl.constexpr, STREAM_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    RENORM: tl.constexpr, TAIL: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr,
+    KEY_BITS: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr, STREAM_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     a_row = a_ptr + row * a_stride
@@ -361,17 +395,20 @@ def _topk_kl_fwd_kernel(
         _radix_select(a_row, ids_row, V, K, KEY_BITS, BLOCK_V)
     tl.debug_barrier()  # the ids written by every thread are read back below
     # the row's pairs pointer is made where it is used (kept alive across the passes it was spilled to the stack)
-    loss, mass, ref_a, ref_b = _topk_loss(a_row, b_row, ids_row, pairs_ptr + row * pairs_stride, lse_a, lse_b, K,
-                                          RENORM, GRAD_FIRST or GRAD_SECOND, BLOCK_K)
+    loss, mass, q_mass, ref_a, ref_b = _topk_loss(a_row, b_row, ids_row, pairs_ptr + row * pairs_stride, lse_a,
+                                                  lse_b, K, RENORM, GRAD_FIRST or GRAD_SECOND, BLOCK_K)
+    loss, alpha, c, gamma, beta = _coefficients(loss, mass, q_mass, RENORM, TAIL)
     tl.store(loss_ptr + row, loss)
     tl.store(mass_ptr + row, mass)
-    tl.store(stats_ptr + row * 4 + 0, ref_a)
-    tl.store(stats_ptr + row * 4 + 1, ref_b)
-    tl.store(stats_ptr + row * 4 + 2, loss)
-    tl.store(stats_ptr + row * 4 + 3, mass)
+    tl.store(stats_ptr + row * 6 + 0, ref_a)
+    tl.store(stats_ptr + row * 6 + 1, ref_b)
+    tl.store(stats_ptr + row * 6 + 2, alpha)
+    tl.store(stats_ptr + row * 6 + 3, c)
+    tl.store(stats_ptr + row * 6 + 4, gamma)
+    tl.store(stats_ptr + row * 6 + 5, beta)
     if GRAD_FIRST or GRAD_SECOND:  # pass 5, fused: the weighted gradients in place of the logits
         w = tl.load(w_ptr + row * w_stride).to(tl.float32)
-        _dense_grads(a_row, b_row, a_row, b_row, w, ref_a, ref_b, loss, mass, V,
+        _dense_grads(a_row, b_row, a_row, b_row, w, ref_a, ref_b, alpha, gamma, V,
                      RENORM, GRAD_FIRST, GRAD_SECOND, STREAM_V)
         tl.debug_barrier()  # the dense values are written before S's are written over them
         pairs_row = pairs_ptr + row * pairs_stride
@@ -382,7 +419,7 @@ def _topk_kl_fwd_kernel(
             ids = tl.load(ids_row + kk, mask=kv, other=0)
             a = tl.load(pairs_row + kk, mask=kv, other=0.0)
             b = tl.load(pairs_row + K + kk, mask=kv, other=0.0)
-            _grads_on_s(ids, a, b, kv, a_row, b_row, w, ref_a, ref_b, loss, mass, RENORM, GRAD_FIRST, GRAD_SECOND)
+            _grads_on_s(ids, a, b, kv, a_row, b_row, w, ref_a, ref_b, alpha, c, gamma, beta, GRAD_FIRST, GRAD_SECOND)
 
 
 @triton.jit
@@ -394,21 +431,23 @@ def _topk_kl_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     w = tl.load(w_ptr + row * w_stride).to(tl.float32)
-    ref_a = tl.load(stats_ptr + row * 4 + 0)
-    ref_b = tl.load(stats_ptr + row * 4 + 1)
-    loss = tl.load(stats_ptr + row * 4 + 2)
-    mass = tl.load(stats_ptr + row * 4 + 3)
+    ref_a = tl.load(stats_ptr + row * 6 + 0)
+    ref_b = tl.load(stats_ptr + row * 6 + 1)
+    alpha = tl.load(stats_ptr + row * 6 + 2)
+    c = tl.load(stats_ptr + row * 6 + 3)
+    gamma = tl.load(stats_ptr + row * 6 + 4)
+    beta = tl.load(stats_ptr + row * 6 + 5)
     a_row = a_ptr + row * a_stride
     b_row = b_ptr + row * b_stride
     ga_row = ga_ptr + row * ga_stride
     gb_row = gb_ptr + row * gb_stride
-    _dense_grads(a_row, b_row, ga_row, gb_row, w, ref_a, ref_b, loss, mass, V, RENORM, GRAD_FIRST, GRAD_SECOND,
+    _dense_grads(a_row, b_row, ga_row, gb_row, w, ref_a, ref_b, alpha, gamma, V, RENORM, GRAD_FIRST, GRAD_SECOND,
                  STREAM_V)
     tl.debug_barrier()  # the dense values are written before S's are written over them
     kk0 = tl.arange(0, BLOCK_K)
     for koff in range(0, K, BLOCK_K):
         ids, a, b, kv = _pairs_at(ids_ptr + row * ids_stride, a_row, b_row, koff + kk0, K)
-        _grads_on_s(ids, a, b, kv, ga_row, gb_row, w, ref_a, ref_b, loss, mass, RENORM, GRAD_FIRST, GRAD_SECOND)
+        _grads_on_s(ids, a, b, kv, ga_row, gb_row, w, ref_a, ref_b, alpha, c, gamma, beta, GRAD_FIRST, GRAD_SECOND)
 
 
 def key_bits(dtype: torch.dtype) -> int:
@@ -456,15 +495,16 @@ def scratch_width(k: int) -> int:
 
 
 def topk_kl_forward(first_NV, second_NV, k, renorm, weight_N=None, grad_first=True, grad_second=False,
-                    ids_Nc=None, block_v=None, num_warps=None):
-    """Run the forward kernel on logits [N, V]; returns ``(loss_N, mass_N, stats_N4, ids_Nk)``.
+                    ids_Nc=None, block_v=None, num_warps=None, tail=False):
+    """Run the forward kernel on logits [N, V]; returns ``(loss_N, mass_N, stats_N6, ids_Nk)``.
 
-    ``stats_N4`` (float32) holds (ref_a, ref_b, loss, top-k mass) per row and ``ids_Nk`` (int32, a view of the
+    ``stats_N6`` (float32) holds (ref_a, ref_b, alpha, c, gamma, beta) per row (the module docstring) and ``ids_Nk`` (int32, a view of the
     id scratch) the ids of S per row, in no particular order: what ``topk_kl_backward`` needs. With
     ``weight_N`` given, ``weight_N[n] * dloss_n/da`` is written over ``first_NV`` in place if ``grad_first``,
     and ``weight_N[n] * dloss_n/db`` over ``second_NV`` if ``grad_second`` (a tensor written in place needs a
     contiguous last dimension). ``ids_Nc``: optional int32 scratch of at least [N, ``scratch_width(k)``].
     ``block_v`` and ``num_warps`` override the launch configuration (columns per block, warps per program).
+    ``tail``: the mass outside S as one more bucket.
     """
     _require_runnable(first_NV)
     N, V = first_NV.shape
@@ -478,24 +518,24 @@ def topk_kl_forward(first_NV, second_NV, k, renorm, weight_N=None, grad_first=Tr
     block_v, stream_v, block_k, block_c, fast, warps = _launch_config(V, k, block_v, num_warps)
     loss_N = torch.empty(N, dtype=torch.float32, device=dev)
     mass_N = torch.empty(N, dtype=torch.float32, device=dev)
-    stats_N4 = torch.empty(N, 4, dtype=torch.float32, device=dev)
+    stats_N6 = torch.empty(N, STATS, dtype=torch.float32, device=dev)
     if ids_Nc is None or ids_Nc.shape[0] < N or ids_Nc.shape[1] < scratch_width(k):
         ids_Nc = torch.empty(N, scratch_width(k), dtype=torch.int32, device=dev)
     if N == 0:
-        return loss_N, mass_N, stats_N4, ids_Nc[:N, :k]
+        return loss_N, mass_N, stats_N6, ids_Nc[:N, :k]
     count_N = torch.zeros(N, dtype=torch.int32, device=dev)
     pairs_N2k = torch.empty(N, 2 * k if (write_first or write_second) else 1, dtype=torch.float32, device=dev)
     w_N = loss_N if weight_N is None else weight_N  # never read without a gradient to write
     _topk_kl_fwd_kernel[(N,)](
         first_NV, first_NV.stride(0), second_NV, second_NV.stride(0), ids_Nc, ids_Nc.stride(0), count_N,
-        pairs_N2k, pairs_N2k.stride(0), w_N, w_N.stride(0), loss_N, mass_N, stats_N4, V, k,
-        RENORM=bool(renorm), GRAD_FIRST=write_first, GRAD_SECOND=write_second, KEY_BITS=key_bits(first_NV.dtype),
+        pairs_N2k, pairs_N2k.stride(0), w_N, w_N.stride(0), loss_N, mass_N, stats_N6, V, k,
+        RENORM=bool(renorm), TAIL=bool(tail), GRAD_FIRST=write_first, GRAD_SECOND=write_second, KEY_BITS=key_bits(first_NV.dtype),
         FAST=fast, BLOCK_V=block_v, STREAM_V=stream_v, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=warps,
     )
-    return loss_N, mass_N, stats_N4, ids_Nc[:N, :k]
+    return loss_N, mass_N, stats_N6, ids_Nc[:N, :k]
 
 
-def topk_kl_backward(first_NV, second_NV, grad_loss_N, stats_N4, ids_Nk, renorm, grad_first=True,
+def topk_kl_backward(first_NV, second_NV, grad_loss_N, stats_N6, ids_Nk, renorm, grad_first=True,
                      grad_second=False, block_v=None):
     """The dense gradients ``grad_loss_N[n] * dloss_n/da`` and ``grad_loss_N[n] * dloss_n/db`` as new [N, V]
     tensors of the dtypes of ``first_NV`` and ``second_NV``, from the forward's statistics and ids; returns
@@ -514,7 +554,7 @@ def topk_kl_backward(first_NV, second_NV, grad_loss_N, stats_N4, ids_Nk, renorm,
     _, stream_v, block_k, _, _, warps = _launch_config(V, k, block_v)
     _topk_kl_bwd_kernel[(N,)](
         first_NV, first_NV.stride(0), second_NV, second_NV.stride(0), ga_NV, ga_NV.stride(0), gb_NV, gb_NV.stride(0),
-        grad_loss_N, grad_loss_N.stride(0), stats_N4, ids_Nk, ids_Nk.stride(0), V, k,
+        grad_loss_N, grad_loss_N.stride(0), stats_N6, ids_Nk, ids_Nk.stride(0), V, k,
         RENORM=bool(renorm), GRAD_FIRST=bool(grad_first), GRAD_SECOND=bool(grad_second), STREAM_V=stream_v,
         BLOCK_K=block_k, num_warps=warps,
     )
@@ -525,33 +565,34 @@ class TopkKLTriton(torch.autograd.Function):
     """Per-token losses and top-k masses from logits; gradients reach whichever logits require grad."""
 
     @staticmethod
-    def forward(ctx, first_NV, second_NV, k, renorm, block_v):
-        loss_N, mass_N, stats_N4, ids_Nk = topk_kl_forward(first_NV, second_NV, k, renorm, block_v=block_v)
-        ctx.save_for_backward(first_NV, second_NV, stats_N4, ids_Nk)
+    def forward(ctx, first_NV, second_NV, k, renorm, block_v, tail):
+        loss_N, mass_N, stats_N6, ids_Nk = topk_kl_forward(first_NV, second_NV, k, renorm, block_v=block_v,
+                                                           tail=tail)
+        ctx.save_for_backward(first_NV, second_NV, stats_N6, ids_Nk)
         ctx.renorm, ctx.block_v = renorm, block_v
         ctx.mark_non_differentiable(mass_N)
         return loss_N, mass_N
 
     @staticmethod
     def backward(ctx, grad_loss_N, _grad_mass_N):
-        first_NV, second_NV, stats_N4, ids_Nk = ctx.saved_tensors
+        first_NV, second_NV, stats_N6, ids_Nk = ctx.saved_tensors
         grad_first_NV, grad_second_NV = topk_kl_backward(
-            first_NV, second_NV, grad_loss_N.float(), stats_N4, ids_Nk, ctx.renorm,
+            first_NV, second_NV, grad_loss_N.float(), stats_N6, ids_Nk, ctx.renorm,
             grad_first=ctx.needs_input_grad[0], grad_second=ctx.needs_input_grad[1], block_v=ctx.block_v,
         )
-        return grad_first_NV, grad_second_NV, None, None, None
+        return grad_first_NV, grad_second_NV, None, None, None, None
 
 
 def topk_kl_triton(
     first_logits, second_logits, k=256, mask=None, renorm=False, reduction="mean", return_topk_mass=False,
-    block_v=None,
+    block_v=None, tail=False,
 ):
     """Top-k KL_S(p || q) from logits [N, V] with the Triton kernels (same contract as ``topk_kl_torch``).
 
     ``block_v`` overrides the number of columns per block (the tests use small blocks to cover several).
     """
-    check_logits(first_logits, second_logits, k, mask, reduction)
-    loss_N, mass_N = TopkKLTriton.apply(first_logits, second_logits, k, renorm, block_v)
+    check_logits(first_logits, second_logits, k, mask, reduction, renorm, tail)
+    loss_N, mass_N = TopkKLTriton.apply(first_logits, second_logits, k, renorm, block_v, tail)
     mask_f = None if mask is None else mask.float()
     loss = reduce_loss(loss_N, mask_f, reduction)
     if return_topk_mass:

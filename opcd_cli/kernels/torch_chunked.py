@@ -8,8 +8,15 @@ and writes the analytic gradients, so only one chunk of float32 temporaries is a
     dloss_n / db_j = q_j * P - [j in S] * p_j                                            (renorm=False)
     dloss_n / db_j = [j in S] * (q~_j - p~_j)                                            (renorm=True)
 
-with r_i = log p_i - log q_i and P = sum_S p_i (S is piecewise constant in a: it has no gradient). Each
-argument gets its gradient when it requires grad.
+with r_i = log p_i - log q_i and P = sum_S p_i (S is piecewise constant in a: it has no gradient). With the
+tail bucket (``tail``: loss_n gains T = P_t (log P_t - log Q_t), P_t = 1 - P, Q_t = 1 - Q, Q = sum_S q_i):
+
+    dloss_n / da_j = p_j * ([j in S] * (r_j + 1 - c) - alpha),     alpha = loss0_n + P - c P
+    dloss_n / db_j = q_j * ([j in S] * beta + gamma) - [j in S] * p_j,     gamma = P - beta Q
+
+with loss0_n the sum over S, c = log(P_t / Q_t) + 1 and beta = P_t / Q_t (each 0 where its tail is capped,
+``naive.TAIL_LOG_MASS_MAX``); without the tail c = beta = 0, which gives the first two lines. Each argument
+gets its gradient when it requires grad.
 
 * ``topk_kl_torch``: from logits [N, V];
 * ``fused_linear_topk_kl_torch``: from hidden states and output weights, the logits made chunk by chunk
@@ -24,7 +31,7 @@ import torch
 
 from .arguments import check_fused_linear, check_logits, reduce_loss, token_weights
 from .linear import autocast_off, backprop_chunk, compute_dtype, finish_forward, gradient_buffers, logits, scale_saved_grads
-from .naive import topk_ids
+from .naive import TAIL_LOG_MASS_MAX, log_tail, topk_ids
 
 # Bytes of float32 temporaries one chunk of rows may hold.
 TORCH_CHUNK_BYTES = 256 * 2**20
@@ -39,7 +46,7 @@ def rows_per_chunk(V: int, chunk_size: int | None, tensors: int = 6) -> int:
 
 
 def topk_kl_rows(first_nV: torch.Tensor, second_nV: torch.Tensor, k: int, renorm: bool,
-                 grad_first: bool = False, grad_second: bool = False):
+                 grad_first: bool = False, grad_second: bool = False, tail: bool = False):
     """Loss, top-k mass and the requested gradients for a chunk of rows, all in float32.
 
     Returns ``(loss_n, mass_n, grad_first_nV or None, grad_second_nV or None)``, the gradients unscaled
@@ -58,23 +65,35 @@ def topk_kl_rows(first_nV: torch.Tensor, second_nV: torch.Tensor, k: int, renorm
     r_k = logp_k - logq_k
     live_k = p_k > 0  # 0 * log 0 is 0: ids with zero first probability (from -inf logits) contribute nothing
     loss_n = torch.where(live_k, p_k * r_k, torch.zeros_like(p_k)).sum(-1)
+    zero_n = torch.zeros_like(loss_n)
+    c_n, beta_n, q_mass_n = zero_n, zero_n, logq_k.exp().sum(-1)
+    if tail:  # the tail bucket's loss, and its share of the gradients (c, beta)
+        log_p_mass, log_q_mass = torch.logsumexp(logp_k, -1), torch.logsumexp(logq_k, -1)
+        logp_t, logq_t = log_tail(log_p_mass), log_tail(log_q_mass)
+        c_n = torch.where(log_p_mass <= TAIL_LOG_MASS_MAX, logp_t - logq_t + 1, zero_n)
+        beta_n = torch.where(log_q_mass <= TAIL_LOG_MASS_MAX, (logp_t - logq_t).exp(), zero_n)
+        tail_loss_n = logp_t.exp() * (logp_t - logq_t)
     grad_first_nV = grad_second_nV = None
     if grad_first:
         if renorm:
             grad_first_nV = torch.zeros_like(logp)
             grad_first_nV.scatter_(1, ids, torch.where(live_k, p_k * (r_k - loss_n[:, None]), torch.zeros_like(p_k)))
         else:
-            # off S: p * -(L + P), in logp's storage; on S: p * (r + 1 - (L + P)), written whole (as the kernel does)
-            grad_first_nV = logp.exp_().mul_(-(loss_n + mass_n)[:, None])
-            on_s = p_k * (r_k + 1 - (loss_n + mass_n)[:, None])
+            # off S: -p * alpha, in logp's storage; on S: p * (r + 1 - c - alpha), written whole (as the kernel does)
+            alpha_n1 = (loss_n + mass_n - c_n * mass_n)[:, None]
+            grad_first_nV = logp.exp_().mul_(-alpha_n1)
+            on_s = p_k * (r_k + 1 - c_n[:, None] - alpha_n1)
             grad_first_nV.scatter_(1, ids, torch.where(live_k, on_s, torch.zeros_like(p_k)))
     if grad_second:
         if renorm:
             grad_second_nV = torch.zeros_like(logq).scatter_(1, ids, logq_k.exp() - p_k)
         else:
-            # off S: q * P, in logq's storage; on S: q * P - p
-            grad_second_nV = logq.exp_().mul_(mass_n[:, None])
-            grad_second_nV.scatter_(1, ids, logq_k.exp() * mass_n[:, None] - p_k)
+            # off S: q * gamma, in logq's storage; on S: q * (gamma + beta) - p
+            gamma_n1 = (mass_n - beta_n * q_mass_n)[:, None]
+            grad_second_nV = logq.exp_().mul_(gamma_n1)
+            grad_second_nV.scatter_(1, ids, logq_k.exp() * (gamma_n1 + beta_n[:, None]) - p_k)
+    if tail:
+        loss_n = loss_n + tail_loss_n
     return loss_n, mass_n, grad_first_nV, grad_second_nV
 
 
@@ -82,16 +101,16 @@ class _TopkKL(torch.autograd.Function):
     """Chunked over rows: forward keeps no float32 [N, V] copy; backward recomputes each chunk's gradients."""
 
     @staticmethod
-    def forward(ctx, first_NV, second_NV, k, renorm, chunk_rows):
+    def forward(ctx, first_NV, second_NV, k, renorm, chunk_rows, tail):
         N = first_NV.shape[0]
         loss_N = first_NV.new_empty(N, dtype=torch.float32)
         mass_N = first_NV.new_empty(N, dtype=torch.float32)
         for s in range(0, N, chunk_rows):
             loss_N[s : s + chunk_rows], mass_N[s : s + chunk_rows], _, _ = topk_kl_rows(
-                first_NV[s : s + chunk_rows], second_NV[s : s + chunk_rows], k, renorm
+                first_NV[s : s + chunk_rows], second_NV[s : s + chunk_rows], k, renorm, tail=tail
             )
         ctx.save_for_backward(first_NV, second_NV)
-        ctx.k, ctx.renorm, ctx.chunk_rows = k, renorm, chunk_rows
+        ctx.k, ctx.renorm, ctx.chunk_rows, ctx.tail = k, renorm, chunk_rows, tail
         ctx.mark_non_differentiable(mass_N)
         return loss_N, mass_N
 
@@ -104,30 +123,30 @@ class _TopkKL(torch.autograd.Function):
         rows = ctx.chunk_rows
         for s in range(0, first_NV.shape[0], rows):
             _, _, g_first, g_second = topk_kl_rows(
-                first_NV[s : s + rows], second_NV[s : s + rows], ctx.k, ctx.renorm, need_first, need_second
+                first_NV[s : s + rows], second_NV[s : s + rows], ctx.k, ctx.renorm, need_first, need_second, ctx.tail
             )
             upstream_n1 = grad_loss_N[s : s + rows, None]
             if need_first:
                 grad_first_NV[s : s + rows] = g_first.mul_(upstream_n1)
             if need_second:
                 grad_second_NV[s : s + rows] = g_second.mul_(upstream_n1)
-        return grad_first_NV, grad_second_NV, None, None, None
+        return grad_first_NV, grad_second_NV, None, None, None, None
 
 
 def topk_kl_torch(
     first_logits, second_logits, k=256, mask=None, renorm=False, reduction="mean", chunk_size=None,
-    return_topk_mass=False,
+    return_topk_mass=False, tail=False,
 ):
     """Top-k KL_S(p || q) from logits, chunked over rows (see the module docstring for the maths).
 
     ``first_logits`` and ``second_logits``: [N, V], any float dtype, each differentiable if it requires grad;
     ``mask``: [N] bool, False excludes a token. ``reduction``: "mean" over unmasked tokens, "sum", or "none"
     (per-token, masked tokens 0). With ``return_topk_mass`` also returns the mean first-argument probability
-    inside the top-k (unmasked tokens).
+    inside the top-k (unmasked tokens). ``tail``: the mass outside the top-k as one more bucket.
     """
-    check_logits(first_logits, second_logits, k, mask, reduction)
+    check_logits(first_logits, second_logits, k, mask, reduction, renorm, tail)
     rows = rows_per_chunk(first_logits.shape[1], chunk_size)
-    loss_N, mass_N = _TopkKL.apply(first_logits, second_logits, k, renorm, rows)
+    loss_N, mass_N = _TopkKL.apply(first_logits, second_logits, k, renorm, rows, tail)
     loss = reduce_loss(loss_N, mask, reduction)
     if return_topk_mass:
         return loss, reduce_loss(mass_N, mask, "mean").detach()
@@ -140,7 +159,7 @@ class _FusedLinearTopkKL(torch.autograd.Function):
     The matmuls run in the compute dtype (autocast's when it is on), as in ``linear.py``."""
 
     @staticmethod
-    def forward(ctx, h1_NH, w1_VH, h2_NM, w2_VM, weight_N, k, renorm, chunk_rows):
+    def forward(ctx, h1_NH, w1_VH, h2_NM, w2_VM, weight_N, k, renorm, chunk_rows, tail):
         N = h1_NH.shape[0]
         need = ctx.needs_input_grad[:4]
         dt1, dt2 = compute_dtype(h1_NH, w1_VH), compute_dtype(h2_NM, w2_VM)
@@ -153,7 +172,7 @@ class _FusedLinearTopkKL(torch.autograd.Function):
                 e = min(N, s + chunk_rows)
                 h1, h2 = h1_NH[s:e].to(dt1), h2_NM[s:e].to(dt2)
                 loss_N[s:e], mass_N[s:e], g_first, g_second = topk_kl_rows(
-                    logits(h1, w1, dt1), logits(h2, w2, dt2), k, renorm, need[0] or need[1], need[2] or need[3]
+                    logits(h1, w1, dt1), logits(h2, w2, dt2), k, renorm, need[0] or need[1], need[2] or need[3], tail
                 )
                 sides = ((g_first, h1, w1, grads[0], grads[1]), (g_second, h2, w2, grads[2], grads[3]))
                 for g_nV, h, w, grad_h, grad_w in sides:
@@ -164,12 +183,12 @@ class _FusedLinearTopkKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_mass):
-        return (*scale_saved_grads(ctx, grad_total), None, None, None, None)
+        return (*scale_saved_grads(ctx, grad_total), None, None, None, None, None)
 
 
 def fused_linear_topk_kl_torch(
     first_hidden, first_weight, second_hidden, second_weight, k=256, mask=None, renorm=False,
-    reduction="mean", chunk_size=None, return_topk_mass=False,
+    reduction="mean", chunk_size=None, return_topk_mass=False, tail=False,
 ):
     """Top-k KL_S(p || q) of ``p = softmax(first_hidden @ first_weight.T)``, ``q = softmax(second_hidden @
     second_weight.T)``, without materialising the logits for all tokens.
@@ -178,12 +197,12 @@ def fused_linear_topk_kl_torch(
     Each of the four that requires grad gets its gradient (weights accumulated in float32). ``reduction`` is
     "mean" (over unmasked tokens) or "sum".
     """
-    check_fused_linear(first_hidden, first_weight, second_hidden, second_weight, k, mask, reduction)
+    check_fused_linear(first_hidden, first_weight, second_hidden, second_weight, k, mask, reduction, renorm, tail)
     N, V = first_hidden.shape[0], first_weight.shape[0]
     weight_N = token_weights(mask, N, reduction, first_hidden.device)
     rows = rows_per_chunk(V, chunk_size, tensors=7)
     loss, mass_N = _FusedLinearTopkKL.apply(
-        first_hidden, first_weight, second_hidden, second_weight, weight_N, k, renorm, rows
+        first_hidden, first_weight, second_hidden, second_weight, weight_N, k, renorm, rows, tail
     )
     if return_topk_mass:
         return loss, reduce_loss(mass_N, mask, "mean").detach()

@@ -63,6 +63,15 @@ def splits(task: str, seed: int = WORLD_SEED, train: int = 512, val: int = 100, 
     return _codes_splits(rng, train, val, test, ood_per_kind)
 
 
+def rule_splits(rule: str, seed: int = WORLD_SEED, train: int = 512, val: int = 100, test: int = 200,
+                ood_per_kind: int = 20) -> ToySplits:
+    """Any word rule's data (``tasks.RULES``), as ``splits("shift")`` gives shift's: its system prompt as the
+    context, and OOD rows of every other rule, each with its own system prompt."""
+    if rule not in tasks.RULES:
+        raise OpcdError(f"unknown toy word rule {rule!r}; choose one of {', '.join(tasks.RULES)}")
+    return _rule_splits(rule, random.Random(seed), train, val, test, ood_per_kind)
+
+
 def _unique_words(rng: random.Random, count: int, make) -> list[str]:
     words: dict[str, None] = {}
     while len(words) < count:
