@@ -19,12 +19,13 @@ from opcd_cli.kernels import backend_for, fused_linear_topk_reverse_kl, topk_rev
 
 
 def graph_names(tensor):
-    """Names of every autograd node behind ``tensor``."""
-    names, todo = set(), [tensor.grad_fn]
+    """Names of every autograd node behind ``tensor`` (each node visited once; several share a name)."""
+    names, seen, todo = set(), set(), [tensor.grad_fn]
     while todo:
         node = todo.pop()
-        if node is None or type(node).__name__ in names:
+        if node is None or id(node) in seen:
             continue
+        seen.add(id(node))
         names.add(type(node).__name__)
         todo.extend(next_fn for next_fn, _ in node.next_functions)
     return names
