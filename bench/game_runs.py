@@ -15,24 +15,14 @@ import argparse
 import datetime
 import json
 import platform
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from toy_runs import opcd  # one opcd --json process, timed from the shell's side (bench/ is on the path)
 
 KEYS = (("before", "success"), ("after", "success"), ("before", "teacher_success_with_context"),
         ("after", "success_with_context"), ("after", "context_harm"), ("before", "ood_success"),
         ("after", "ood_success"))
-
-
-def opcd(*args: str, cwd: Path) -> tuple[float, dict]:
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "opcd_cli", *args, "--json"], cwd=cwd, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"opcd {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return seconds, json.loads(proc.stdout)
 
 
 def main() -> None:

@@ -66,12 +66,13 @@ def topk_kl_rows(first_nV: torch.Tensor, second_nV: torch.Tensor, k: int, renorm
     live_k = p_k > 0  # 0 * log 0 is 0: ids with zero first probability (from -inf logits) contribute nothing
     loss_n = torch.where(live_k, p_k * r_k, torch.zeros_like(p_k)).sum(-1)
     zero_n = torch.zeros_like(loss_n)
-    c_n, beta_n, q_mass_n = zero_n, zero_n, logq_k.exp().sum(-1)
+    c_n, beta_n, q_mass_n = zero_n, zero_n, zero_n  # without the tail: c = beta = 0 (Q is then never used)
     if tail:  # the tail bucket's loss, and its share of the gradients (c, beta)
         log_p_mass, log_q_mass = torch.logsumexp(logp_k, -1), torch.logsumexp(logq_k, -1)
         logp_t, logq_t = log_tail(log_p_mass), log_tail(log_q_mass)
         c_n = torch.where(log_p_mass <= TAIL_LOG_MASS_MAX, logp_t - logq_t + 1, zero_n)
         beta_n = torch.where(log_q_mass <= TAIL_LOG_MASS_MAX, (logp_t - logq_t).exp(), zero_n)
+        q_mass_n = log_q_mass.exp()
         tail_loss_n = logp_t.exp() * (logp_t - logq_t)
     grad_first_nV = grad_second_nV = None
     if grad_first:
