@@ -3,10 +3,12 @@
     python bench/paper_table.py --out bench/paper_table
 
 Rows: the base student without and with the context; off-policy context distillation; OPCD; OPCD with the
-consistency regulariser; cross-size OPCD (the larger toy model as teacher). Columns: test accuracy (without
-the context for trained students; in the row's condition for the base rows), accuracy with the context, OOD
-accuracy (each OOD row with its own context), context harm (share of test items solved without the context
-but failed with it) and mean response tokens. Both toy tasks: `shift` (a system prompt) and `codes`
+consistency regulariser; OPCD with the in-context anchor (`--anchor-weight 1`); OPCD over the union of the
+student's and the teacher's top-k (`--topk-support union`); cross-size OPCD (the larger toy model as
+teacher). Columns: test accuracy (without the context for trained students; in the row's condition for the
+base rows), accuracy with the context, OOD accuracy (each OOD row with its own context), context harm (share
+of test items solved without the context but failed with it), mean response tokens, and the student's mean
+entropy at its response tokens over the last 5 steps (nats; trained rows). Both toy tasks: `shift` (a system prompt) and `codes`
 (experience items). Every trained row is the mean and standard deviation over seeds.
 
 Writes OUT.md (the table), OUT.json (every run's numbers) and OUT.png (learning curves: the distillation loss
@@ -32,9 +34,11 @@ METHODS = {  # row name -> settings on top of the toy recipe
     "off-policy context distillation": {"mode": "off-policy"},
     "OPCD": {},
     "OPCD + consistency": {"consistency_weight": CONSISTENCY_WEIGHT},
+    "OPCD + in-context anchor": {"anchor_weight": 1.0},
+    "OPCD, union support": {"topk_support": "union"},
     "OPCD, cross-size (large teacher)": {"teacher": "toy:large"},
 }
-COLUMNS = ["test accuracy", "with context", "OOD", "context harm", "response tokens"]
+COLUMNS = ["test accuracy", "with context", "OOD", "context harm", "response tokens", "student entropy, last 5 steps"]
 
 
 def run_one(task: str, method: str, seed: int, work: Path, eval_before: bool) -> dict:
@@ -43,8 +47,10 @@ def run_one(task: str, method: str, seed: int, work: Path, eval_before: bool) ->
         "output_dir": str(work / f"{task}-{method.replace(' ', '_').replace(',', '').replace('(', '').replace(')', '')}-{seed}"),
     })
     summary = distill(cfg, UI(quiet=True))
-    curve = [json.loads(line)["distill_loss"] for line in Path(summary["output_dir"], "metrics.jsonl").read_text().splitlines()]
-    return summary | {"task": task, "method": method, "seed": seed, "curve": curve}
+    steps = [json.loads(line) for line in Path(summary["output_dir"], "metrics.jsonl").read_text().splitlines()]
+    entropy = statistics.mean(m["student_entropy"] for m in steps[-5:])
+    return summary | {"task": task, "method": method, "seed": seed, "curve": [m["distill_loss"] for m in steps],
+                      "final_student_entropy": entropy}
 
 
 def mean_std(values: list[float]) -> str:
@@ -68,9 +74,9 @@ def table(runs: list[dict], tasks: list[str]) -> str:
         harm, ood = percent_mean_std([base["context_harm"]]), percent_mean_std([base["ood_accuracy"]])
         with_context = percent_mean_std([base["accuracy_with_context"]])
         lines.append(f"| base student, without context | {percent_mean_std([base['accuracy']])} | {with_context} | "
-                     f"{ood} | {harm} | {base['mean_response_tokens']:.2f} |")
+                     f"{ood} | {harm} | {base['mean_response_tokens']:.2f} | |")
         lines.append(f"| base student, with context | {with_context} | {with_context} | {ood} | {harm} | "
-                     f"{base['mean_response_tokens_with_context']:.2f} |")
+                     f"{base['mean_response_tokens_with_context']:.2f} | |")
         for method in METHODS:
             got = [r["after"] for r in rows if r["method"] == method]
             lines.append(
@@ -78,7 +84,8 @@ def table(runs: list[dict], tasks: list[str]) -> str:
                 f"{percent_mean_std([a['accuracy_with_context'] for a in got])} | "
                 f"{percent_mean_std([a['ood_accuracy'] for a in got])} | "
                 f"{percent_mean_std([a['context_harm'] for a in got])} | "
-                f"{mean_std([a['mean_response_tokens'] for a in got])} |"
+                f"{mean_std([a['mean_response_tokens'] for a in got])} | "
+                f"{mean_std([r['final_student_entropy'] for r in rows if r['method'] == method])} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -77,6 +77,7 @@ def distill(
     topk: Optional[int] = typer.Option(None, help="Size of the student's top-k support of the KL (paper: 256)."),
     topk_renorm: Optional[bool] = typer.Option(None, "--topk-renorm", help="Renormalise both distributions within the top-k."),
     topk_tail: Optional[bool] = typer.Option(None, "--topk-tail", help="Add the mass outside the top-k as one more bucket of both distributions (a true KL on k + 1 buckets)."),
+    topk_support: Optional[str] = typer.Option(None, help="The KL's support: student (its own top-k ids, the paper's) or union (the student's and the teacher's top-k ids)."),
     min_topk_mass: Optional[float] = typer.Option(None, help="Warn once when the student's mean probability inside its own top-k falls below this (default 0.8; 0: never): the loss is then being lowered by moving mass out of the support."),
     stop_on_escape: Optional[bool] = typer.Option(None, "--stop-on-escape", help="When the top-k mass falls below --min-topk-mass, stop and keep the weights of the last step above it."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps."),
@@ -350,7 +351,8 @@ def plot(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
     json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Draw runs' loss, top-k mass, response length, learning rate and gradient norm per step into one PNG."""
+    """Draw runs' per-step metrics (loss, top-k mass, response length, learning rate, gradient norm, the student's
+    and the teacher's entropy, the share of distinct tokens) into one PNG."""
     from .plots import plot_runs, read_metrics
 
     out = Path(output)

@@ -28,6 +28,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 VERIFIERS = ("auto", *VERIFIER_FUNCTIONS)  # auto: the row's own `verifier`, else exact
 SAMPLERS = ("hf", "vllm")
 KERNELS = ("auto", "torch", "triton")
+TOPK_SUPPORTS = ("student", "union")  # the KL's support: the student's top-k ids, or those and the teacher's
 SCHEDULES = ("constant", "cosine", "linear")
 REPORT_TO = ("none", "tensorboard", "wandb")
 TEACHER_SHARDING = ("replicate", "shard")  # several processes: a whole teacher on each rank, or sharded
@@ -157,6 +158,7 @@ class DistillConfig:
     topk: int = 256
     topk_renorm: bool = False
     topk_tail: bool = False  # the mass outside the top-k as one more bucket of both distributions
+    topk_support: str = "student"  # the student's top-k ids, or the union with the teacher's (TOPK_SUPPORTS)
     kernel: str = "auto"
     # the mass-escape guard (on-policy): the student's mean probability inside its own top-k, watched every step
     min_topk_mass: float = 0.8  # below it: a warning, once (0: never)
@@ -209,6 +211,7 @@ class DistillConfig:
             raise OpcdError("the in-context anchor scores the student's own rollouts; drop --anchor-weight or use --mode on-policy")
         _choice("verifier", self.verifier, VERIFIERS)
         _choice("kernel", self.kernel, KERNELS)
+        _choice("topk_support", self.topk_support, TOPK_SUPPORTS)
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("teacher_sharding", self.teacher_sharding, TEACHER_SHARDING)
@@ -238,6 +241,9 @@ class DistillConfig:
             raise OpcdError("--topk-renorm and --topk-tail each make the top-k a whole distribution; choose one")
         if self.topk_tail and self.mode == "off-policy":
             raise OpcdError("--topk-tail shapes the on-policy loss over the student's top-k; drop it with --mode off-policy")
+        if self.topk_support != "student" and self.mode == "off-policy":
+            raise OpcdError("--topk-support chooses the on-policy loss's support; off-policy the support is the "
+                            "teacher's saved top-k: drop it with --mode off-policy")
         if isinstance(self.min_topk_mass, bool) or not isinstance(self.min_topk_mass, (int, float)) or \
                 not 0 <= self.min_topk_mass < 1:
             raise OpcdError(f"min_topk_mass must be a fraction in [0, 1) (0: no guard); got {self.min_topk_mass!r}")

@@ -240,6 +240,7 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
             with timer.phase("rollouts"):
                 seqs = step_sequences(run, player or sampler, rollouts, step, world)
             tokens, ends, replies, won = step_counts(run, seqs)  # over every rank's responses
+            distinct = distinct_tokens(seqs.responses, run.loss.vocab, models.device())
             # 2-3. the teacher scores the same tokens with the context; the loss, micro-batch by micro-batch
             sums = backward(run, seqs, rollouts, tokens, timer)
             # 4. one optimiser step, unless the loss or the gradient is not finite; the sampler follows
@@ -262,6 +263,7 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
             training.step = step
             training.metrics.append(step_record(step, tokens, ends, replies, values, training.schedule, step_start,
                                                 train_start, timer.seconds()))
+            training.metrics[-1]["distinct_tokens"] = round(distinct / tokens, 4) if tokens else None
             if run.games is not None:  # how the step's games went (on-policy: the student's, without the context)
                 training.metrics[-1] |= {"games_won": won / per_step, "turns": replies / per_step}
             log.write(json.dumps(training.metrics[-1]) + "\n")
@@ -462,15 +464,29 @@ def step_counts(run: Run, seqs: Sequences) -> tuple[int, int, int, int]:
     return tuple(int(c) for c in summed)
 
 
+def distinct_tokens(responses: list[list[int]], vocab: int, device) -> int:
+    """How many different token ids the step's responses hold, over every rank (ids past the shared vocabulary
+    count as its last)."""
+    ids = [min(max(t, 0), vocab - 1) for r in responses for t in r]
+    if not distributed.world().active:
+        return len(set(ids))
+    present = torch.zeros(vocab, device=device)
+    if ids:
+        present[torch.tensor(ids, device=device)] = 1.0
+    return int(distributed.all_max_tensor(present).sum().item())
+
+
 def backward(run: Run, seqs: Sequences, rollouts, n_tokens: int, timer: StepTimer) -> torch.Tensor:
     """Score this rank's responses micro-batch by micro-batch and accumulate the gradient of the mean loss over
     the step's ``n_tokens`` response tokens (every rank's); returns the sums over every rank of (loss,
-    distillation term, consistency term, anchor term, top-k mass) over response tokens, then of the padding positions and
-    all positions the passes read."""
+    distillation term, consistency term, anchor term, top-k mass, student entropy, teacher entropy, and the
+    tokens each entropy was measured on) over response tokens, then of the padding positions and all positions
+    the passes read."""
     cfg, device = run.cfg, models.device()
     views, responses = seqs.views, seqs.responses
     scale = distributed.world().size / n_tokens  # FSDP averages the ranks' gradients: the sum over ranks is wanted
-    sums, padding, positions = torch.zeros(5, device=device), 0, 0
+    sums, zero = torch.zeros(7, device=device), torch.zeros((), device=device)
+    counts = [0, 0, 0, 0]  # tokens with the student's entropy, with the teacher's, padding positions, positions
     for micro_batch, weight in micro_batches(run, views, responses):
         order, rows = [i for row in micro_batch for i in row], [len(row) for row in micro_batch]
         these, answers = [views[i] for i in order], [responses[i] for i in order]
@@ -496,11 +512,16 @@ def backward(run: Run, seqs: Sequences, rollouts, n_tokens: int, timer: StepTime
             (parts.total * scale * weight).backward()
         if not weight:  # a pass that only keeps this rank in step with the others: it adds nothing
             continue
+        n = sum(map(len, answers))
+        student_h, teacher_h = parts.entropies or (None, None)
         sums += torch.stack([parts.total.detach(), parts.distill, parts.consistency, parts.anchor,
-                             parts.topk_mass * sum(map(len, answers))])
-        padding += sum(p.padding for p in inputs)
-        positions += sum(p.positions for p in inputs)
-    return distributed.all_sum(torch.cat([sums, torch.tensor([padding, positions], dtype=sums.dtype, device=device)]))
+                             parts.topk_mass * n, zero if student_h is None else student_h * n,
+                             zero if teacher_h is None else teacher_h * n])
+        counts[0] += n if student_h is not None else 0
+        counts[1] += n if teacher_h is not None else 0
+        counts[2] += sum(p.padding for p in inputs)
+        counts[3] += sum(p.positions for p in inputs)
+    return distributed.all_sum(torch.cat([sums, torch.tensor(counts, dtype=sums.dtype, device=device)]))
 
 
 def micro_batches(run: Run, views: list[Views], responses: list[list[int]]) -> list[tuple[MicroBatch, int]]:
@@ -555,14 +576,17 @@ def make_packer(cfg: DistillConfig, views: list[Views], student, teacher, teache
 def step_values(step: int, n_tokens: int, sums: torch.Tensor, grad_norm: torch.Tensor, out: RunDir) -> dict:
     """The step's loss terms and gradient norm as numbers; a non-finite one stops the run before the step is
     applied (so the model is never broken and nothing samples from it)."""
-    loss, distill_loss, consistency_loss, anchor_loss, mass, padding, positions, norm = torch.cat(
-        [sums[:5] / n_tokens, sums[5:], grad_norm.reshape(1)]).tolist()
+    numbers = torch.cat([sums, grad_norm.reshape(1)]).tolist()
+    loss, distill_loss, consistency_loss, anchor_loss, mass = (x / n_tokens for x in numbers[:5])
+    student_h, teacher_h, student_tokens, teacher_tokens, padding, positions, norm = numbers[5:]
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise OpcdError(f"step {step}: the loss is {loss} and the gradient norm {norm}: training diverged and stopped "
                         f"before this step was applied; the metrics and checkpoints so far are in {out.partial} "
                         "(try a lower --lr)")
     return {"loss": loss, "distill_loss": distill_loss, "consistency_loss": consistency_loss,
             "anchor_loss": anchor_loss, "topk_mass": mass,
+            "student_entropy": student_h / student_tokens if student_tokens else None,
+            "teacher_entropy": teacher_h / teacher_tokens if teacher_tokens else None,
             "grad_norm": norm, "padding_share": padding / positions if positions else 0.0}
 
 
@@ -571,7 +595,8 @@ def step_record(step: int, n_tokens: int, ends: int, n_responses: int, values: d
     """One line of ``metrics.jsonl``; ``phases`` the step's seconds by phase (``timing.PHASES``)."""
     return {
         "step": step,
-        **{key: values[key] for key in ("loss", "distill_loss", "consistency_loss", "anchor_loss", "topk_mass")},
+        **{key: values[key] for key in ("loss", "distill_loss", "consistency_loss", "anchor_loss", "topk_mass",
+                                        "student_entropy", "teacher_entropy")},
         "response_tokens": n_tokens / n_responses,
         "truncated": (n_responses - ends) / n_responses,
         "lr": schedule.get_last_lr()[0],
@@ -659,6 +684,7 @@ def build_summary(run: Run, inputs: dict, before: EvalResult | None, after: Eval
         "final_loss": last.get("loss"),
         "final_topk_mass": last.get("topk_mass"),
         "topk_tail": cfg.topk_tail,
+        "topk_support": cfg.topk_support,
         "min_topk_mass": cfg.min_topk_mass,
         "topk_mass_escape": None if escape is None else escape.to_dict(),
         "time_by_phase": time_by_phase(metrics),
@@ -742,7 +768,7 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     check_windows(examples, views, cfg.sampling.max_new_tokens, student, teacher, cfg.student, teacher_name)
     models.check_token_ids(examples, views, vocab, tokenizer)
     loss = DistillLoss(student, teacher, vocab, cfg.topk, cfg.topk_renorm, cfg.consistency_weight, cfg.kernel,
-                       cfg.topk_tail, cfg.anchor_weight)
+                       cfg.topk_tail, cfg.anchor_weight, cfg.topk_support == "union")
     saved = None
     if cfg.mode == "off-policy" and cfg.rollouts:
         folder = Path(cfg.rollouts)
@@ -805,7 +831,7 @@ def prepare_games(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     extra = len(views[0].teacher_ids) - len(views[0].student_ids)  # what the context adds to every prompt
     window = min([w - max(0, extra) for w in windows]) if windows else None
     loss = DistillLoss(student, teacher, vocab, cfg.topk, cfg.topk_renorm, cfg.consistency_weight, cfg.kernel,
-                       cfg.topk_tail, cfg.anchor_weight)
+                       cfg.topk_tail, cfg.anchor_weight, cfg.topk_support == "union")
     prefix = teacher_prefix(cfg, views, teacher)
     packer = make_packer(cfg, views, student, teacher, teacher_name, prefix, models.pad_id(tokenizer))
     torch.manual_seed(cfg.seed)

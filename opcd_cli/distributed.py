@@ -147,6 +147,13 @@ def all_max(value: int, device) -> int:
     return int(box.item())
 
 
+def all_max_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise largest over ranks (in place); a single process returns ``tensor`` as it is."""
+    if _WORLD.active:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor
+
+
 def barrier() -> None:
     if _WORLD.active:
         torch.distributed.barrier()

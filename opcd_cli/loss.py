@@ -281,9 +281,12 @@ def logits_are_linear(model) -> bool:
 
 
 def head_topk_kl(first: Head, second: Head, k: int, renorm: bool, vocab: int, backend: str = "auto",
-                 tail: bool = False):
-    """Sum over tokens of the top-k KL(first || second) over the first's top-k, and its mean top-k mass."""
-    kw = dict(k=k, renorm=renorm, reduction="sum", return_topk_mass=True, backend=backend, tail=tail)
+                 tail: bool = False, entropy: bool = False, union: bool = False):
+    """Sum over tokens of the top-k KL(first || second) over the first's top-k (``union``: and the second's),
+    and the first's mean mass there; with ``entropy`` also the pair of mean full-vocabulary entropies
+    (first's, second's)."""
+    kw = dict(k=k, renorm=renorm, reduction="sum", return_topk_mass=True, backend=backend, tail=tail,
+              return_entropy=entropy, union=union)
     if first.logits_NV is None:
         return fused_linear_topk_kl(first.hidden_NH, first.weight_VH[:vocab], second.hidden_NH,
                                     second.weight_VH[:vocab], **kw)
@@ -291,11 +294,13 @@ def head_topk_kl(first: Head, second: Head, k: int, renorm: bool, vocab: int, ba
 
 
 def head_sparse_target_kl(target_ids_Nk: torch.Tensor, target_logprobs_Nk: torch.Tensor, head: Head, vocab: int):
-    """Sum over tokens of the KL from a saved sparse target to the head's distribution."""
+    """Sum over tokens of the KL from a saved sparse target to the head's distribution, and the head's mean
+    full-vocabulary entropy."""
     if head.logits_NV is None:
         return fused_linear_sparse_target_kl(target_ids_Nk, target_logprobs_Nk, head.hidden_NH,
-                                             head.weight_VH[:vocab], reduction="sum")
-    return sparse_target_kl(target_ids_Nk, target_logprobs_Nk, head.logits_NV[:, :vocab], reduction="sum")
+                                             head.weight_VH[:vocab], reduction="sum", return_entropy=True)
+    return sparse_target_kl(target_ids_Nk, target_logprobs_Nk, head.logits_NV[:, :vocab], reduction="sum",
+                            return_entropy=True)
 
 
 @dataclass
@@ -307,6 +312,9 @@ class LossParts:
     consistency: torch.Tensor  # the context-removability term (already weighted), 0 when off
     topk_mass: torch.Tensor  # mean student probability inside its top-k (on-policy) or the teacher's (off-policy)
     anchor: torch.Tensor | None = None  # the in-context anchor (already weighted), 0 when off
+    # the mean full-vocabulary entropies of the student (without the context) and of the teacher (on-policy, with
+    # it; None off-policy, where only saved top-k are known) at the response tokens, from the loss's own pass
+    entropies: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 class DistillLoss:
@@ -319,20 +327,23 @@ class DistillLoss:
       second side (one extra student forward pass with the context); with ``anchor_weight`` > 0, plus that
       weight times the top-k reverse KL(student with context || teacher with context) over the with-context
       student's top-k: the student keeps behaving as the teacher does when the context is there (the same
-      extra pass, shared with the regulariser).
+      extra pass, shared with the regulariser). With ``union`` every one of these KLs is taken over the union
+      of its two sides' top-k ids instead of the first side's.
     * off-policy: KL(teacher || student) over the teacher's saved top-k, or the teacher tokens' cross-entropy
       (a saved distribution with all its mass on the token the teacher wrote).
     """
 
     def __init__(self, student, teacher, vocab: int, topk: int, renorm: bool, consistency_weight: float = 0.0,
-                 backend: str = "auto", tail: bool = False, anchor_weight: float = 0.0):
+                 backend: str = "auto", tail: bool = False, anchor_weight: float = 0.0, union: bool = False):
         self.student, self.teacher = student, teacher
         self.vocab, self.topk, self.renorm, self.backend, self.tail = vocab, topk, renorm, backend, tail
+        self.union = union
         self.consistency_weight, self.anchor_weight = consistency_weight, anchor_weight
         self.fused = logits_are_linear(student) and (teacher is None or logits_are_linear(teacher))
 
-    def _kl(self, first: Head, second: Head):
-        return head_topk_kl(first, second, self.topk, self.renorm, self.vocab, self.backend, self.tail)
+    def _kl(self, first: Head, second: Head, entropy: bool = False):
+        return head_topk_kl(first, second, self.topk, self.renorm, self.vocab, self.backend, self.tail, entropy,
+                            self.union)
 
     def on_policy(self, student_in: Packed, teacher_in: Packed, context_in: Packed | None = None,
                   timer=NoTimer()) -> LossParts:
@@ -342,10 +353,10 @@ class DistillLoss:
 
         def distill(student: Head):
             kept.append(student.hidden_NH if self.fused else student.logits_NV)
-            return self._kl(student, teacher)
+            return self._kl(student, teacher, entropy=True)
 
         with timer.phase("student_forward"):  # the loss too: the fused kernels run inside the forward
-            distill_sum, mass = with_head(self.student, student_in, self.fused, distill)
+            distill_sum, mass, entropies = with_head(self.student, student_in, self.fused, distill)
         consistency = anchor = torch.zeros((), device=distill_sum.device)
         if context_in is not None and (self.consistency_weight > 0 or self.anchor_weight > 0):
             def regularise(with_context: Head):
@@ -361,7 +372,7 @@ class DistillLoss:
             with timer.phase("consistency_forward"):
                 consistency, anchor = with_head(self.student, context_in, self.fused, regularise)
         return LossParts(distill_sum + consistency + anchor, distill_sum.detach(), consistency.detach(), mass,
-                         anchor.detach())
+                         anchor.detach(), entropies)
 
     @torch.no_grad()
     def teacher_targets(self, teacher_in: Packed, sft: bool, responses: Sequence[Sequence[int]]):
@@ -378,9 +389,9 @@ class DistillLoss:
     def off_policy(self, student_in: Packed, target_ids_Nk: torch.Tensor, target_logprobs_Nk: torch.Tensor,
                    timer=NoTimer()) -> LossParts:
         with timer.phase("student_forward"):
-            loss = with_head(self.student, student_in, self.fused,
-                             lambda head: head_sparse_target_kl(target_ids_Nk, target_logprobs_Nk, head, self.vocab))
+            loss, entropy = with_head(self.student, student_in, self.fused, lambda head: head_sparse_target_kl(
+                target_ids_Nk, target_logprobs_Nk, head, self.vocab))
         with torch.no_grad():
             mass = target_logprobs_Nk.exp().sum(-1).mean()
         zero = torch.zeros((), device=loss.device)
-        return LossParts(loss, loss.detach(), zero, mass, zero)
+        return LossParts(loss, loss.detach(), zero, mass, zero, (entropy, None))

@@ -1,7 +1,8 @@
 """Plots of runs' per-step metrics: ``metrics.png`` beside every run's ``metrics.jsonl``, and ``opcd plot``.
 
-One panel per metric (loss, top-k mass, mean response tokens, learning rate, gradient norm), the step on the
-x axis, one line per run. matplotlib draws off-screen (the Agg backend); the file is written under a
+One panel per metric (loss, top-k mass, mean response tokens, learning rate, gradient norm, the student's and
+the teacher's entropy at the response tokens, the share of distinct tokens in the step's responses), in two
+rows, the step on the x axis, one line per run; a metric no run has leaves its panel empty. matplotlib draws off-screen (the Agg backend); the file is written under a
 temporary name and renamed.
 """
 
@@ -14,7 +15,9 @@ from .errors import OpcdError, first_line
 from .outputs import replaced_file
 
 METRICS = (("loss", "loss"), ("topk_mass", "top-k mass"), ("response_tokens", "mean response tokens"),
-           ("lr", "learning rate"), ("grad_norm", "gradient norm"))
+           ("lr", "learning rate"), ("grad_norm", "gradient norm"), ("student_entropy", "student entropy (nats)"),
+           ("teacher_entropy", "teacher entropy (nats)"), ("distinct_tokens", "distinct tokens / tokens"))
+COLUMNS = 4
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -42,12 +45,16 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out: Path, title: str | None =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), constrained_layout=True)
+    rows = -(-len(METRICS) // COLUMNS)
+    fig, axes = plt.subplots(rows, COLUMNS, figsize=(4 * COLUMNS, 3.2 * rows), constrained_layout=True, squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(METRICS):]:
+        ax.set_visible(False)
     for ax, (key, label) in zip(axes, METRICS):
-        for name, rows in runs:
+        for i, (name, rows) in enumerate(runs):  # a run keeps its colour in every panel, even one it lacks
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:
-                ax.plot(*zip(*points), label=name, linewidth=1.5)
+                ax.plot(*zip(*points), label=name, linewidth=1.5, color=f"C{i % 10}")
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

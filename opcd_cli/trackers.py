@@ -19,8 +19,8 @@ from typing import Protocol
 from .errors import OpcdError
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-LOGGED = ("loss", "distill_loss", "consistency_loss", "anchor_loss", "topk_mass", "response_tokens", "truncated", "lr", "grad_norm",
-          "tokens_per_s")
+LOGGED = ("loss", "distill_loss", "consistency_loss", "anchor_loss", "topk_mass", "student_entropy", "teacher_entropy",
+          "distinct_tokens", "response_tokens", "truncated", "lr", "grad_norm", "tokens_per_s")
 
 
 class Tracker(Protocol):

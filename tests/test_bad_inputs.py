@@ -131,6 +131,7 @@ CASES = [
          "these flags differ from them: --lr (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing, --teacher-prefix-cache, --micro-batch-tokens, --min-topk-mass and --stop-on-escape may change)"),
     # the loss and its guard
     Case("renorm and tail", distill("--topk-renorm", "--topk-tail"), "--topk-renorm and --topk-tail each make"),
+    Case("unknown support", distill("--topk-support", "teacher"), "topk_support must be one of student, union"),
     Case("top-k mass threshold of 1.5", distill("--min-topk-mass", "1.5"), "min_topk_mass must be a fraction in [0, 1)"),
     Case("anchor off-policy", distill("--anchor-weight", "1", "--mode", "off-policy"),
          "the in-context anchor scores the student's own rollouts"),

@@ -54,6 +54,7 @@ def test_missing_recipe(tmp_path):
         ({"steps": "ten"}, "steps must be a whole number; got .ten."),
         ({"topk_renorm": True, "topk_tail": True}, "--topk-renorm and --topk-tail each make"),
         ({"topk_tail": True, "mode": "off-policy"}, "--topk-tail shapes the on-policy loss"),
+        ({"topk_support": "union", "mode": "off-policy"}, "--topk-support chooses the on-policy loss's support"),
         ({"min_topk_mass": 1.0}, "min_topk_mass must be a fraction in \\[0, 1\\)"),
         ({"min_topk_mass": -0.1}, "min_topk_mass must be a fraction"),
         ({"stop_on_escape": True, "mode": "off-policy"}, "--stop-on-escape watches"),

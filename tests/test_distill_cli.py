@@ -1,6 +1,7 @@
 """`opcd distill` through the CLI on tiny models: outputs, reloading, and every kind of bad input."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,9 @@ def test_cross_size_distill_writes_a_complete_run(cli, tiny_student, tiny_teache
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert set(metrics[0]) >= {"loss", "topk_mass", "response_tokens", "lr", "tokens_per_s", "seconds"}
+    for m in metrics:  # what shows a collapse: both entropies at the response tokens, the share of distinct tokens
+        assert 0 < m["student_entropy"] < math.log(512) and 0 < m["teacher_entropy"] < math.log(512)
+        assert 0 < m["distinct_tokens"] <= 1
     for m in metrics:  # where each step's time went: every phase ran, and together they fit in the step
         phases = m["seconds_by_phase"]
         assert all(phases[name] > 0 for name in ("rollouts", "teacher_forward", "student_forward", "backward",
@@ -177,6 +181,9 @@ def test_off_policy_rollouts_are_saved_reused_and_checked(cli, tiny_student, toy
     assert code == 0, err
     summary = json.loads(out)
     assert summary["mode"] == "off-policy" and summary["rollouts"] == "teacher"
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    # off-policy the student's entropy is measured, the teacher's is not (only its saved top-k are known)
+    assert all(m["student_entropy"] > 0 and m["teacher_entropy"] is None and m["distinct_tokens"] > 0 for m in metrics)
     meta = json.loads((rollouts / "rollouts.json").read_text())
     assert meta["examples"] == 8 and meta["topk"] == 8
     from safetensors.torch import load_file
@@ -207,6 +214,14 @@ def test_consistency_regulariser_is_logged(cli, tiny_student, toy_files, tmp_pat
     assert all(abs(m["loss"] - m["distill_loss"] - m["consistency_loss"]) < 1e-5 for m in metrics)
     summary = json.loads(stdout)
     assert summary["consistency_weight"] == 0.5 and 0 <= summary["after"]["context_harm"] <= 1
+
+
+def test_union_support_trains_and_is_recorded(cli, tiny_student, toy_files, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = cli(*distill_args(tiny_student, toy_files, out, "--topk-support", "union", "--json"))
+    assert code == 0, err
+    assert json.loads(stdout)["topk_support"] == "union"
+    assert json.loads((out / "opcd_config.json").read_text())["topk_support"] == "union"
 
 
 def test_in_context_anchor_is_logged(cli, tiny_student, toy_files, tmp_path):

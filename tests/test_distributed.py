@@ -83,7 +83,8 @@ def assert_steps_match(got: list[dict], expected: list[dict]) -> None:
     assert [r["step"] for r in got] == [r["step"] for r in expected]
     for a, b in zip(got, expected):
         assert a["response_tokens"] == b["response_tokens"] and a["truncated"] == b["truncated"], a["step"]
-        for key in ("loss", "distill_loss", "topk_mass", "grad_norm", "lr"):
+        assert a["distinct_tokens"] == b["distinct_tokens"], a["step"]  # counted over every rank's responses
+        for key in ("loss", "distill_loss", "topk_mass", "grad_norm", "lr", "student_entropy", "teacher_entropy"):
             assert a[key] == pytest.approx(b[key], rel=TOLERANCE, abs=1e-7), (a["step"], key)
 
 

@@ -1,9 +1,10 @@
 """Packing, the heads read from a model's forward, and the distillation losses on tiny models."""
 
+import pytest
 import torch
 
 from opcd_cli import models
-from opcd_cli.kernels.naive import naive_topk_kl, topk_ids
+from opcd_cli.kernels.naive import naive_entropy, naive_topk_kl, topk_ids
 from opcd_cli.loss import DistillLoss, logits_are_linear, pack, with_head
 
 
@@ -89,18 +90,24 @@ def test_fused_and_logits_paths_agree_with_the_naive_loss(tiny_student, tiny_tea
     torch.testing.assert_close(fused_grad, _grads_of(student, logits.total), rtol=1e-3, atol=1e-5)
 
     with torch.no_grad():
-        expected = naive_topk_kl(response_logits(student, s_in)[:, :112], response_logits(teacher, t_in)[:, :112],
-                                         k=8, reduction="sum")
+        z_s, z_t = response_logits(student, s_in)[:, :112], response_logits(teacher, t_in)[:, :112]
+        expected = naive_topk_kl(z_s, z_t, k=8, reduction="sum")
     torch.testing.assert_close(fused.distill, expected, rtol=1e-4, atol=1e-5)
     assert 0 < float(fused.topk_mass) <= 1 and float(fused.consistency) == 0
+    # the entropies the trainer logs: the student's and the teacher's over the shared vocabulary, mean per token
+    for parts in (fused, logits):
+        torch.testing.assert_close(parts.entropies[0], naive_entropy(z_s).mean(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(parts.entropies[1], naive_entropy(z_t).mean(), rtol=1e-4, atol=1e-5)
 
 
-def test_the_tail_bucket_reaches_the_loss_on_both_paths(tiny_student, tiny_teacher):
-    """``tail``: the distillation term is the naive top-k KL with the tail bucket, fused and from logits alike,
-    and differs from the loss without it."""
+@pytest.mark.parametrize("option", ["tail", "union"])
+def test_a_loss_option_reaches_the_loss_on_both_paths(tiny_student, tiny_teacher, option):
+    """``tail`` (the mass outside the top-k one more bucket) and ``union`` (the student's and the teacher's top-k
+    ids): the distillation term is the naive top-k KL with that option, fused and from logits alike, and differs
+    from the loss without it."""
     student, teacher = _models(tiny_student, tiny_teacher)
     s_in, t_in = pack(PROMPTS_S, RESPONSES, 0, "cpu"), pack(PROMPTS_T, RESPONSES, 0, "cpu")
-    loss_fn = DistillLoss(student, teacher, vocab=112, topk=8, renorm=False, tail=True)
+    loss_fn = DistillLoss(student, teacher, vocab=112, topk=8, renorm=False, **{option: True})
     fused = loss_fn.on_policy(s_in, t_in)
     fused_grad = _grads_of(student, fused.total)
     loss_fn.fused = False
@@ -108,11 +115,11 @@ def test_the_tail_bucket_reaches_the_loss_on_both_paths(tiny_student, tiny_teach
     torch.testing.assert_close(fused_grad, _grads_of(student, logits.total), rtol=1e-3, atol=1e-5)
     with torch.no_grad():
         z_s, z_t = response_logits(student, s_in)[:, :112], response_logits(teacher, t_in)[:, :112]
-        expected = naive_topk_kl(z_s, z_t, k=8, reduction="sum", tail=True)
-        untailed = naive_topk_kl(z_s, z_t, k=8, reduction="sum")
+        expected = naive_topk_kl(z_s, z_t, k=8, reduction="sum", **{option: True})
+        without = naive_topk_kl(z_s, z_t, k=8, reduction="sum")
     for parts in (fused, logits):
         torch.testing.assert_close(parts.distill, expected, rtol=1e-4, atol=1e-5)
-    assert abs(float(expected - untailed)) > 1e-3
+    assert abs(float(expected - without)) > 1e-3
 
 
 def test_consistency_term_is_kl_from_the_frozen_no_context_student_to_the_with_context_one(tiny_student, tiny_teacher):

@@ -71,3 +71,29 @@ def test_report_to_wandb_writes_an_offline_run(cli, tiny_student, toy_files, tmp
     assert data.count(b"train/loss") >= 3
     for row in metrics:
         assert json.dumps(row["loss"]).encode() in data and json.dumps(row["grad_norm"]).encode() in data
+
+
+def test_a_run_keeps_its_colour_in_a_panel_another_run_lacks(tmp_path, monkeypatch):
+    """An off-policy run has no teacher entropy: the on-policy run drawn beside it keeps its colour there."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from opcd_cli.plots import plot_runs
+
+    drawn, real = [], Axes.plot
+
+    def spy(self, *args, **kw):
+        drawn.append((kw.get("label"), kw.get("color")))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    off = [{"step": s, "loss": 1.0 / s, "student_entropy": 0.5, "teacher_entropy": None} for s in (1, 2)]
+    on = [{"step": s, "loss": 2.0 / s, "student_entropy": 0.4, "teacher_entropy": 0.2} for s in (1, 2)]
+    plot_runs([("off", off), ("on", on)], tmp_path / "p.png")
+    colours = {}
+    for label, colour in drawn:
+        colours.setdefault(label, set()).add(colour)
+    assert colours == {"off": {"C0"}, "on": {"C1"}}
+    assert drawn.count(("on", "C1")) == 3  # loss, student entropy, teacher entropy

@@ -7,7 +7,8 @@ Public entry points (first argument's top-k support; gradients to whichever argu
   softmax(second) and S the top-k ids of the first (``renorm``: both renormalised on S; ``tail``: the mass
   outside S as one more bucket of both, ``naive.py``);
 * ``fused_linear_topk_kl(first_hidden, first_weight, second_hidden, second_weight, k=256, mask=None,
-  renorm=False, reduction="mean", return_topk_mass=False, chunk_size=None, backend="auto", tail=False)``: the same on
+  renorm=False, reduction="mean", return_topk_mass=False, chunk_size=None, backend="auto", tail=False,
+  return_entropy=False, union=False)``: the same on
   ``hidden @ weight.T`` logits, computed chunk by chunk (no [N, V] tensor);
 * ``topk_reverse_kl`` and ``fused_linear_topk_reverse_kl``, the OPCD loss: the same with the student first and
   the teacher second, the teacher refused if it requires grad;
@@ -61,9 +62,10 @@ def backend_for(tensor, backend: str = "auto") -> str:
 
 
 def topk_kl(first_logits, second_logits, k=256, mask=None, renorm=False, reduction="mean", return_topk_mass=False,
-            backend="auto", tail=False):
+            backend="auto", tail=False, return_entropy=False, union=False):
     """Top-k KL_S(p || q) from logits [N, V]; differentiable with respect to whichever argument requires grad."""
-    kw = dict(k=k, mask=mask, renorm=renorm, reduction=reduction, return_topk_mass=return_topk_mass, tail=tail)
+    kw = dict(k=k, mask=mask, renorm=renorm, reduction=reduction, return_topk_mass=return_topk_mass, tail=tail,
+              return_entropy=return_entropy, union=union)
     if backend_for(first_logits, backend) == "triton":
         from .topk_kl_triton import topk_kl_triton
 
@@ -72,12 +74,13 @@ def topk_kl(first_logits, second_logits, k=256, mask=None, renorm=False, reducti
 
 
 def fused_linear_topk_kl(first_hidden, first_weight, second_hidden, second_weight, k=256, mask=None, renorm=False,
-                         reduction="mean", return_topk_mass=False, chunk_size=None, backend="auto", tail=False):
+                         reduction="mean", return_topk_mass=False, chunk_size=None, backend="auto", tail=False,
+                         return_entropy=False, union=False):
     """Top-k KL of ``hidden @ weight.T`` logits, computed chunk by chunk over tokens; gradients reach whichever
     of the four tensors require grad (weights' accumulated in float32). ``reduction``: "mean" or "sum"."""
     args = (first_hidden, first_weight, second_hidden, second_weight)
     kw = dict(k=k, mask=mask, renorm=renorm, reduction=reduction, chunk_size=chunk_size,
-              return_topk_mass=return_topk_mass, tail=tail)
+              return_topk_mass=return_topk_mass, tail=tail, return_entropy=return_entropy, union=union)
     if backend_for(first_hidden, backend) == "triton":
         from .fused_linear_triton import fused_linear_topk_kl_triton
 
@@ -86,23 +89,25 @@ def fused_linear_topk_kl(first_hidden, first_weight, second_hidden, second_weigh
 
 
 def topk_reverse_kl(student_logits, teacher_logits, k=256, mask=None, renorm=False, reduction="mean",
-                    return_topk_mass=False, backend="auto", tail=False):
+                    return_topk_mass=False, backend="auto", tail=False, return_entropy=False, union=False):
     """The OPCD loss from logits [N, V]: ``topk_kl`` with the student first; a teacher that requires grad is a
     ``ValueError``."""
     refuse_teacher_grad(teacher_logits)
     return topk_kl(student_logits, teacher_logits, k=k, mask=mask, renorm=renorm, reduction=reduction,
-                   return_topk_mass=return_topk_mass, backend=backend, tail=tail)
+                   return_topk_mass=return_topk_mass, backend=backend, tail=tail, return_entropy=return_entropy,
+                   union=union)
 
 
 def fused_linear_topk_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, k=256, mask=None,
                                  renorm=False, reduction="mean", return_topk_mass=False, chunk_size=None,
-                                 backend="auto", tail=False):
+                                 backend="auto", tail=False, return_entropy=False, union=False):
     """The OPCD loss from hidden states and output weights: ``fused_linear_topk_kl`` with the student first; a
     teacher tensor that requires grad is a ``ValueError``."""
     refuse_teacher_grad(teacher_hidden, teacher_weight)
     return fused_linear_topk_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, k=k, mask=mask,
                                 renorm=renorm, reduction=reduction, return_topk_mass=return_topk_mass,
-                                chunk_size=chunk_size, backend=backend, tail=tail)
+                                chunk_size=chunk_size, backend=backend, tail=tail, return_entropy=return_entropy,
+                                union=union)
 
 
 __all__ = [

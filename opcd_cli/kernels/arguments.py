@@ -73,6 +73,20 @@ def reduce_loss(loss_N: torch.Tensor, mask_N: torch.Tensor | None, reduction: st
     return total / count.clamp(min=1)
 
 
+def topk_outputs(loss: torch.Tensor, row_stats_N3: torch.Tensor, mask_N: torch.Tensor | None,
+                 return_topk_mass: bool, return_entropy: bool):
+    """What a top-k KL entry point returns: the loss; then, as asked, the first argument's mean mass inside its
+    top-k, and the pair (first's, second's) of mean full-vocabulary entropies. ``row_stats_N3`` holds those three
+    per token; the means are over unmasked tokens, without gradient."""
+    mean = lambda col: reduce_loss(row_stats_N3[:, col], mask_N, "mean").detach()  # noqa: E731
+    out = [loss]
+    if return_topk_mass:
+        out.append(mean(0))
+    if return_entropy:
+        out.append((mean(1), mean(2)))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
 def token_weights(mask_N: torch.Tensor | None, N: int, reduction: str, device) -> torch.Tensor:
     """Per-token weights that turn a sum of per-token losses into the requested reduction."""
     weight_N = torch.ones(N, device=device) if mask_N is None else mask_N.float()

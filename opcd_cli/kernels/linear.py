@@ -106,12 +106,13 @@ def gradient_buffers(tensors, needs_grad) -> list:
     return buffers
 
 
-def finish_forward(ctx, grads: list, tensors, loss_N: torch.Tensor, weight_N: torch.Tensor, mass_N: torch.Tensor):
-    """Keep the gradients for ``backward`` (``scale_saved_grads``) and return (weighted loss, top-k masses)."""
+def finish_forward(ctx, grads: list, tensors, loss_N: torch.Tensor, weight_N: torch.Tensor, stats_N3: torch.Tensor):
+    """Keep the gradients for ``backward`` (``scale_saved_grads``) and return (weighted loss, row statistics:
+    top-k mass and the two entropies)."""
     ctx.save_for_backward(*grads)
     ctx.dtypes = [x.dtype for x in tensors]
-    ctx.mark_non_differentiable(mass_N)
-    return (loss_N * weight_N).sum(), mass_N
+    ctx.mark_non_differentiable(stats_N3)
+    return (loss_N * weight_N).sum(), stats_N3
 
 
 def scale_saved_grads(ctx, grad_total: torch.Tensor) -> list:

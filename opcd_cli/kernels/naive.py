@@ -17,7 +17,10 @@ divergence (on k + 1 buckets):
 
 Each tail is computed as -expm1(log mass on S) with the log mass capped at ``TAIL_LOG_MASS_MAX`` (-1e-7), so
 a tail is never below about 1e-7 and a capped one passes no gradient (k = V gives both tails 1e-7: 0 loss).
-In OPCD the first argument is the student (without the context) and the second the frozen teacher (with it).
+With ``union``, S is the union of the first's and the second's top-k ids (k to 2k ids), everything else the
+same. In OPCD the first argument is the student (without the context) and the second the frozen teacher (with it).
+
+    entropy:            H_n = -sum_{j = 1..V} p_j log p_j      (full vocabulary; what the losses can also report)
 
     sparse-target KL:   loss_n = sum_{i = 1..k} q_i * (lq_i - log p_{id_i})
 
@@ -56,11 +59,14 @@ def topk_ids(logits_NV: torch.Tensor, k: int) -> torch.Tensor:
     return take_NV.nonzero()[:, 1].view(logits_NV.shape[0], k)
 
 
-def naive_topk_kl(first_logits, second_logits, k=256, mask=None, renorm=False, reduction="mean", tail=False):
+def naive_topk_kl(first_logits, second_logits, k=256, mask=None, renorm=False, reduction="mean", tail=False,
+                  union=False):
     """The top-k KL from its definition, with autograd to both arguments."""
     check_logits(first_logits, second_logits, k, mask, reduction, renorm, tail)
     logp = torch.log_softmax(first_logits.float(), dim=-1)
     logq = torch.log_softmax(second_logits.float(), dim=-1)
+    if union:
+        return reduce_loss(_union_kl(first_logits, second_logits, logp, logq, k, renorm, tail), mask, reduction)
     ids = topk_ids(first_logits.detach().float(), k)
     logp_k, logq_k = logp.gather(1, ids), logq.gather(1, ids)
     if renorm:
@@ -72,6 +78,33 @@ def naive_topk_kl(first_logits, second_logits, k=256, mask=None, renorm=False, r
         logp_t, logq_t = log_tail(torch.logsumexp(logp_k, -1)), log_tail(torch.logsumexp(logq_k, -1))
         loss_N = loss_N + logp_t.exp() * (logp_t - logq_t)
     return reduce_loss(loss_N, mask, reduction)
+
+
+def _union_kl(first_logits, second_logits, logp, logq, k, renorm, tail):
+    """Per-row KL_S(p || q) with S the union of both top-k, written over the full vocabulary with S as a mask."""
+    in_s = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device)
+    in_s.scatter_(1, topk_ids(first_logits.detach().float(), k), True)
+    in_s.scatter_(1, topk_ids(second_logits.detach().float(), k), True)
+    logp_s = logp.masked_fill(~in_s, float("-inf"))
+    logq_s = logq.masked_fill(~in_s, float("-inf"))
+    if renorm:
+        logp_s = logp_s - torch.logsumexp(logp_s, -1, keepdim=True)
+        logq_s = logq_s - torch.logsumexp(logq_s, -1, keepdim=True)
+    p_s = logp_s.exp()  # 0 off S
+    # the log ratio where it counts, 0 elsewhere (-inf - -inf off S): taken before the product, whose gradient
+    # would otherwise carry 0 * nan
+    r_s = torch.where(in_s & (p_s > 0), logp_s - logq_s, torch.zeros_like(p_s))
+    loss_N = (p_s * r_s).sum(-1)
+    if tail:
+        logp_t, logq_t = log_tail(torch.logsumexp(logp_s, -1)), log_tail(torch.logsumexp(logq_s, -1))
+        loss_N = loss_N + logp_t.exp() * (logp_t - logq_t)
+    return loss_N
+
+
+def naive_entropy(logits_NV: torch.Tensor) -> torch.Tensor:
+    """The full-vocabulary entropy of softmax(logits) per row [N], from a full softmax (0 log 0 = 0)."""
+    logp = torch.log_softmax(logits_NV.float(), dim=-1)
+    return torch.special.entr(logp.exp()).sum(-1)
 
 
 def naive_sparse_target_kl(target_ids_Nk, target_logprobs_Nk, logits_NV, mask=None, reduction="mean"):

@@ -19,6 +19,9 @@ Argument order everywhere: target first (``target_ids_Nk``, ``target_logprobs_Nk
 
 The formula with autograd on full tensors is ``naive.naive_sparse_target_kl`` (the tests' reference).
 
+With ``return_entropy`` both also return the mean full-vocabulary entropy of p (unmasked tokens), from the
+log-sum-exp's pass.
+
 * ``sparse_target_kl``: chunked over rows, analytic gradient recomputed in backward.
 * ``fused_linear_sparse_target_kl``: logits made chunk by chunk from hidden states; no [N, V] tensor exists.
 """
@@ -29,13 +32,16 @@ import torch
 
 from .arguments import check_targets, reduce_loss, token_weights
 from .linear import autocast_off, backprop_chunk, compute_dtype, logits, scale_saved_grads
-from .torch_chunked import rows_per_chunk
+from .torch_chunked import entropy_rows, rows_per_chunk
 
 
-def sparse_target_kl_rows(ids_nk, lq_nk, logits_nV, want_grad: bool):
-    """Loss and (optionally) the unscaled gradient d loss_n / d logits for a chunk of rows, in float32."""
+def sparse_target_kl_rows(ids_nk, lq_nk, logits_nV, want_grad: bool, entropy_n=None):
+    """Loss and (optionally) the unscaled gradient d loss_n / d logits for a chunk of rows, in float32; the rows'
+    entropies of p into ``entropy_n`` when given."""
     z_nV = logits_nV.float()
     lse_n1 = torch.logsumexp(z_nV, dim=-1, keepdim=True)
+    if entropy_n is not None:
+        entropy_n.copy_(entropy_rows(z_nV - lse_n1))
     logp_nk = z_nV.gather(1, ids_nk) - lse_n1
     lq_nk = lq_nk.float()
     q_nk = lq_nk.exp()  # 0 for -inf entries, which then add nothing below
@@ -51,18 +57,21 @@ class _SparseTargetKL(torch.autograd.Function):
     """Chunked over rows: forward keeps no float32 [N, V] copy; backward recomputes each chunk's gradient."""
 
     @staticmethod
-    def forward(ctx, ids_Nk, lq_Nk, logits_NV, chunk_rows):
+    def forward(ctx, ids_Nk, lq_Nk, logits_NV, chunk_rows, entropy):
         N = logits_NV.shape[0]
         loss_N = logits_NV.new_empty(N, dtype=torch.float32)
+        entropy_N = logits_NV.new_zeros(N, dtype=torch.float32)
         for s in range(0, N, chunk_rows):
             e = s + chunk_rows
-            loss_N[s:e], _ = sparse_target_kl_rows(ids_Nk[s:e], lq_Nk[s:e], logits_NV[s:e], want_grad=False)
+            loss_N[s:e], _ = sparse_target_kl_rows(ids_Nk[s:e], lq_Nk[s:e], logits_NV[s:e], want_grad=False,
+                                                   entropy_n=entropy_N[s:e] if entropy else None)
         ctx.save_for_backward(ids_Nk, lq_Nk, logits_NV)
         ctx.chunk_rows = chunk_rows
-        return loss_N
+        ctx.mark_non_differentiable(entropy_N)
+        return loss_N, entropy_N
 
     @staticmethod
-    def backward(ctx, grad_loss_N):
+    def backward(ctx, grad_loss_N, _grad_entropy_N):
         ids_Nk, lq_Nk, logits_NV = ctx.saved_tensors
         grad_NV = torch.empty_like(logits_NV)
         rows = ctx.chunk_rows
@@ -70,23 +79,29 @@ class _SparseTargetKL(torch.autograd.Function):
             e = s + rows
             _, g_nV = sparse_target_kl_rows(ids_Nk[s:e], lq_Nk[s:e], logits_NV[s:e], want_grad=True)
             grad_NV[s:e] = g_nV.mul_(grad_loss_N[s:e, None])
-        return None, None, grad_NV, None
+        return None, None, grad_NV, None, None
 
 
-def sparse_target_kl(target_ids_Nk, target_logprobs_Nk, logits_NV, mask=None, reduction="mean", chunk_size=None):
+def _outputs(loss, entropy_N, mask, return_entropy: bool):
+    return (loss, reduce_loss(entropy_N, mask, "mean").detach()) if return_entropy else loss
+
+
+def sparse_target_kl(target_ids_Nk, target_logprobs_Nk, logits_NV, mask=None, reduction="mean", chunk_size=None,
+                     return_entropy=False):
     """sum_i q_i (log q_i - log p_{id_i}) per token (see the module docstring), differentiable in the logits.
 
     ``target_ids_Nk``: [N, k] integer ids; ``target_logprobs_Nk``: [N, k] full-vocabulary log-probabilities of
     the target at those ids (-inf for padding); ``logits_NV``: [N, V], any float dtype. ``mask``: [N] bool,
     False excludes a token. ``reduction``: "mean" over unmasked tokens, "sum", or "none" (per-token, masked
-    tokens 0). ``chunk_size`` overrides the rows per chunk.
+    tokens 0). ``chunk_size`` overrides the rows per chunk. ``return_entropy``: also the mean entropy of p.
     """
     if logits_NV.dim() != 2:
         raise ValueError(f"logits must be [N, V]; got {tuple(logits_NV.shape)}")
     check_targets(target_ids_Nk, target_logprobs_Nk, logits_NV.shape[0], mask, reduction)
-    rows = rows_per_chunk(logits_NV.shape[1], chunk_size, tensors=3)
-    loss_N = _SparseTargetKL.apply(target_ids_Nk.long(), target_logprobs_Nk, logits_NV, rows)
-    return reduce_loss(loss_N, mask, reduction)
+    rows = rows_per_chunk(logits_NV.shape[1], chunk_size, tensors=4 if return_entropy else 3)
+    loss_N, entropy_N = _SparseTargetKL.apply(target_ids_Nk.long(), target_logprobs_Nk, logits_NV, rows,
+                                              return_entropy)
+    return _outputs(reduce_loss(loss_N, mask, reduction), entropy_N, mask, return_entropy)
 
 
 class _FusedLinearSparseTargetKL(torch.autograd.Function):
@@ -94,11 +109,12 @@ class _FusedLinearSparseTargetKL(torch.autograd.Function):
     the forward pass and scaled by the upstream later."""
 
     @staticmethod
-    def forward(ctx, ids_Nk, lq_Nk, hidden_NH, weight_VH, weight_N, chunk_rows):
+    def forward(ctx, ids_Nk, lq_Nk, hidden_NH, weight_VH, weight_N, chunk_rows, entropy):
         N = hidden_NH.shape[0]
         need_h, need_w = ctx.needs_input_grad[2:4]
         dt = compute_dtype(hidden_NH, weight_VH)
         loss_N = hidden_NH.new_empty(N, dtype=torch.float32)
+        entropy_N = hidden_NH.new_zeros(N, dtype=torch.float32)
         grad_h = torch.empty_like(hidden_NH) if need_h else None
         grad_w = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
         with autocast_off(hidden_NH.device):
@@ -107,27 +123,31 @@ class _FusedLinearSparseTargetKL(torch.autograd.Function):
                 e = min(N, s + chunk_rows)
                 h = hidden_NH[s:e].to(dt)
                 loss_N[s:e], g_nV = sparse_target_kl_rows(ids_Nk[s:e], lq_Nk[s:e], logits(h, w, dt),
-                                                          want_grad=need_h or need_w)
+                                                          want_grad=need_h or need_w,
+                                                          entropy_n=entropy_N[s:e] if entropy else None)
                 if g_nV is not None:
                     g_nV = g_nV.mul_(weight_N[s:e, None]).to(dt)
                     backprop_chunk(g_nV, h, w, None if grad_h is None else grad_h[s:e], grad_w)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = [hidden_NH.dtype, weight_VH.dtype]
-        return (loss_N * weight_N).sum()
+        ctx.mark_non_differentiable(entropy_N)
+        return (loss_N * weight_N).sum(), entropy_N
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total, _grad_entropy_N):
         grad_h, grad_w = scale_saved_grads(ctx, grad_total)
-        return None, None, grad_h, grad_w, None, None
+        return None, None, grad_h, grad_w, None, None, None
 
 
 def fused_linear_sparse_target_kl(
-    target_ids_Nk, target_logprobs_Nk, hidden_NH, weight_VH, mask=None, reduction="mean", chunk_size=None
+    target_ids_Nk, target_logprobs_Nk, hidden_NH, weight_VH, mask=None, reduction="mean", chunk_size=None,
+    return_entropy=False,
 ):
     """``sparse_target_kl`` of the logits ``hidden_NH @ weight_VH.T`` without materialising them for all tokens.
 
     ``hidden_NH``: [N, H], ``weight_VH``: [V, H] (the lm_head); gradients reach whichever requires grad (the
     weight's accumulated in float32). ``reduction`` is "mean" (over unmasked tokens) or "sum".
+    ``return_entropy``: also the mean entropy of p.
     """
     N, V = hidden_NH.shape[0], weight_VH.shape[0]
     if hidden_NH.dim() != 2 or weight_VH.dim() != 2 or hidden_NH.shape[1] != weight_VH.shape[1]:
@@ -136,7 +156,8 @@ def fused_linear_sparse_target_kl(
         )
     check_targets(target_ids_Nk, target_logprobs_Nk, N, mask, reduction, reductions=("mean", "sum"))
     weight_N = token_weights(mask, N, reduction, hidden_NH.device)
-    rows = rows_per_chunk(V, chunk_size, tensors=3)
-    return _FusedLinearSparseTargetKL.apply(
-        target_ids_Nk.long(), target_logprobs_Nk, hidden_NH, weight_VH, weight_N, rows
+    rows = rows_per_chunk(V, chunk_size, tensors=4 if return_entropy else 3)
+    loss, entropy_N = _FusedLinearSparseTargetKL.apply(
+        target_ids_Nk.long(), target_logprobs_Nk, hidden_NH, weight_VH, weight_N, rows, return_entropy
     )
+    return _outputs(loss, entropy_N, mask, return_entropy)

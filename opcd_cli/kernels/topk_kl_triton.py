@@ -28,7 +28,9 @@ design ran a radix select over the whole row, with a histogram or a scan in ever
 data at 0.9 TB/s, against 1.7 TB/s now (``bench/RESULTS.md``). The passes:
 
 1. **statistics** (reads a and b): per column position j of the block, a running max and a rescaled sum of
-   both logits (one exp per element); they are reduced to the two log-sum-exps once, after the loop. The
+   both logits (one exp per element); they are reduced to the two log-sum-exps once, after the loop. With
+   ``ENTROPY`` a third accumulator, the rescaled sum of exp(x - m) (x - m), gives each side's full-vocabulary
+   entropy H = log D - sum_j e^(x_j - top) (x_j - top) / D (D the sum, top the max) in the same pass. The
    running maxima of a are also the maxima of the BLOCK_V strided slices of the row, and the k-th largest
    of them, ``t0``, is a lower bound of the row's k-th largest value (k distinct elements are >= it);
 2. **candidates** (reads a): every element with a >= t0 is appended to the row's candidate buffer through an
@@ -40,6 +42,9 @@ data at 0.9 TB/s, against 1.7 TB/s now (``bench/RESULTS.md``). The passes:
    (adversarial rows: thousands of equal values), or k exceeds what the first pass can bound, an exact radix
    select over the row runs instead (histogram passes over 8 key bits at a time, then a compaction that
    ranks ties in id order);
+   With ``UNION`` (S the union of both top-k) passes 2-3 run again on b, from b's running maxima, into the
+   slots after a's (its own candidate buffer and counter); then each of b's ids that a's already hold is set
+   to -1 (64 x 64 tile comparisons), and S is the 2k slots, -1 skipped by every later pass;
 4. **loss**: the loss, the top-k masses P and Q and the log normalisers (full vocabulary, or over S with
    renorm) come from the k triples (id, a_id, b_id), read at the gathered ids; then the tail bucket, and the
    row's gradient coefficients (alpha, c, gamma, beta);
@@ -56,7 +61,7 @@ Every load is upcast to float32 straight away; the arithmetic is float32.
 Cost per row with bf16 logits and the first side's gradient fused: a is read 3 times and b once, the
 gradient written once, plus a few k scattered accesses; the scratch is an int32 candidate buffer
 [N, ``scratch_width(k)``], an int32 counter per row, [N, 2k] float32 pairs (only when a gradient is
-written in place) and [N, 6] row statistics.
+written in place) and [N, 8] row statistics.
 
 Layers: ``@triton.jit`` kernels, the launch functions ``topk_kl_forward`` and ``topk_kl_backward``,
 ``TopkKLTriton`` (a ``torch.autograd.Function``) and the functional ``topk_kl_triton``; the fused-linear
@@ -69,7 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .arguments import check_logits, reduce_loss
+from .arguments import check_logits, reduce_loss, topk_outputs
 from .naive import TAIL_LOG_MASS_MAX
 
 # Columns per block of the first pass (2048 at 8 warps was the fastest of the launch configurations measured on
@@ -87,8 +92,10 @@ MAX_CANDIDATES = 4096
 _EMPTY = tl.constexpr(-3.0e38)
 _EMPTY_KEY = tl.constexpr(-2137108967)
 _TAIL_LOG_MASS_MAX = tl.constexpr(TAIL_LOG_MASS_MAX)
-# Per-row statistics kept for the gradients: the log normalisers and the coefficients alpha, c, gamma, beta.
-STATS = 6
+# Per-row statistics: the log normalisers and the coefficients alpha, c, gamma, beta (for the gradients), then
+# the two full-vocabulary entropies (with ENTROPY; else 0).
+STATS = 8
+_STATS = tl.constexpr(STATS)
 
 
 @triton.jit
@@ -123,6 +130,28 @@ def _lse_step(m, d, x):
     e = tl.exp(-tl.abs(x - m))
     d = tl.where(x > m, d * e + 1.0, d + e)
     return tl.maximum(m, x), d
+
+
+@triton.jit
+def _lse_entropy_step(m, d, s, x):
+    """``_lse_step`` that also keeps ``s``, the sum of exp(x - m) (x - m) at the running max: when the max moves
+    from m to m', s becomes e (s + d (m - m')) with e = exp(m - m')."""
+    e = tl.exp(-tl.abs(x - m))
+    up = x > m
+    gap = tl.where(e > 0, x - m, 0.0)  # finite: a -inf logit (e = 0) adds nothing and makes no 0 * inf
+    s = tl.where(up, e * (s - d * gap), s + e * gap)
+    d = tl.where(up, d * e + 1.0, d + e)
+    return tl.maximum(m, x), d, s
+
+
+@triton.jit
+def _entropy_finish(m, d, s):
+    """-sum p log p of everything the accumulators ``m``, ``d``, ``s`` of ``_lse_entropy_step`` have seen:
+    log D - E / D with D = sum exp(x - top) and E = sum exp(x - top) (x - top)."""
+    top = tl.max(m, 0)
+    w = tl.exp(m - top)
+    total = tl.sum(d * w, 0)
+    return tl.log(total) - tl.sum(w * (s + d * (m - top)), 0) / total
 
 
 @triton.jit
@@ -273,22 +302,34 @@ def _coefficients(loss, mass, q_mass, RENORM: tl.constexpr, TAIL: tl.constexpr):
 
 
 @triton.jit
-def _row_statistics(a_row, b_row, V, BLOCK_V: tl.constexpr):
-    """Pass 1: the log-sum-exps of both rows, and the per-position running maxima of a (from which a lower bound
-    of the k-th largest logit comes). The running sums are per position; they are reduced once, after the loop."""
+def _row_statistics(a_row, b_row, V, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Pass 1: the log-sum-exps of both rows, their entropies (with ``ENTROPY``, else 0), and the per-position
+    running maxima of a and b (from which lower bounds of the k-th largest logits come). The running sums are per
+    position; they are reduced once, after the loop."""
     cols0 = tl.arange(0, BLOCK_V)
     m_a = tl.full((BLOCK_V,), _EMPTY, dtype=tl.float32)
     d_a = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    s_a = tl.zeros((BLOCK_V,), dtype=tl.float32)
     m_b = tl.full((BLOCK_V,), _EMPTY, dtype=tl.float32)
     d_b = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    s_b = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for off in range(0, V, BLOCK_V):
         cols = off + cols0
         valid = cols < V
         a = tl.load(a_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
         b = tl.load(b_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
-        m_a, d_a = _lse_step(m_a, d_a, a)
-        m_b, d_b = _lse_step(m_b, d_b, b)
-    return _lse_finish(m_a, d_a), _lse_finish(m_b, d_b), m_a
+        if ENTROPY:
+            m_a, d_a, s_a = _lse_entropy_step(m_a, d_a, s_a, a)
+            m_b, d_b, s_b = _lse_entropy_step(m_b, d_b, s_b, b)
+        else:
+            m_a, d_a = _lse_step(m_a, d_a, a)
+            m_b, d_b = _lse_step(m_b, d_b, b)
+    h_a = 0.0
+    h_b = 0.0
+    if ENTROPY:
+        h_a = _entropy_finish(m_a, d_a, s_a)
+        h_b = _entropy_finish(m_b, d_b, s_b)
+    return _lse_finish(m_a, d_a), _lse_finish(m_b, d_b), m_a, m_b, h_a, h_b
 
 
 @triton.jit
@@ -329,9 +370,11 @@ def _select_candidates(a_row, ids_row, cnt_ptr, row, m_a, V, K, KEY_BITS: tl.con
 
 @triton.jit
 def _pairs_at(ids_row, a_row, b_row, kk, K):
-    """The ids of S at positions ``kk`` of the row's id buffer, and the two logits there (float32)."""
-    kv = kk < K
-    ids = tl.load(ids_row + kk, mask=kv, other=0)
+    """The ids of S at positions ``kk`` of the row's id buffer, and the two logits there (float32); an id of -1
+    (the union's repeat of an id already held) is masked out."""
+    ids = tl.load(ids_row + kk, mask=kk < K, other=-1)
+    kv = ids >= 0
+    ids = tl.where(kv, ids, 0)
     a = tl.load(a_row + ids, mask=kv, other=0.0).to(tl.float32)
     b = tl.load(b_row + ids, mask=kv, other=0.0).to(tl.float32)
     return ids, a, b, kv
@@ -378,34 +421,63 @@ def _topk_loss(a_row, b_row, ids_row, pairs_row, lse_a, lse_b, K, RENORM: tl.con
 
 
 @triton.jit
+def _drop_repeats(ids_row, K, TILE: tl.constexpr):
+    """With the union: each of the second's ids (``ids_row[K:2K]``) that is also one of the first's
+    (``ids_row[0:K]``) becomes -1, so that S holds every id once. Tiles of TILE x TILE comparisons."""
+    t = tl.arange(0, TILE)
+    for boff in range(0, K, TILE):
+        bk = boff + t
+        idb = tl.load(ids_row + K + bk, mask=bk < K, other=-1)
+        seen = tl.zeros((TILE,), dtype=tl.int32)
+        for aoff in range(0, K, TILE):
+            ak = aoff + t
+            ida = tl.load(ids_row + ak, mask=ak < K, other=-2)
+            seen = tl.maximum(seen, tl.max((idb[:, None] == ida[None, :]).to(tl.int32), 1))
+        tl.store(ids_row + K + bk, tl.where(seen > 0, -1, idb), mask=bk < K)
+
+
+@triton.jit
 def _topk_kl_fwd_kernel(
     a_ptr, a_stride, b_ptr, b_stride, ids_ptr, ids_stride, cnt_ptr, pairs_ptr, pairs_stride, w_ptr, w_stride,
     loss_ptr, mass_ptr, stats_ptr, V, K,
-    RENORM: tl.constexpr, TAIL: tl.constexpr, GRAD_FIRST: tl.constexpr, GRAD_SECOND: tl.constexpr,
-    KEY_BITS: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr, STREAM_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    RENORM: tl.constexpr, TAIL: tl.constexpr, ENTROPY: tl.constexpr, UNION: tl.constexpr, GRAD_FIRST: tl.constexpr,
+    GRAD_SECOND: tl.constexpr, KEY_BITS: tl.constexpr, KEY_BITS_B: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr, STREAM_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     a_row = a_ptr + row * a_stride
     b_row = b_ptr + row * b_stride
     ids_row = ids_ptr + row * ids_stride
-    lse_a, lse_b, m_a = _row_statistics(a_row, b_row, V, BLOCK_V)
+    lse_a, lse_b, m_a, m_b, h_a, h_b = _row_statistics(a_row, b_row, V, ENTROPY, BLOCK_V)
     if FAST:
         _select_candidates(a_row, ids_row, cnt_ptr, row, m_a, V, K, KEY_BITS, BLOCK_V, STREAM_V, BLOCK_C)
     else:
         _radix_select(a_row, ids_row, V, K, KEY_BITS, BLOCK_V)
+    KS = K
+    if UNION:  # the second's top-k after the first's (its own candidate buffer and counter), repeats dropped
+        tl.debug_barrier()
+        if FAST:
+            _select_candidates(b_row, ids_row + K, cnt_ptr + tl.num_programs(0), row, m_b, V, K, KEY_BITS_B,
+                               BLOCK_V, STREAM_V, BLOCK_C)
+        else:
+            _radix_select(b_row, ids_row + K, V, K, KEY_BITS_B, BLOCK_V)
+        tl.debug_barrier()
+        _drop_repeats(ids_row, K, 64)
+        KS = 2 * K
     tl.debug_barrier()  # the ids written by every thread are read back below
     # the row's pairs pointer is made where it is used (kept alive across the passes it was spilled to the stack)
     loss, mass, q_mass, ref_a, ref_b = _topk_loss(a_row, b_row, ids_row, pairs_ptr + row * pairs_stride, lse_a,
-                                                  lse_b, K, RENORM, GRAD_FIRST or GRAD_SECOND, BLOCK_K)
+                                                  lse_b, KS, RENORM, GRAD_FIRST or GRAD_SECOND, BLOCK_K)
     loss, alpha, c, gamma, beta = _coefficients(loss, mass, q_mass, RENORM, TAIL)
     tl.store(loss_ptr + row, loss)
     tl.store(mass_ptr + row, mass)
-    tl.store(stats_ptr + row * 6 + 0, ref_a)
-    tl.store(stats_ptr + row * 6 + 1, ref_b)
-    tl.store(stats_ptr + row * 6 + 2, alpha)
-    tl.store(stats_ptr + row * 6 + 3, c)
-    tl.store(stats_ptr + row * 6 + 4, gamma)
-    tl.store(stats_ptr + row * 6 + 5, beta)
+    tl.store(stats_ptr + row * _STATS + 0, ref_a)
+    tl.store(stats_ptr + row * _STATS + 1, ref_b)
+    tl.store(stats_ptr + row * _STATS + 2, alpha)
+    tl.store(stats_ptr + row * _STATS + 3, c)
+    tl.store(stats_ptr + row * _STATS + 4, gamma)
+    tl.store(stats_ptr + row * _STATS + 5, beta)
+    tl.store(stats_ptr + row * _STATS + 6, h_a)
+    tl.store(stats_ptr + row * _STATS + 7, h_b)
     if GRAD_FIRST or GRAD_SECOND:  # pass 5, fused: the weighted gradients in place of the logits
         w = tl.load(w_ptr + row * w_stride).to(tl.float32)
         _dense_grads(a_row, b_row, a_row, b_row, w, ref_a, ref_b, alpha, gamma, V,
@@ -413,12 +485,12 @@ def _topk_kl_fwd_kernel(
         tl.debug_barrier()  # the dense values are written before S's are written over them
         pairs_row = pairs_ptr + row * pairs_stride
         kk0 = tl.arange(0, BLOCK_K)
-        for koff in range(0, K, BLOCK_K):
+        for koff in range(0, KS, BLOCK_K):
             kk = koff + kk0
-            kv = kk < K
-            ids = tl.load(ids_row + kk, mask=kv, other=0)
+            ids = tl.load(ids_row + kk, mask=kk < KS, other=-1)
+            kv = ids >= 0
             a = tl.load(pairs_row + kk, mask=kv, other=0.0)
-            b = tl.load(pairs_row + K + kk, mask=kv, other=0.0)
+            b = tl.load(pairs_row + KS + kk, mask=kv, other=0.0)
             _grads_on_s(ids, a, b, kv, a_row, b_row, w, ref_a, ref_b, alpha, c, gamma, beta, GRAD_FIRST, GRAD_SECOND)
 
 
@@ -431,12 +503,12 @@ def _topk_kl_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     w = tl.load(w_ptr + row * w_stride).to(tl.float32)
-    ref_a = tl.load(stats_ptr + row * 6 + 0)
-    ref_b = tl.load(stats_ptr + row * 6 + 1)
-    alpha = tl.load(stats_ptr + row * 6 + 2)
-    c = tl.load(stats_ptr + row * 6 + 3)
-    gamma = tl.load(stats_ptr + row * 6 + 4)
-    beta = tl.load(stats_ptr + row * 6 + 5)
+    ref_a = tl.load(stats_ptr + row * _STATS + 0)
+    ref_b = tl.load(stats_ptr + row * _STATS + 1)
+    alpha = tl.load(stats_ptr + row * _STATS + 2)
+    c = tl.load(stats_ptr + row * _STATS + 3)
+    gamma = tl.load(stats_ptr + row * _STATS + 4)
+    beta = tl.load(stats_ptr + row * _STATS + 5)
     a_row = a_ptr + row * a_stride
     b_row = b_ptr + row * b_stride
     ga_row = ga_ptr + row * ga_stride
@@ -489,22 +561,25 @@ def candidate_slots(k: int) -> int:
     return min(MAX_CANDIDATES, CANDIDATE_FACTOR * min(MAX_BLOCK_K, triton.next_power_of_2(k)))
 
 
-def scratch_width(k: int) -> int:
-    """Columns of the int32 id scratch for ``k``: the candidate buffer, and room for k ids."""
-    return max(k, candidate_slots(k))
+def scratch_width(k: int, union: bool = False) -> int:
+    """Columns of the int32 id scratch for ``k``: the candidate buffer, and room for k ids (with the union, the
+    first's k ids, then the second's candidate buffer and its k ids)."""
+    return max(k, candidate_slots(k)) + (k if union else 0)
 
 
 def topk_kl_forward(first_NV, second_NV, k, renorm, weight_N=None, grad_first=True, grad_second=False,
-                    ids_Nc=None, block_v=None, num_warps=None, tail=False):
-    """Run the forward kernel on logits [N, V]; returns ``(loss_N, mass_N, stats_N6, ids_Nk)``.
+                    ids_Nc=None, block_v=None, num_warps=None, tail=False, entropy=False, union=False):
+    """Run the forward kernel on logits [N, V]; returns ``(loss_N, mass_N, stats_N8, ids_Nk)``.
 
-    ``stats_N6`` (float32) holds (ref_a, ref_b, alpha, c, gamma, beta) per row (the module docstring) and ``ids_Nk`` (int32, a view of the
+    ``stats_N8`` (float32) holds (ref_a, ref_b, alpha, c, gamma, beta, H_a, H_b) per row (the module docstring;
+    the entropies with ``entropy``, else 0) and ``ids_Nk`` (int32, a view of the
     id scratch) the ids of S per row, in no particular order: what ``topk_kl_backward`` needs. With
     ``weight_N`` given, ``weight_N[n] * dloss_n/da`` is written over ``first_NV`` in place if ``grad_first``,
     and ``weight_N[n] * dloss_n/db`` over ``second_NV`` if ``grad_second`` (a tensor written in place needs a
     contiguous last dimension). ``ids_Nc``: optional int32 scratch of at least [N, ``scratch_width(k)``].
     ``block_v`` and ``num_warps`` override the launch configuration (columns per block, warps per program).
-    ``tail``: the mass outside S as one more bucket.
+    ``tail``: the mass outside S as one more bucket. ``union``: S is the union of both top-k; ``ids_Nk`` is then
+    [N, 2k], the first's ids, then the second's with those already held as -1.
     """
     _require_runnable(first_NV)
     N, V = first_NV.shape
@@ -518,24 +593,30 @@ def topk_kl_forward(first_NV, second_NV, k, renorm, weight_N=None, grad_first=Tr
     block_v, stream_v, block_k, block_c, fast, warps = _launch_config(V, k, block_v, num_warps)
     loss_N = torch.empty(N, dtype=torch.float32, device=dev)
     mass_N = torch.empty(N, dtype=torch.float32, device=dev)
-    stats_N6 = torch.empty(N, STATS, dtype=torch.float32, device=dev)
-    if ids_Nc is None or ids_Nc.shape[0] < N or ids_Nc.shape[1] < scratch_width(k):
-        ids_Nc = torch.empty(N, scratch_width(k), dtype=torch.int32, device=dev)
+    stats_N8 = torch.empty(N, STATS, dtype=torch.float32, device=dev)
+    ks = 2 * k if union else k  # the ids S is held in
+    if ids_Nc is None or ids_Nc.shape[0] < N or ids_Nc.shape[1] < scratch_width(k, union):
+        ids_Nc = torch.empty(N, scratch_width(k, union), dtype=torch.int32, device=dev)
     if N == 0:
-        return loss_N, mass_N, stats_N6, ids_Nc[:N, :k]
-    count_N = torch.zeros(N, dtype=torch.int32, device=dev)
-    pairs_N2k = torch.empty(N, 2 * k if (write_first or write_second) else 1, dtype=torch.float32, device=dev)
+        return loss_N, mass_N, stats_N8, ids_Nc[:N, :ks]
+    count_N = torch.zeros(2 * N if union else N, dtype=torch.int32, device=dev)  # the second's after the first's
+    pairs_N2k = torch.empty(N, 2 * ks if (write_first or write_second) else 1, dtype=torch.float32, device=dev)
     w_N = loss_N if weight_N is None else weight_N  # never read without a gradient to write
     _topk_kl_fwd_kernel[(N,)](
         first_NV, first_NV.stride(0), second_NV, second_NV.stride(0), ids_Nc, ids_Nc.stride(0), count_N,
-        pairs_N2k, pairs_N2k.stride(0), w_N, w_N.stride(0), loss_N, mass_N, stats_N6, V, k,
-        RENORM=bool(renorm), TAIL=bool(tail), GRAD_FIRST=write_first, GRAD_SECOND=write_second, KEY_BITS=key_bits(first_NV.dtype),
-        FAST=fast, BLOCK_V=block_v, STREAM_V=stream_v, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=warps,
+        pairs_N2k, pairs_N2k.stride(0), w_N, w_N.stride(0), loss_N, mass_N, stats_N8, V, k,
+        RENORM=bool(renorm), TAIL=bool(tail), ENTROPY=bool(entropy), UNION=bool(union), GRAD_FIRST=write_first,
+        GRAD_SECOND=write_second, KEY_BITS=key_bits(first_NV.dtype), KEY_BITS_B=key_bits(second_NV.dtype), FAST=fast, BLOCK_V=block_v, STREAM_V=stream_v, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=warps,
     )
-    return loss_N, mass_N, stats_N6, ids_Nc[:N, :k]
+    return loss_N, mass_N, stats_N8, ids_Nc[:N, :ks]
 
 
-def topk_kl_backward(first_NV, second_NV, grad_loss_N, stats_N6, ids_Nk, renorm, grad_first=True,
+def row_stats(mass_N: torch.Tensor, stats_N8: torch.Tensor) -> torch.Tensor:
+    """[N, 3]: the top-k mass and the two entropies of each row (what the entry points report)."""
+    return torch.cat([mass_N[:, None], stats_N8[:, 6:8]], dim=1)
+
+
+def topk_kl_backward(first_NV, second_NV, grad_loss_N, stats_N8, ids_Nk, renorm, grad_first=True,
                      grad_second=False, block_v=None):
     """The dense gradients ``grad_loss_N[n] * dloss_n/da`` and ``grad_loss_N[n] * dloss_n/db`` as new [N, V]
     tensors of the dtypes of ``first_NV`` and ``second_NV``, from the forward's statistics and ids; returns
@@ -554,7 +635,7 @@ def topk_kl_backward(first_NV, second_NV, grad_loss_N, stats_N6, ids_Nk, renorm,
     _, stream_v, block_k, _, _, warps = _launch_config(V, k, block_v)
     _topk_kl_bwd_kernel[(N,)](
         first_NV, first_NV.stride(0), second_NV, second_NV.stride(0), ga_NV, ga_NV.stride(0), gb_NV, gb_NV.stride(0),
-        grad_loss_N, grad_loss_N.stride(0), stats_N6, ids_Nk, ids_Nk.stride(0), V, k,
+        grad_loss_N, grad_loss_N.stride(0), stats_N8, ids_Nk, ids_Nk.stride(0), V, k,
         RENORM=bool(renorm), GRAD_FIRST=bool(grad_first), GRAD_SECOND=bool(grad_second), STREAM_V=stream_v,
         BLOCK_K=block_k, num_warps=warps,
     )
@@ -565,36 +646,34 @@ class TopkKLTriton(torch.autograd.Function):
     """Per-token losses and top-k masses from logits; gradients reach whichever logits require grad."""
 
     @staticmethod
-    def forward(ctx, first_NV, second_NV, k, renorm, block_v, tail):
-        loss_N, mass_N, stats_N6, ids_Nk = topk_kl_forward(first_NV, second_NV, k, renorm, block_v=block_v,
-                                                           tail=tail)
-        ctx.save_for_backward(first_NV, second_NV, stats_N6, ids_Nk)
+    def forward(ctx, first_NV, second_NV, k, renorm, block_v, tail, entropy, union):
+        loss_N, mass_N, stats_N8, ids_Nk = topk_kl_forward(first_NV, second_NV, k, renorm, block_v=block_v,
+                                                           tail=tail, entropy=entropy, union=union)
+        ctx.save_for_backward(first_NV, second_NV, stats_N8, ids_Nk)
         ctx.renorm, ctx.block_v = renorm, block_v
-        ctx.mark_non_differentiable(mass_N)
-        return loss_N, mass_N
+        stats_N3 = row_stats(mass_N, stats_N8)
+        ctx.mark_non_differentiable(stats_N3)
+        return loss_N, stats_N3
 
     @staticmethod
-    def backward(ctx, grad_loss_N, _grad_mass_N):
-        first_NV, second_NV, stats_N6, ids_Nk = ctx.saved_tensors
+    def backward(ctx, grad_loss_N, _grad_stats_N3):
+        first_NV, second_NV, stats_N8, ids_Nk = ctx.saved_tensors
         grad_first_NV, grad_second_NV = topk_kl_backward(
-            first_NV, second_NV, grad_loss_N.float(), stats_N6, ids_Nk, ctx.renorm,
+            first_NV, second_NV, grad_loss_N.float(), stats_N8, ids_Nk, ctx.renorm,
             grad_first=ctx.needs_input_grad[0], grad_second=ctx.needs_input_grad[1], block_v=ctx.block_v,
         )
-        return grad_first_NV, grad_second_NV, None, None, None, None
+        return grad_first_NV, grad_second_NV, None, None, None, None, None, None
 
 
 def topk_kl_triton(
     first_logits, second_logits, k=256, mask=None, renorm=False, reduction="mean", return_topk_mass=False,
-    block_v=None, tail=False,
+    block_v=None, tail=False, return_entropy=False, union=False,
 ):
     """Top-k KL_S(p || q) from logits [N, V] with the Triton kernels (same contract as ``topk_kl_torch``).
 
     ``block_v`` overrides the number of columns per block (the tests use small blocks to cover several).
     """
     check_logits(first_logits, second_logits, k, mask, reduction, renorm, tail)
-    loss_N, mass_N = TopkKLTriton.apply(first_logits, second_logits, k, renorm, block_v, tail)
-    mask_f = None if mask is None else mask.float()
-    loss = reduce_loss(loss_N, mask_f, reduction)
-    if return_topk_mass:
-        return loss, reduce_loss(mass_N, mask_f, "mean").detach()
-    return loss
+    loss_N, stats_N3 = TopkKLTriton.apply(first_logits, second_logits, k, renorm, block_v, tail, return_entropy,
+                                          union)
+    return topk_outputs(reduce_loss(loss_N, mask, reduction), stats_N3, mask, return_topk_mass, return_entropy)

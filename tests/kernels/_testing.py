@@ -47,3 +47,26 @@ def assert_close_norm(name: str, ref: torch.Tensor, got: torch.Tensor, limit: fl
     err = ((got - ref).norm() / ref.norm().clamp(min=1e-30)).item()
     print(f"{name}: norm-wise rel err {err:.3e} (limit {limit:.1e})")
     assert err <= limit, f"{name}: norm-wise relative error {err:.3e} > {limit:.1e}"
+
+
+def check_fused_linear_against_logits(label: str, fused_fn, naive_fn, dtype, V: int, k: int = 16, **kw) -> None:
+    """A fused linear top-k KL (``fused_fn(h1, w1, h2, w2, k=, mask=, chunk_size=4, **kw)``) against
+    ``naive_fn(a, b, k=, mask=, **kw)`` on the logits made 4 rows at a time as the fused path makes them: the
+    loss, and all four gradients (the logits' gradients taken back through the matmuls in float32)."""
+    gen = torch.Generator().manual_seed(11)
+    n, h = 11, 24
+    tensors = [torch.randn(n, h, generator=gen).to(dtype), (torch.randn(V, h, generator=gen) / 2).to(dtype),
+               torch.randn(n, h, generator=gen).to(dtype), (torch.randn(V, h, generator=gen) / 2).to(dtype)]
+    mask = torch.rand(n, generator=gen) > 0.3
+    leaves = [x.clone().requires_grad_() for x in tensors]
+    loss = fused_fn(*leaves, k=k, mask=mask, chunk_size=4, **kw)
+    (loss * 1.5).backward()
+    a = torch.cat([(tensors[0][s:s + 4] @ tensors[1].T).float() for s in range(0, n, 4)]).requires_grad_()
+    b = torch.cat([(tensors[2][s:s + 4] @ tensors[3].T).float() for s in range(0, n, 4)]).requires_grad_()
+    loss_ref = naive_fn(a, b, k=k, mask=mask, **kw)
+    ga, gb = torch.autograd.grad(loss_ref * 1.5, (a, b))
+    refs = [ga @ tensors[1].float(), ga.T @ tensors[0].float(), gb @ tensors[3].float(), gb.T @ tensors[2].float()]
+    assert_close(f"{label} loss", loss_ref, loss, *LOSS_TOLERANCE)
+    atol, rtol = tolerance(dtype)
+    for name, ref, leaf in zip(("h1", "w1", "h2", "w2"), refs, leaves):
+        assert_close(f"{label} grad {name}", ref, leaf.grad, atol * 4, rtol)

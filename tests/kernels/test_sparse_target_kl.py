@@ -173,3 +173,31 @@ def test_bad_arguments_are_refused():
         sparse_target_kl(ids[:3], logprobs[:3], z)
     with pytest.raises(ValueError, match="reduction"):
         fused_linear_sparse_target_kl(ids, logprobs, torch.randn(4, 8), torch.randn(50, 8), reduction="none")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_entropy_of_the_trainable_side_matches_a_full_softmax_and_changes_nothing_else(fused):
+    """``return_entropy``: the mean full-vocabulary entropy of p over unmasked tokens, beside the same loss and
+    gradient as without it."""
+    from opcd_cli.kernels.naive import naive_entropy
+
+    ids, logprobs, _ = target(9, 301, 5, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    h, w = torch.randn(9, 12, generator=gen), torch.randn(301, 12, generator=gen)
+    mask = torch.arange(9) % 3 != 0
+    results = []
+    for entropy in (False, True):
+        x = h.clone().requires_grad_()
+        if fused:
+            out = fused_linear_sparse_target_kl(ids, logprobs, x, w, mask=mask, reduction="sum", chunk_size=4,
+                                                return_entropy=entropy)
+        else:
+            out = sparse_target_kl(ids, logprobs, x @ w.T, mask=mask, reduction="sum", chunk_size=4,
+                                   return_entropy=entropy)
+        loss = out[0] if entropy else out
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+    assert_close("entropy", naive_entropy(h @ w.T)[mask].mean(), out[1], 2e-5, 2e-5)
+    assert not out[1].requires_grad

@@ -40,7 +40,8 @@ SCRIPT = textwrap.dedent(
     out = {}
     # each gradient switch alone, and both at once (the largest pass 5); the candidate path and the radix one
     for first, second, fast in ((True, False, True), (False, True, True), (True, True, False)):
-        fwd = {"RENORM": True, "TAIL": False, "GRAD_FIRST": first, "GRAD_SECOND": second, "KEY_BITS": 16,
+        fwd = {"RENORM": True, "TAIL": False, "ENTROPY": False, "UNION": False, "GRAD_FIRST": first,
+               "GRAD_SECOND": second, "KEY_BITS": 16, "KEY_BITS_B": 16,
                "FAST": fast, "BLOCK_V": 2048, "STREAM_V": 4096, "BLOCK_K": 256, "BLOCK_C": 1024}
         bwd = {"RENORM": False, "GRAD_FIRST": first, "GRAD_SECOND": second, "STREAM_V": 4096, "BLOCK_K": 256}
         out[f"fwd first={first} second={second} fast={fast}"] = compile_(
@@ -49,11 +50,14 @@ SCRIPT = textwrap.dedent(
         out[f"bwd first={first} second={second}"] = compile_(
             m._topk_kl_bwd_kernel, signature(m._topk_kl_bwd_kernel, bwd), bwd
         )
-    # the plain loss (the default) and the tail bucket, both gradients
-    for renorm, tail in ((False, False), (False, True)):
-        fwd = {"RENORM": renorm, "TAIL": tail, "GRAD_FIRST": True, "GRAD_SECOND": True, "KEY_BITS": 16,
-               "FAST": True, "BLOCK_V": 2048, "STREAM_V": 4096, "BLOCK_K": 256, "BLOCK_C": 1024}
-        out[f"fwd tail={tail} renorm={renorm}"] = compile_(
+    # the plain loss (the default) and the tail bucket, both gradients; the entropies (what the trainer runs);
+    # the union support
+    for renorm, tail, entropy, union in ((False, False, False, False), (False, True, False, False),
+                                         (False, False, True, False), (False, False, True, True)):
+        fwd = {"RENORM": renorm, "TAIL": tail, "ENTROPY": entropy, "UNION": union, "GRAD_FIRST": True,
+               "GRAD_SECOND": True, "KEY_BITS": 16, "KEY_BITS_B": 16, "FAST": True, "BLOCK_V": 2048,
+               "STREAM_V": 4096, "BLOCK_K": 256, "BLOCK_C": 1024}
+        out[f"fwd tail={tail} renorm={renorm} entropy={entropy} union={union}"] = compile_(
             m._topk_kl_fwd_kernel, signature(m._topk_kl_fwd_kernel, fwd), fwd
         )
     print(json.dumps(out))
@@ -69,7 +73,7 @@ def test_kernels_compile_for_sm90_without_spills():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     usage = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(usage) == 8
+    assert len(usage) == 10
     for name, line in usage.items():
         fields = dict(item.split(":") for item in line.split())
         assert fields["LOCAL"] == "0" and fields["STACK"] == "0", f"{name} spills: {line}"

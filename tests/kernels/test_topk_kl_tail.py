@@ -17,7 +17,7 @@ from opcd_cli.kernels.naive import TAIL_LOG_MASS_MAX, naive_topk_kl, topk_ids  #
 from opcd_cli.kernels.torch_chunked import fused_linear_topk_kl_torch, topk_kl_torch  # noqa: E402
 from opcd_cli.kernels.topk_kl_triton import topk_kl_triton  # noqa: E402
 
-from _testing import LOSS_TOLERANCE, assert_close, tolerance  # noqa: E402
+from _testing import LOSS_TOLERANCE, assert_close, check_fused_linear_against_logits, tolerance  # noqa: E402
 
 N, V = 13, 1271
 LOGITS = {"torch": lambda *a, **kw: topk_kl_torch(*a, chunk_size=4, **kw), "triton": topk_kl_triton}
@@ -110,24 +110,7 @@ def test_a_capped_tail_passes_no_gradient_through_it():
 @pytest.mark.parametrize("path, dtype", [("torch", torch.float32), ("torch", torch.bfloat16),
                                          ("triton", torch.float32)])
 def test_fused_linear_matches_logits_level(path, dtype):
-    gen = torch.Generator().manual_seed(11)
-    n, h = 11, 24
-    tensors = [torch.randn(n, h, generator=gen).to(dtype), (torch.randn(V, h, generator=gen) / 2).to(dtype),
-               torch.randn(n, h, generator=gen).to(dtype), (torch.randn(V, h, generator=gen) / 2).to(dtype)]
-    mask = torch.rand(n, generator=gen) > 0.3
-    leaves = [x.clone().requires_grad_() for x in tensors]
-    loss = FUSED[path](*leaves, k=16, mask=mask, tail=True, chunk_size=4)
-    (loss * 1.5).backward()
-    h1, w1, h2, w2 = (x.clone().float().requires_grad_() for x in tensors)
-    a = torch.cat([(tensors[0][s:s + 4] @ tensors[1].T).float() for s in range(0, n, 4)]).requires_grad_()
-    b = torch.cat([(tensors[2][s:s + 4] @ tensors[3].T).float() for s in range(0, n, 4)]).requires_grad_()
-    loss_ref = naive_topk_kl(a, b, k=16, mask=mask, tail=True)
-    ga, gb = torch.autograd.grad(loss_ref * 1.5, (a, b))
-    refs = [ga @ tensors[1].float(), ga.T @ tensors[0].float(), gb @ tensors[3].float(), gb.T @ tensors[2].float()]
-    assert_close(f"{path} loss", loss_ref, loss, *LOSS_TOLERANCE)
-    atol, rtol = tolerance(dtype)
-    for name, ref, leaf in zip(("h1", "w1", "h2", "w2"), refs, leaves):
-        assert_close(f"{path} grad {name}", ref, leaf.grad, atol * 4, rtol)
+    check_fused_linear_against_logits(path, FUSED[path], naive_topk_kl, dtype, V, tail=True)
 
 
 @pytest.mark.parametrize("setting", ["torch", "triton"])
