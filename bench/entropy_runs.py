@@ -81,7 +81,6 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=Path("bench/entropy_runs.png"))
     parser.add_argument("--default-plot", type=Path, default=Path("bench/toy_default_metrics.png"))
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     costs = [overhead(512, 512), overhead(512, 32000)]
     runs = []
     with tempfile.TemporaryDirectory() as folder:

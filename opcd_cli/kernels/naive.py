@@ -61,44 +61,28 @@ def topk_ids(logits_NV: torch.Tensor, k: int) -> torch.Tensor:
 
 def naive_topk_kl(first_logits, second_logits, k=256, mask=None, renorm=False, reduction="mean", tail=False,
                   union=False):
-    """The top-k KL from its definition, with autograd to both arguments."""
+    """The top-k KL from its definition, with autograd to both arguments: S as a mask over the full vocabulary."""
     check_logits(first_logits, second_logits, k, mask, reduction, renorm, tail)
     logp = torch.log_softmax(first_logits.float(), dim=-1)
     logq = torch.log_softmax(second_logits.float(), dim=-1)
-    if union:
-        return reduce_loss(_union_kl(first_logits, second_logits, logp, logq, k, renorm, tail), mask, reduction)
-    ids = topk_ids(first_logits.detach().float(), k)
-    logp_k, logq_k = logp.gather(1, ids), logq.gather(1, ids)
-    if renorm:
-        logp_k = torch.log_softmax(logp_k, dim=-1)
-        logq_k = torch.log_softmax(logq_k, dim=-1)
-    p_k = logp_k.exp()
-    loss_N = torch.where(p_k > 0, p_k * (logp_k - logq_k), torch.zeros_like(p_k)).sum(-1)  # 0 log 0 = 0
-    if tail:
-        logp_t, logq_t = log_tail(torch.logsumexp(logp_k, -1)), log_tail(torch.logsumexp(logq_k, -1))
-        loss_N = loss_N + logp_t.exp() * (logp_t - logq_t)
-    return reduce_loss(loss_N, mask, reduction)
-
-
-def _union_kl(first_logits, second_logits, logp, logq, k, renorm, tail):
-    """Per-row KL_S(p || q) with S the union of both top-k, written over the full vocabulary with S as a mask."""
     in_s = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device)
     in_s.scatter_(1, topk_ids(first_logits.detach().float(), k), True)
-    in_s.scatter_(1, topk_ids(second_logits.detach().float(), k), True)
+    if union:
+        in_s.scatter_(1, topk_ids(second_logits.detach().float(), k), True)
     logp_s = logp.masked_fill(~in_s, float("-inf"))
     logq_s = logq.masked_fill(~in_s, float("-inf"))
     if renorm:
         logp_s = logp_s - torch.logsumexp(logp_s, -1, keepdim=True)
         logq_s = logq_s - torch.logsumexp(logq_s, -1, keepdim=True)
     p_s = logp_s.exp()  # 0 off S
-    # the log ratio where it counts, 0 elsewhere (-inf - -inf off S): taken before the product, whose gradient
-    # would otherwise carry 0 * nan
+    # the log ratio where it counts, 0 elsewhere (-inf - -inf off S; 0 log 0 = 0): taken before the product,
+    # whose gradient would otherwise carry 0 * nan
     r_s = torch.where(in_s & (p_s > 0), logp_s - logq_s, torch.zeros_like(p_s))
     loss_N = (p_s * r_s).sum(-1)
     if tail:
         logp_t, logq_t = log_tail(torch.logsumexp(logp_s, -1)), log_tail(torch.logsumexp(logq_s, -1))
         loss_N = loss_N + logp_t.exp() * (logp_t - logq_t)
-    return loss_N
+    return reduce_loss(loss_N, mask, reduction)
 
 
 def naive_entropy(logits_NV: torch.Tensor) -> torch.Tensor:

@@ -81,16 +81,17 @@ def topk_kl_rows(first_nV: torch.Tensor, second_nV: torch.Tensor, k: int, renorm
     counted = None  # with the union: which of the ids count in sums (each id once)
     if union:
         ids, counted = union_ids(ids, topk_ids(second_nV.float(), k))
-    on_s = (lambda x: x) if counted is None else (lambda x: x.masked_fill(~counted, float("-inf")))  # noqa: E731
+    # log-probabilities at the ids as sums over S see them (a repeated id at -inf, so counted once)
+    once = (lambda x: x) if counted is None else (lambda x: x.masked_fill(~counted, float("-inf")))  # noqa: E731
     logp_k, logq_k = logp.gather(1, ids), logq.gather(1, ids)
-    mass_n = on_s(logp_k).exp().sum(-1)
+    mass_n = once(logp_k).exp().sum(-1)
     if entropy:
         stats_n3 = torch.stack([mass_n, entropy_rows(logp), entropy_rows(logq)], dim=1)
     else:
         stats_n3 = torch.stack([mass_n, torch.zeros_like(mass_n), torch.zeros_like(mass_n)], dim=1)
     if renorm:
-        logp_k = logp_k - torch.logsumexp(on_s(logp_k), dim=-1, keepdim=True)
-        logq_k = logq_k - torch.logsumexp(on_s(logq_k), dim=-1, keepdim=True)
+        logp_k = logp_k - torch.logsumexp(once(logp_k), dim=-1, keepdim=True)
+        logq_k = logq_k - torch.logsumexp(once(logq_k), dim=-1, keepdim=True)
     p_k = logp_k.exp()
     r_k = logp_k - logq_k
     live_k = p_k > 0  # 0 * log 0 is 0: ids with zero first probability (from -inf logits) contribute nothing
@@ -99,7 +100,7 @@ def topk_kl_rows(first_nV: torch.Tensor, second_nV: torch.Tensor, k: int, renorm
     zero_n = torch.zeros_like(loss_n)
     c_n, beta_n, q_mass_n = zero_n, zero_n, zero_n  # without the tail: c = beta = 0 (Q is then never used)
     if tail:  # the tail bucket's loss, and its share of the gradients (c, beta)
-        log_p_mass, log_q_mass = torch.logsumexp(on_s(logp_k), -1), torch.logsumexp(on_s(logq_k), -1)
+        log_p_mass, log_q_mass = torch.logsumexp(once(logp_k), -1), torch.logsumexp(once(logq_k), -1)
         logp_t, logq_t = log_tail(log_p_mass), log_tail(log_q_mass)
         c_n = torch.where(log_p_mass <= TAIL_LOG_MASS_MAX, logp_t - logq_t + 1, zero_n)
         beta_n = torch.where(log_q_mass <= TAIL_LOG_MASS_MAX, (logp_t - logq_t).exp(), zero_n)

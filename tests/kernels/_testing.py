@@ -70,3 +70,24 @@ def check_fused_linear_against_logits(label: str, fused_fn, naive_fn, dtype, V: 
     atol, rtol = tolerance(dtype)
     for name, ref, leaf in zip(("h1", "w1", "h2", "w2"), refs, leaves):
         assert_close(f"{label} grad {name}", ref, leaf.grad, atol * 4, rtol)
+
+
+def loss_and_grads(fn, first, second, upstream_N, **kw):
+    """Per-token losses ``fn(first, second, reduction="none", **kw)`` and the gradients of their sum weighted by
+    ``upstream_N`` with respect to both logits (fresh leaves)."""
+    a, b = first.detach().clone().requires_grad_(), second.detach().clone().requires_grad_()
+    loss_N = fn(a, b, reduction="none", **kw)
+    (loss_N * upstream_N).sum().backward()
+    return loss_N.detach(), a.grad, b.grad
+
+
+def check_against_naive(label: str, fn, naive_fn, first, second, mask_N, upstream_N, loss_kw: dict, **fn_kw) -> None:
+    """``fn`` against ``naive_fn`` (both with ``loss_kw`` and the mask; ``fn`` also with ``fn_kw``): per-token
+    losses within the loss tolerance, both gradients within their dtype's, and masked tokens exactly 0."""
+    ref = loss_and_grads(naive_fn, first, second, upstream_N, mask=mask_N, **loss_kw)
+    got = loss_and_grads(fn, first, second, upstream_N, mask=mask_N, **loss_kw, **fn_kw)
+    assert_close(f"{label} loss_N", ref[0], got[0], *LOSS_TOLERANCE)
+    assert (got[0][~mask_N] == 0).all()
+    for name, r, g in (("first", ref[1], got[1]), ("second", ref[2], got[2])):
+        assert g.dtype == first.dtype and (g[~mask_N] == 0).all()
+        assert_close(f"{label} grad {name}", r, g, *tolerance(first.dtype))

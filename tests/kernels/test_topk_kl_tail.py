@@ -17,7 +17,8 @@ from opcd_cli.kernels.naive import TAIL_LOG_MASS_MAX, naive_topk_kl, topk_ids  #
 from opcd_cli.kernels.torch_chunked import fused_linear_topk_kl_torch, topk_kl_torch  # noqa: E402
 from opcd_cli.kernels.topk_kl_triton import topk_kl_triton  # noqa: E402
 
-from _testing import LOSS_TOLERANCE, assert_close, check_fused_linear_against_logits, tolerance  # noqa: E402
+from _testing import (assert_close, check_against_naive, check_fused_linear_against_logits,  # noqa: E402
+                      loss_and_grads, tolerance)
 
 N, V = 13, 1271
 LOGITS = {"torch": lambda *a, **kw: topk_kl_torch(*a, chunk_size=4, **kw), "triton": topk_kl_triton}
@@ -34,25 +35,12 @@ def logits_pair(n, v, dtype, seed, k):
     return first.to(dtype), second.to(dtype)
 
 
-def loss_and_grads(fn, first, second, upstream_N, **kw):
-    a, b = first.detach().clone().requires_grad_(), second.detach().clone().requires_grad_()
-    loss_N = fn(a, b, reduction="none", tail=True, **kw)
-    (loss_N * upstream_N).sum().backward()
-    return loss_N.detach(), a.grad, b.grad
-
-
 def check(impl, dtype, k, **kw):
     first, second = logits_pair(N, V, dtype, 1, k)
     mask = torch.rand(N, generator=torch.Generator().manual_seed(3)) > 0.25
     mask[:2] = True
     upstream = torch.randn(N, generator=torch.Generator().manual_seed(4))
-    ref = loss_and_grads(naive_topk_kl, first, second, upstream, k=k, mask=mask)
-    got = loss_and_grads(LOGITS[impl], first, second, upstream, k=k, mask=mask, **kw)
-    assert_close(f"{impl} loss_N", ref[0], got[0], *LOSS_TOLERANCE)
-    assert (got[0][~mask] == 0).all()
-    for name, r, g in (("first", ref[1], got[1]), ("second", ref[2], got[2])):
-        assert g.dtype == dtype and (g[~mask] == 0).all()
-        assert_close(f"{impl} grad {name}", r, g, *tolerance(dtype))
+    check_against_naive(impl, LOGITS[impl], naive_topk_kl, first, second, mask, upstream, {"k": k, "tail": True}, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -101,8 +89,8 @@ def test_a_capped_tail_passes_no_gradient_through_it():
     log_mass = torch.logsumexp(torch.log_softmax(first, -1)[0, :4], 0)
     assert log_mass > TAIL_LOG_MASS_MAX  # the cap applies
     for impl, fn in LOGITS.items():
-        _, grad_a, _ = loss_and_grads(fn, first, second, torch.ones(1), k=4)
-        _, grad_a_ref, _ = loss_and_grads(naive_topk_kl, first, second, torch.ones(1), k=4)
+        _, grad_a, _ = loss_and_grads(fn, first, second, torch.ones(1), k=4, tail=True)
+        _, grad_a_ref, _ = loss_and_grads(naive_topk_kl, first, second, torch.ones(1), k=4, tail=True)
         assert torch.isfinite(grad_a).all()
         assert_close(f"{impl} capped", grad_a_ref, grad_a, *tolerance(torch.float32))
 
