@@ -4,7 +4,8 @@
 
 Rows: the base student without and with the context; off-policy context distillation; OPCD; OPCD with the
 consistency regulariser; OPCD with the in-context anchor (`--anchor-weight 1`); OPCD over the union of the
-student's and the teacher's top-k (`--topk-support union`); cross-size OPCD (the larger toy model as
+student's and the teacher's top-k (`--topk-support union`); OPCD with an EMA teacher and with a live teacher
+(`--teacher-kind ema|live`); cross-size OPCD (the larger toy model as
 teacher). Columns: test accuracy (without the context for trained students; in the row's condition for the
 base rows), accuracy with the context, OOD accuracy (each OOD row with its own context), context harm (share
 of test items solved without the context but failed with it), mean response tokens, and the student's mean
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -36,13 +38,32 @@ METHODS = {  # row name -> settings on top of the toy recipe
     "OPCD + consistency": {"consistency_weight": CONSISTENCY_WEIGHT},
     "OPCD + in-context anchor": {"anchor_weight": 1.0},
     "OPCD, union support": {"topk_support": "union"},
+    "OPCD, EMA teacher": {"teacher_kind": "ema"},
+    "OPCD, live teacher": {"teacher_kind": "live"},
     "OPCD, cross-size (large teacher)": {"teacher": "toy:large"},
 }
-COLUMNS = ["test accuracy", "with context", "OOD", "context harm", "response tokens", "student entropy, last 5 steps"]
+COLUMNS = ["test accuracy", "with context", "OOD", "context harm", "response tokens", "student entropy, last 5 steps",
+           "loss step to step, 2nd half", "same, over the loss"]
 
 
-def run_one(task: str, method: str, seed: int, work: Path, eval_before: bool) -> dict:
-    cfg = build_distill_config(read_recipe(f"toy-{task}"), METHODS[method], {
+def loss_jitter(curve: list[float]) -> tuple[float, float]:
+    """How much the per-step loss moves over the second half of a run: the mean |loss[t+1] - loss[t]|, alone and
+    over the mean loss of those steps (teachers give losses of different sizes)."""
+    half = curve[len(curve) // 2:]
+    moved = statistics.mean(abs(b - a) for a, b in zip(half, half[1:]))
+    return moved, moved / statistics.mean(half)
+
+
+def run_job(job: dict) -> dict:
+    """One run in a worker process (one thread each: the workers share the machine's cores)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return run_one(**job)
+
+
+def run_one(task: str, method: str, settings: dict, seed: int, work: Path, eval_before: bool) -> dict:
+    cfg = build_distill_config(read_recipe(f"toy-{task}"), settings, {
         "seed": seed, "eval_before": eval_before,
         "output_dir": str(work / f"{task}-{method.replace(' ', '_').replace(',', '').replace('(', '').replace(')', '')}-{seed}"),
     })
@@ -74,9 +95,9 @@ def table(runs: list[dict], tasks: list[str]) -> str:
         harm, ood = percent_mean_std([base["context_harm"]]), percent_mean_std([base["ood_accuracy"]])
         with_context = percent_mean_std([base["accuracy_with_context"]])
         lines.append(f"| base student, without context | {percent_mean_std([base['accuracy']])} | {with_context} | "
-                     f"{ood} | {harm} | {base['mean_response_tokens']:.2f} | |")
+                     f"{ood} | {harm} | {base['mean_response_tokens']:.2f} | | | |")
         lines.append(f"| base student, with context | {with_context} | {with_context} | {ood} | {harm} | "
-                     f"{base['mean_response_tokens_with_context']:.2f} | |")
+                     f"{base['mean_response_tokens_with_context']:.2f} | | | |")
         for method in METHODS:
             got = [r["after"] for r in rows if r["method"] == method]
             lines.append(
@@ -85,7 +106,9 @@ def table(runs: list[dict], tasks: list[str]) -> str:
                 f"{percent_mean_std([a['ood_accuracy'] for a in got])} | "
                 f"{percent_mean_std([a['context_harm'] for a in got])} | "
                 f"{mean_std([a['mean_response_tokens'] for a in got])} | "
-                f"{mean_std([r['final_student_entropy'] for r in rows if r['method'] == method])} |"
+                f"{mean_std([r['final_student_entropy'] for r in rows if r['method'] == method])} | "
+                f"{mean_std([loss_jitter(r['curve'])[0] for r in rows if r['method'] == method])} | "
+                f"{mean_std([loss_jitter(r['curve'])[1] for r in rows if r['method'] == method])} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -117,20 +140,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/paper_table"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", nargs="+", default=["shift", "codes"])
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--consistency-weight", type=float, default=CONSISTENCY_WEIGHT,
                         help="LAMBDA of the OPCD + consistency row (at 0.1 and 1 it disrupted the toy student)")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="write OUT.md and OUT.png from the runs saved in an earlier OUT.json; run nothing")
     args = parser.parse_args()
+    if args.render:
+        runs = json.loads(args.render.read_text())["runs"]
+        markdown = table(runs, args.tasks)
+        Path(f"{args.out}.md").write_text(markdown + "\n")
+        plot(runs, args.tasks, Path(f"{args.out}.png"))
+        print(markdown)
+        return
     METHODS["OPCD + consistency"] = {"consistency_weight": args.consistency_weight}
     start = time.time()
     runs = []
     with tempfile.TemporaryDirectory() as work:
-        for task in args.tasks:
-            for seed in range(args.seeds):
-                for method in METHODS:
-                    first = seed == 0 and method == "OPCD"
-                    runs.append(run_one(task, method, seed, Path(work), eval_before=first))
-                    print(f"{time.time() - start:6.0f}s  {task:8s} seed {seed}  {method:34s} "
-                          f"no-context {runs[-1]['after']['accuracy']:.3f}", file=sys.stderr, flush=True)
+        jobs = [{"task": task, "method": method, "settings": METHODS[method], "seed": seed, "work": Path(work),
+                 "eval_before": seed == 0 and method == "OPCD"}
+                for task in args.tasks for seed in range(args.seeds) for method in METHODS]
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            for run in pool.imap_unordered(run_job, jobs):
+                runs.append(run)
+                print(f"{time.time() - start:6.0f}s  {run['task']:8s} seed {run['seed']}  {run['method']:34s} "
+                      f"no-context {run['after']['accuracy']:.3f}", file=sys.stderr, flush=True)
+    order = list(METHODS)
+    runs.sort(key=lambda r: (args.tasks.index(r["task"]), r["seed"], order.index(r["method"])))
     markdown = table(runs, args.tasks)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text(markdown + "\n")

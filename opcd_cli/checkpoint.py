@@ -85,6 +85,7 @@ def set_random_states(states: dict) -> None:
 STATE_DIR = "state"  # in the run directory: the latest training state, replaced whole
 WEIGHTS_FILE = "trainable.safetensors"
 SHARDED_DIR = "sharded"  # several processes: weights and optimiser by torch.distributed.checkpoint instead
+TEACHER_FILE = "teacher.safetensors"  # a teacher that moves with the student (--teacher-kind ema), one process
 STEP_FILE = "step.json"  # the step reached, readable without loading the state
 
 
@@ -95,10 +96,10 @@ def trainable_weights(model) -> dict[str, torch.Tensor]:
 
 
 def save_state(run_dir: Path, *, step: int, model, optimizer, scheduler, metrics: list[dict],
-               samplers: dict | None = None, extra: dict | None = None) -> Path:
+               samplers: dict | None = None, extra: dict | None = None, teacher=None) -> Path:
     """Everything that continues the run exactly after ``step``, in ``run_dir/state``: the trained weights (at
     full precision), the optimiser, the scheduler, the random states of Python, torch and each sampler, the
-    metrics so far. Written to a new folder that then replaces the old one, which is kept until the new one is
+    metrics so far; and a ``teacher`` that moves with the student (an average of it), whole. Written to a new folder that then replaces the old one, which is kept until the new one is
     complete: a kill at any instant leaves one complete state (``state``, or ``state.old`` between two renames).
 
     With several processes every rank writes its shards of the weights and the optimiser with
@@ -120,11 +121,19 @@ def save_state(run_dir: Path, *, step: int, model, optimizer, scheduler, metrics
             from torch.distributed.checkpoint.state_dict import get_state_dict
 
             weights, optimizer_state = get_state_dict(model, optimizer)
-            dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=str(tmp / SHARDED_DIR))
+            shards = {"model": weights, "optimizer": optimizer_state}
+            if teacher is not None:
+                from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+                shards["teacher"] = get_model_state_dict(teacher)
+            dcp.save(shards, checkpoint_id=str(tmp / SHARDED_DIR))
         if world.main:
             os.chmod(tmp, DIR_MODE)
             if not world.active:
                 save_file(trainable_weights(model), str(tmp / WEIGHTS_FILE))
+                if teacher is not None:
+                    save_file({n: p.detach().contiguous() for n, p in teacher.named_parameters()},
+                              str(tmp / TEACHER_FILE))
             torch.save({
                 "step": step,
                 "optimizer": None if world.active else optimizer.state_dict(),
@@ -174,7 +183,7 @@ def saved_step(run_dir: Path) -> int:
         raise OpcdError(f"cannot read the training state in {folder}: {first_line(e)}") from None
 
 
-def load_state(run_dir: Path, *, model, optimizer, scheduler) -> dict:
+def load_state(run_dir: Path, *, model, optimizer, scheduler, teacher=None) -> dict:
     """Restore the trained weights, the optimiser, the scheduler and the random states saved in ``run_dir``;
     returns the saved state (``step``, ``metrics``, ``samplers``, ``extra``). A state saved by several processes
     loads at any world size, one process included; one saved by one process loads into several too."""
@@ -185,9 +194,11 @@ def load_state(run_dir: Path, *, model, optimizer, scheduler) -> dict:
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         if (folder / SHARDED_DIR).is_dir():
-            _load_sharded(folder / SHARDED_DIR, model, optimizer)
+            _load_sharded(folder / SHARDED_DIR, model, optimizer, teacher)
         else:
             _load_whole(folder, state, model, optimizer)
+            if teacher is not None:
+                _load_teacher(folder, teacher)
     except OpcdError:
         raise
     except Exception as e:  # a truncated or foreign file
@@ -240,17 +251,42 @@ def _load_whole(folder: Path, state: dict, model, optimizer) -> None:
     set_optimizer_state_dict(model, optimizer, by_name, options=whole)
 
 
-def _load_sharded(folder: Path, model, optimizer) -> None:
+def _load_teacher(folder: Path, teacher) -> None:
+    """A moving teacher saved by one process, into a teacher sharded or not."""
+    from safetensors.torch import load_file
+
+    from .distributed import is_sharded
+
+    if not (folder / TEACHER_FILE).is_file():
+        raise OpcdError(f"the training state in {folder} holds no teacher; was it made with another --teacher-kind?")
+    weights = load_file(str(folder / TEACHER_FILE))
+    if is_sharded(teacher):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(teacher, weights, options=StateDictOptions(full_state_dict=True, strict=True))
+        return
+    teacher.load_state_dict(weights, strict=False)  # a tied matrix is saved under one of its names
+
+
+def _load_sharded(folder: Path, model, optimizer, teacher=None) -> None:
     """A state saved by several processes, resharded to this world (one process included)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 
     weights, optimizer_state = get_state_dict(model, optimizer)
     metadata = dcp.FileSystemReader(str(folder)).read_metadata()
     _check_names(folder.parent, {k.removeprefix("model.") for k in metadata.state_dict_metadata
                                  if k.startswith("model.")}, model, exact=False)
-    dcp.load({"model": weights, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+    shards = {"model": weights, "optimizer": optimizer_state}
+    if teacher is not None:
+        if not any(k.startswith("teacher.") for k in metadata.state_dict_metadata):
+            raise OpcdError(f"the training state in {folder.parent} holds no teacher; was it made with another "
+                            "--teacher-kind?")
+        shards["teacher"] = get_model_state_dict(teacher)
+    dcp.load(shards, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state)
+    if teacher is not None:
+        set_model_state_dict(teacher, shards["teacher"])
 
 
 @lru_cache(maxsize=8)

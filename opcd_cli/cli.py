@@ -78,6 +78,8 @@ def distill(
     topk_renorm: Optional[bool] = typer.Option(None, "--topk-renorm", help="Renormalise both distributions within the top-k."),
     topk_tail: Optional[bool] = typer.Option(None, "--topk-tail", help="Add the mass outside the top-k as one more bucket of both distributions (a true KL on k + 1 buckets)."),
     topk_support: Optional[str] = typer.Option(None, help="The KL's support: student (its own top-k ids, the paper's) or union (the student's and the teacher's top-k ids)."),
+    teacher_kind: Optional[str] = typer.Option(None, help="frozen (the student's initial weights, or --teacher; the paper's), ema (a moving average of the student, --ema-decay) or live (the current student with the context, no gradient)."),
+    ema_decay: Optional[float] = typer.Option(None, help="With --teacher-kind ema: the teacher keeps this share of itself at each step (default 0.99)."),
     min_topk_mass: Optional[float] = typer.Option(None, help="Warn once when the student's mean probability inside its own top-k falls below this (default 0.8; 0: never): the loss is then being lowered by moving mass out of the support."),
     stop_on_escape: Optional[bool] = typer.Option(None, "--stop-on-escape", help="When the top-k mass falls below --min-topk-mass, stop and keep the weights of the last step above it."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps."),

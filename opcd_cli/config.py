@@ -28,7 +28,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 VERIFIERS = ("auto", *VERIFIER_FUNCTIONS)  # auto: the row's own `verifier`, else exact
 SAMPLERS = ("hf", "vllm")
 KERNELS = ("auto", "torch", "triton")
-TOPK_SUPPORTS = ("student", "union")  # the KL's support: the student's top-k ids, or those and the teacher's
+TOPK_SUPPORTS = ("student", "union")
+TEACHER_KINDS = ("frozen", "ema", "live")  # see teachers.py  # the KL's support: the student's top-k ids, or those and the teacher's
 SCHEDULES = ("constant", "cosine", "linear")
 REPORT_TO = ("none", "tensorboard", "wandb")
 TEACHER_SHARDING = ("replicate", "shard")  # several processes: a whole teacher on each rank, or sharded
@@ -159,6 +160,8 @@ class DistillConfig:
     topk_renorm: bool = False
     topk_tail: bool = False  # the mass outside the top-k as one more bucket of both distributions
     topk_support: str = "student"  # the student's top-k ids, or the union with the teacher's (TOPK_SUPPORTS)
+    teacher_kind: str = "frozen"  # frozen, ema (a moving average of the student) or live (the student itself)
+    ema_decay: float = 0.99  # teacher_kind ema: teacher <- decay * teacher + (1 - decay) * student, every step
     kernel: str = "auto"
     # the mass-escape guard (on-policy): the student's mean probability inside its own top-k, watched every step
     min_topk_mass: float = 0.8  # below it: a warning, once (0: never)
@@ -212,6 +215,7 @@ class DistillConfig:
         _choice("verifier", self.verifier, VERIFIERS)
         _choice("kernel", self.kernel, KERNELS)
         _choice("topk_support", self.topk_support, TOPK_SUPPORTS)
+        _choice("teacher_kind", self.teacher_kind, TEACHER_KINDS)
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("teacher_sharding", self.teacher_sharding, TEACHER_SHARDING)
@@ -241,6 +245,18 @@ class DistillConfig:
             raise OpcdError("--topk-renorm and --topk-tail each make the top-k a whole distribution; choose one")
         if self.topk_tail and self.mode == "off-policy":
             raise OpcdError("--topk-tail shapes the on-policy loss over the student's top-k; drop it with --mode off-policy")
+        if self.teacher_kind != "frozen":
+            if self.mode == "off-policy":
+                raise OpcdError(f"--teacher-kind {self.teacher_kind} moves the teacher during on-policy training; "
+                                "off-policy the teacher's rollouts are made once: drop it with --mode off-policy")
+            if self.teacher is not None:
+                raise OpcdError(f"--teacher-kind {self.teacher_kind} makes the teacher from the student; drop --teacher")
+            if self.teacher_kind == "ema" and self.lora_rank is not None:
+                raise OpcdError("--teacher-kind ema averages the student's full weights; with --lora-rank use "
+                                "--teacher-kind live or frozen")
+        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) or \
+                not 0 < self.ema_decay < 1:
+            raise OpcdError(f"ema_decay must be in (0, 1) (0.99: the teacher takes 1% of each step); got {self.ema_decay!r}")
         if self.topk_support != "student" and self.mode == "off-policy":
             raise OpcdError("--topk-support chooses the on-policy loss's support; off-policy the support is the "
                             "teacher's saved top-k: drop it with --mode off-policy")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, lora, models, trackers
+from . import distributed, lora, models, teachers, trackers
 from . import rollouts as rollout_store
 from .checkpoint import load_state, save_model, save_state, saved_step, step_prompts
 from .config import DistillConfig, SamplingOptions
@@ -149,7 +149,9 @@ def distribute(run: Run, world: distributed.World) -> Run:
         return run
     dtype = models.resolve_dtype(cfg.loading.dtype)
     distributed.shard(run.student, dtype)
-    if cfg.teacher_sharding == "shard" and not isinstance(run.teacher, lora.AdaptersOff):
+    if run.teacher is run.student or isinstance(run.teacher, lora.AdaptersOff):  # the student's own shards
+        pass
+    elif cfg.teacher_sharding == "shard" or cfg.teacher_kind == "ema":  # an average: sharded as the student is
         distributed.shard(run.teacher, dtype)
     torch.manual_seed(cfg.seed + 1_000_003 * world.rank)  # rank 0's stream is the single process's
     return run
@@ -259,6 +261,7 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
                 if cfg.mode == "on-policy":
                     with timer.phase("weight_push"):
                         sampler.update_weights(student)
+                teachers.after_step(cfg.teacher_kind, run.teacher, student, cfg.ema_decay, run.teacher_prefix)
             # 5. log and checkpoint
             training.step = step
             training.metrics.append(step_record(step, tokens, ends, replies, values, training.schedule, step_start,
@@ -308,16 +311,32 @@ def save_student(run: Run, folder: Path, final: bool = False) -> None:
         save_model(run.student, run.tokenizer, folder, dtype)
 
 
+def teacher_description(cfg: DistillConfig) -> str:
+    """What the teacher is, in words (the summary's ``teacher``)."""
+    if cfg.teacher_kind == "live":
+        return f"{cfg.student} itself, as it trains (live)"
+    if cfg.teacher_kind == "ema":
+        return f"moving average of {cfg.student} (decay {cfg.ema_decay})"
+    return cfg.teacher or (f"{cfg.student} with the adapters off" if cfg.lora_rank else f"frozen copy of {cfg.student}")
+
+
+def moving_teacher(run: Run):
+    """The teacher when its weights are the run's own state (``--teacher-kind ema``), else None."""
+    return run.teacher if run.cfg.teacher_kind == "ema" else None
+
+
 def save_training_state(run: Run, training: Training, sampler: Sampler, out: Path) -> None:
     save_state(out, step=training.step, model=run.student, optimizer=training.optimizer, scheduler=training.schedule,
                metrics=training.metrics, samplers={"student": sampler.state()},
-               extra={"before": None if training.before is None else dataclasses.asdict(training.before)})
+               extra={"before": None if training.before is None else dataclasses.asdict(training.before)},
+               teacher=moving_teacher(run))
 
 
 def restore(run: Run, training: Training, sampler: Sampler, out: Path) -> None:
     """Continue from the run's saved state: weights, optimiser, schedule, random states, metrics, and the
     sampler following the restored weights."""
-    state = load_state(out, model=run.student, optimizer=training.optimizer, scheduler=training.schedule)
+    state = load_state(out, model=run.student, optimizer=training.optimizer, scheduler=training.schedule,
+                       teacher=moving_teacher(run))
     training.step, training.metrics = state["step"], list(state["metrics"])
     before = state["extra"].get("before")
     training.before = ((GameEvalResult if "success" in before else EvalResult)(**before)) if before else None
@@ -671,8 +690,9 @@ def build_summary(run: Run, inputs: dict, before: EvalResult | None, after: Eval
         "mode": cfg.mode,
         **({"env": cfg.env, "max_turns": cfg.max_turns} if cfg.env else {}),
         "student": cfg.student,
-        "teacher": cfg.teacher or (f"{cfg.student} with the adapters off" if cfg.lora_rank
-                                   else f"frozen copy of {cfg.student}"),
+        "teacher": teacher_description(cfg),
+        "teacher_kind": cfg.teacher_kind,
+        "ema_decay": cfg.ema_decay if cfg.teacher_kind == "ema" else None,
         "trainable_parameters": run.trainable_parameters,
         "lora": None if cfg.lora_rank is None else {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or 2 * cfg.lora_rank,
                                                     "targets": cfg.lora_targets, "merged": cfg.merge},
@@ -882,6 +902,10 @@ def load_models(cfg: DistillConfig, ui: UI):
             student = lora.add_adapters(models.frozen(models.load_model(cfg.student, load.dtype, load.trust_remote_code,
                                                                         load.allow_bin_weights)),
                                         cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.teacher_kind == "live":  # self-distillation: the student itself reads the context
+        return student, student, tokenizer, tokenizer, cfg.student
+    if cfg.teacher_kind == "ema":  # starts at the student's initial weights, follows it (float32, as the student)
+        return student, models.frozen(models.frozen_copy(student)), tokenizer, tokenizer, cfg.student
     if cfg.teacher is None:  # the paper's default: the student's initial weights
         if lora.is_lora(student):
             return student, lora.AdaptersOff(student), tokenizer, tokenizer, cfg.student  # free: no second copy

@@ -40,6 +40,10 @@ class TeacherPrefix:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def forget(self) -> None:
+        """Drop the cached keys and values (a teacher that moves: they are made again on next use)."""
+        self._kv = None
+
     @torch.no_grad()
     def past(self, model, batch: int):
         """A cache holding the prefix's keys and values for ``batch`` rows (views, not copies), which the

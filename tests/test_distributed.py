@@ -166,6 +166,34 @@ def test_two_nodes_over_a_loopback_rendezvous_make_the_same_steps(folder, refere
     assert all(r["padding_share"] == 0 for r in got) and all(r["padding_share"] > 0 for r in padded)
 
 
+@pytest.mark.slow  # an EMA-teacher run as one process, and as two resumed as one (about 60 s)
+def test_an_ema_teacher_follows_the_sharded_student_as_it_follows_the_whole_one(folder):
+    """The average is taken shard by shard on each rank and saved with the sharded state: two processes make the
+    steps of one, and their state resumes in one process to the same third step and final model."""
+    ema = ["--teacher-kind", "ema", "--ema-decay", "0.5", "--save-every", "1"]
+    code, out, err = finish(launch(["distill", "-o", "ema-one", "--steps", "3", *RUN, *ema], folder))
+    assert code == 0, err[-3000:]
+    code, out, err = finish(launch(["distill", "-o", "ema-two", "--steps", "2", *RUN, *ema], folder,
+                                   ["--standalone", "--nproc-per-node", "2"]))
+    assert code == 0, err[-3000:]
+    code, out, err = finish(launch(["distill", "--resume", "ema-two", "--steps", "3"], folder))
+    assert code == 0, err[-3000:]
+    assert_steps_match(per_step(folder / "ema-two"), per_step(folder / "ema-one"))
+    assert_weights_match(folder / "ema-two", folder / "ema-one")
+
+
+@pytest.mark.slow  # a live-teacher run as one process and as two (about 40 s)
+def test_a_live_teacher_is_the_sharded_student_itself(folder):
+    live = ["--teacher-kind", "live", "--save-every", "2"]
+    code, out, err = finish(launch(["distill", "-o", "live-one", "--steps", "2", *RUN, *live], folder))
+    assert code == 0, err[-3000:]
+    code, out, err = finish(launch(["distill", "-o", "live-two", "--steps", "2", *RUN, *live], folder,
+                                   ["--standalone", "--nproc-per-node", "2"]))
+    assert code == 0, err[-3000:]
+    assert_steps_match(per_step(folder / "live-two"), per_step(folder / "live-one"))
+    assert_weights_match(folder / "live-two", folder / "live-one")
+
+
 def test_a_global_batch_that_does_not_split_stops_every_rank_before_loading(folder):
     proc = launch(["distill", "--batch-size", "3", "--steps", "1"], folder, ["--standalone", "--nproc-per-node", "2"])
     code, out, err = finish(proc)
