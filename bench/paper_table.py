@@ -3,14 +3,19 @@
     python bench/paper_table.py --out bench/paper_table
 
 Rows: the base student without and with the context; off-policy context distillation; OPCD; OPCD with the
-consistency regulariser; OPCD with the in-context anchor (`--anchor-weight 1`); OPCD over the union of the
-student's and the teacher's top-k (`--topk-support union`); OPCD with an EMA teacher and with a live teacher
-(`--teacher-kind ema|live`); cross-size OPCD (the larger toy model as
-teacher). Columns: test accuracy (without the context for trained students; in the row's condition for the
-base rows), accuracy with the context, OOD accuracy (each OOD row with its own context), context harm (share
-of test items solved without the context but failed with it), mean response tokens, and the student's mean
-entropy at its response tokens over the last 5 steps (nats; trained rows). Both toy tasks: `shift` (a system prompt) and `codes`
-(experience items). Every trained row is the mean and standard deviation over seeds.
+consistency regulariser (the paper's form, from step 1, and held back to step 31, the toy's recorded
+settings); OPCD with the in-context anchor (`--anchor-weight 1`); OPCD over the union of the student's and the
+teacher's top-k (`--topk-support union`); OPCD with an EMA teacher and with a live teacher (`--teacher-kind
+ema|live`); cross-size OPCD (the larger toy model as teacher). Columns: test accuracy (without the context
+for trained students; in the row's condition for the base rows), accuracy with the context, OOD accuracy (each
+OOD row with its own context), context harm (share of test items solved without the context but failed with
+it), mean response tokens, the student's mean entropy at its response tokens over the last 5 steps (nats;
+trained rows), and how much the loss moves from step to step over the second half. Both toy tasks: `shift` (a
+system prompt) and `codes` (experience items). Every trained row is the mean and standard deviation over seeds.
+
+`--rows ROW ...` runs only those rows and puts their runs into the saved OUT.json in place of the old ones
+(each run is seeded as in a full run); `--render OUT.json` writes the table and the plot again
+from saved runs.
 
 Writes OUT.md (the table), OUT.json (every run's numbers) and OUT.png (learning curves: the distillation loss
 per step, mean over seeds). Needs matplotlib (`pip install -e ".[bench]"`).
@@ -36,6 +41,7 @@ METHODS = {  # row name -> settings on top of the toy recipe
     "off-policy context distillation": {"mode": "off-policy"},
     "OPCD": {},
     "OPCD + consistency": {"consistency_weight": CONSISTENCY_WEIGHT},
+    "OPCD + consistency from step 31": {"consistency_weight": CONSISTENCY_WEIGHT, "consistency_start": 31},
     "OPCD + in-context anchor": {"anchor_weight": 1.0},
     "OPCD, union support": {"topk_support": "union"},
     "OPCD, EMA teacher": {"teacher_kind": "ema"},
@@ -145,6 +151,8 @@ def main() -> None:
                         help="LAMBDA of the OPCD + consistency row (at 0.1 and 1 it disrupted the toy student)")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="write OUT.md and OUT.png from the runs saved in an earlier OUT.json; run nothing")
+    parser.add_argument("--rows", nargs="+", metavar="ROW", choices=list(METHODS),
+                        help="run only these rows and put their runs into OUT.json in place of the saved ones")
     args = parser.parse_args()
     if args.render:
         runs = json.loads(args.render.read_text())["runs"]
@@ -159,21 +167,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         jobs = [{"task": task, "method": method, "settings": METHODS[method], "seed": seed, "work": Path(work),
                  "eval_before": seed == 0 and method == "OPCD"}
-                for task in args.tasks for seed in range(args.seeds) for method in METHODS]
+                for task in args.tasks for seed in range(args.seeds) for method in (args.rows or METHODS)]
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
             for run in pool.imap_unordered(run_job, jobs):
                 runs.append(run)
                 print(f"{time.time() - start:6.0f}s  {run['task']:8s} seed {run['seed']}  {run['method']:34s} "
                       f"no-context {run['after']['accuracy']:.3f}", file=sys.stderr, flush=True)
+    seconds, reruns = round(time.time() - start), []
+    if args.rows:  # the saved runs of the other rows stay
+        saved = json.loads(Path(f"{args.out}.json").read_text())
+        runs += [r for r in saved["runs"] if r["method"] not in args.rows]
+        reruns = saved.get("reruns", []) + [{"rows": args.rows, "seconds": seconds}]
+        seconds = saved["seconds"]
     order = list(METHODS)
     runs.sort(key=lambda r: (args.tasks.index(r["task"]), r["seed"], order.index(r["method"])))
     markdown = table(runs, args.tasks)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text(markdown + "\n")
-    Path(f"{args.out}.json").write_text(json.dumps({"seconds": round(time.time() - start), "runs": runs}, indent=1) + "\n")
+    Path(f"{args.out}.json").write_text(json.dumps({"seconds": seconds, "runs": runs} | (
+        {"reruns": reruns} if reruns else {}), indent=1) + "\n")
     plot(runs, args.tasks, Path(f"{args.out}.png"))
     print(markdown)
-    print(f"\nconsistency weight {args.consistency_weight}; {len(runs)} runs in {time.time() - start:.0f} s", file=sys.stderr)
+    print(f"\nconsistency weight {args.consistency_weight}; {len(jobs)} runs in {time.time() - start:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ def distill(
     off_policy_loss: Optional[str] = typer.Option(None, help="Off-policy loss: forward-kl (teacher's top-k) or sft."),
     rollouts: Optional[str] = typer.Option(None, help="Off-policy: folder of saved teacher rollouts to reuse (made if missing)."),
     consistency_weight: Optional[float] = typer.Option(None, help="Weight of the context-removability regulariser (0: off)."),
+    consistency_start: Optional[int] = typer.Option(None, help="The regulariser's first step (default 1); before it the student learns from the teacher alone."),
+    consistency_warmup: Optional[int] = typer.Option(None, help="Steps over which the regulariser's weight rises linearly from 0 to --consistency-weight, from --consistency-start (default 0: at once)."),
     anchor_weight: Optional[float] = typer.Option(None, help="Weight of the in-context anchor: the top-k KL from the student with the context to the teacher, on the same responses (0: off); keeps what the student does when the context is there."),
     eval_data: Optional[str] = typer.Option(None, help="Rows with answers, scored before and after training."),
     ood_data: Optional[str] = typer.Option(None, help="Out-of-distribution rows with answers (and their own contexts)."),

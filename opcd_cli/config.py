@@ -143,6 +143,8 @@ class DistillConfig:
     off_policy_loss: str = "forward-kl"  # forward KL over the teacher's top-k, or sft (token cross-entropy)
     rollouts: str | None = None  # off-policy: a folder of saved teacher rollouts to reuse (written if missing)
     consistency_weight: float = 0.0  # context-removability regulariser (0: off)
+    consistency_start: int = 1  # the regulariser's first step (1: from the start, the paper's form)
+    consistency_warmup: int = 0  # steps over which its weight rises linearly from 0, from consistency_start
     anchor_weight: float = 0.0  # in-context anchor: the student with the context kept at the teacher (0: off)
     # evaluation before and after (optional for real models, always on for the toy world)
     eval_data: str | None = None
@@ -209,6 +211,11 @@ class DistillConfig:
         _at_least("consistency_weight", self.consistency_weight, 0.0)
         if self.mode == "off-policy" and self.consistency_weight > 0:
             raise OpcdError("the consistency regulariser needs on-policy rollouts; drop --consistency-weight or use --mode on-policy")
+        _at_least("consistency_start", self.consistency_start, 1)
+        _at_least("consistency_warmup", self.consistency_warmup, 0)
+        if (self.consistency_start != 1 or self.consistency_warmup) and not self.consistency_weight > 0:
+            raise OpcdError("--consistency-start and --consistency-warmup schedule the regulariser; "
+                            "give --consistency-weight too")
         _at_least("anchor_weight", self.anchor_weight, 0.0)
         if self.mode == "off-policy" and self.anchor_weight > 0:
             raise OpcdError("the in-context anchor scores the student's own rollouts; drop --anchor-weight or use --mode on-policy")
@@ -286,6 +293,15 @@ class DistillConfig:
             raise OpcdError(f"max_grad_norm must be positive; got {self.max_grad_norm}")
         if self.sampling.n != 1:
             raise OpcdError("on-policy distillation samples one response per prompt; set n = 1 (raise batch_size instead)")
+
+    def consistency_weight_at(self, step: int) -> float:
+        """The regulariser's weight at ``step`` (from 1): 0 before ``consistency_start``, then rising linearly to
+        ``consistency_weight`` over ``consistency_warmup`` steps (at once without a warm-up)."""
+        if step < self.consistency_start:
+            return 0.0
+        if self.consistency_warmup == 0:
+            return self.consistency_weight
+        return self.consistency_weight * min(1.0, (step - self.consistency_start + 1) / self.consistency_warmup)
 
     @property
     def context_pass(self) -> bool:

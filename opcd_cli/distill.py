@@ -244,6 +244,7 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
             tokens, ends, replies, won = step_counts(run, seqs)  # over every rank's responses
             distinct = distinct_tokens(seqs.responses, run.loss.vocab, models.device())
             # 2-3. the teacher scores the same tokens with the context; the loss, micro-batch by micro-batch
+            run.loss.consistency_weight = cfg.consistency_weight_at(step)
             sums = backward(run, seqs, rollouts, tokens, timer)
             # 4. one optimiser step, unless the loss or the gradient is not finite; the sampler follows
             with timer.phase("optimizer"):
@@ -267,6 +268,8 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
             training.metrics.append(step_record(step, tokens, ends, replies, values, training.schedule, step_start,
                                                 train_start, timer.seconds()))
             training.metrics[-1]["distinct_tokens"] = round(distinct / tokens, 4) if tokens else None
+            if cfg.consistency_weight > 0:  # the regulariser's weight this step (scheduled or not)
+                training.metrics[-1]["consistency_weight"] = run.loss.consistency_weight
             if run.games is not None:  # how the step's games went (on-policy: the student's, without the context)
                 training.metrics[-1] |= {"games_won": won / per_step, "turns": replies / per_step}
             log.write(json.dumps(training.metrics[-1]) + "\n")
@@ -515,7 +518,7 @@ def backward(run: Run, seqs: Sequences, rollouts, n_tokens: int, timer: StepTime
             if cfg.mode == "on-policy":  # the teacher reads the context; with the regulariser the student does too
                 teacher_in = run.packer([v.teacher_ids for v in these], answers, rows, run.teacher_prefix)
                 context_in = (run.packer([v.student_context_ids for v in these], answers, rows)
-                              if cfg.context_pass else None)
+                              if run.loss.consistency_weight > 0 or run.loss.anchor_weight > 0 else None)
                 inputs += [teacher_in] + ([context_in] if context_in is not None else [])
                 parts = run.loss.on_policy(student_in, teacher_in, context_in, timer)
             else:
@@ -713,6 +716,8 @@ def build_summary(run: Run, inputs: dict, before: EvalResult | None, after: Eval
         "kernel": "fused-linear" if run.loss.fused else "logits",
         "teacher_prefix_tokens": len(run.teacher_prefix) if run.teacher_prefix else 0,
         "consistency_weight": cfg.consistency_weight,
+        "consistency_start": cfg.consistency_start,
+        "consistency_warmup": cfg.consistency_warmup,
         "anchor_weight": cfg.anchor_weight,
         "context_file": cfg.context,
         "inputs": inputs,

@@ -65,12 +65,26 @@ def test_missing_recipe(tmp_path):
         ({"stop_on_escape": True, "mode": "off-policy"}, "--stop-on-escape watches"),
         ({"stop_on_escape": True, "min_topk_mass": 0}, "--stop-on-escape watches"),
         ({"anchor_weight": -1}, "anchor_weight must be"),
+        ({"consistency_start": 5}, "--consistency-start and --consistency-warmup schedule the regulariser"),
+        ({"consistency_warmup": 5}, "--consistency-start and --consistency-warmup schedule the regulariser"),
+        ({"consistency_weight": 0.1, "consistency_start": 0}, "consistency_start must be a number of at least 1"),
+        ({"consistency_weight": 0.1, "consistency_warmup": -1}, "consistency_warmup must be"),
         ({"anchor_weight": 1.0, "mode": "off-policy"}, "the in-context anchor scores the student's own rollouts"),
     ],
 )
 def test_validation_errors(settings, message):
     with pytest.raises(OpcdError, match=message):
         build_distill_config(settings)
+
+
+def test_consistency_schedule():
+    plain = build_distill_config({"consistency_weight": 0.2})
+    assert [plain.consistency_weight_at(s) for s in (1, 2, 50)] == [0.2, 0.2, 0.2]  # the paper's form
+    late = build_distill_config({"consistency_weight": 0.2, "consistency_start": 3, "consistency_warmup": 4})
+    assert [late.consistency_weight_at(s) for s in range(1, 9)] == pytest.approx(
+        [0, 0, 0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
+    delayed = build_distill_config({"consistency_weight": 0.2, "consistency_start": 3})
+    assert [delayed.consistency_weight_at(s) for s in (1, 2, 3, 4)] == [0, 0, 0.2, 0.2]
 
 
 def test_configs_are_frozen():

@@ -216,6 +216,28 @@ def test_consistency_regulariser_is_logged(cli, tiny_student, toy_files, tmp_pat
     assert summary["consistency_weight"] == 0.5 and 0 <= summary["after"]["context_harm"] <= 1
 
 
+def test_consistency_schedule_holds_the_term_back(cli, tiny_student, toy_files, tmp_path, monkeypatch):
+    import opcd_cli.loss as loss_module
+
+    context_given = []  # per micro-batch: whether the student's pass with the context was asked for
+    real = loss_module.DistillLoss.on_policy
+
+    def spy(self, student_in, teacher_in, context_in=None, *args):
+        context_given.append(context_in is not None)
+        return real(self, student_in, teacher_in, context_in, *args)
+
+    monkeypatch.setattr(loss_module.DistillLoss, "on_policy", spy)
+    out = tmp_path / "run"
+    code, stdout, err = cli(*distill_args(tiny_student, toy_files, out, "--steps", "4", "--consistency-weight", "0.5",
+                                          "--consistency-start", "2", "--consistency-warmup", "2", "--json"))
+    assert code == 0, err
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["consistency_weight"] for m in metrics] == [0, 0.25, 0.5, 0.5]
+    assert metrics[0]["consistency_loss"] == 0 and all(m["consistency_loss"] != 0 for m in metrics[1:])
+    assert context_given == [False, True, True, True]  # no extra student pass before the term starts
+    assert json.loads(stdout)["consistency_start"] == 2 and json.loads(stdout)["consistency_warmup"] == 2
+
+
 def test_union_support_trains_and_is_recorded(cli, tiny_student, toy_files, tmp_path):
     out = tmp_path / "run"
     code, stdout, err = cli(*distill_args(tiny_student, toy_files, out, "--topk-support", "union", "--json"))
