@@ -99,8 +99,9 @@ def save_state(run_dir: Path, *, step: int, model, optimizer, scheduler, metrics
                samplers: dict | None = None, extra: dict | None = None, teacher=None) -> Path:
     """Everything that continues the run exactly after ``step``, in ``run_dir/state``: the trained weights (at
     full precision), the optimiser, the scheduler, the random states of Python, torch and each sampler, the
-    metrics so far; and a ``teacher`` that moves with the student (an average of it), whole. Written to a new folder that then replaces the old one, which is kept until the new one is
-    complete: a kill at any instant leaves one complete state (``state``, or ``state.old`` between two renames).
+    metrics so far; and a ``teacher`` that moves with the student (an average of it), whole. Written to a new
+    folder that then replaces the old one, which is kept until the new one is complete: a kill at any instant
+    leaves one complete state (``state``, or ``state.old`` between two renames).
 
     With several processes every rank writes its shards of the weights and the optimiser with
     ``torch.distributed.checkpoint`` (``sharded/``, readable at any world size) and rank 0 the rest.
@@ -251,6 +252,10 @@ def _load_whole(folder: Path, state: dict, model, optimizer) -> None:
     set_optimizer_state_dict(model, optimizer, by_name, options=whole)
 
 
+def _no_teacher(folder: Path) -> OpcdError:
+    return OpcdError(f"the training state in {folder} holds no teacher; was it made with another --teacher-kind?")
+
+
 def _load_teacher(folder: Path, teacher) -> None:
     """A moving teacher saved by one process, into a teacher sharded or not."""
     from safetensors.torch import load_file
@@ -258,7 +263,7 @@ def _load_teacher(folder: Path, teacher) -> None:
     from .distributed import is_sharded
 
     if not (folder / TEACHER_FILE).is_file():
-        raise OpcdError(f"the training state in {folder} holds no teacher; was it made with another --teacher-kind?")
+        raise _no_teacher(folder)
     weights = load_file(str(folder / TEACHER_FILE))
     if is_sharded(teacher):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -280,8 +285,7 @@ def _load_sharded(folder: Path, model, optimizer, teacher=None) -> None:
     shards = {"model": weights, "optimizer": optimizer_state}
     if teacher is not None:
         if not any(k.startswith("teacher.") for k in metadata.state_dict_metadata):
-            raise OpcdError(f"the training state in {folder.parent} holds no teacher; was it made with another "
-                            "--teacher-kind?")
+            raise _no_teacher(folder.parent)
         shards["teacher"] = get_model_state_dict(teacher)
     dcp.load(shards, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state)

@@ -149,10 +149,9 @@ def distribute(run: Run, world: distributed.World) -> Run:
         return run
     dtype = models.resolve_dtype(cfg.loading.dtype)
     distributed.shard(run.student, dtype)
-    if run.teacher is run.student or isinstance(run.teacher, lora.AdaptersOff):  # the student's own shards
-        pass
-    elif cfg.teacher_sharding == "shard" or cfg.teacher_kind == "ema":  # an average: sharded as the student is
-        distributed.shard(run.teacher, dtype)
+    teacher_is_student = run.teacher is run.student or isinstance(run.teacher, lora.AdaptersOff)  # its shards
+    if not teacher_is_student and (cfg.teacher_sharding == "shard" or cfg.teacher_kind == "ema"):  # an average:
+        distributed.shard(run.teacher, dtype)  # sharded as the student is
     torch.manual_seed(cfg.seed + 1_000_003 * world.rank)  # rank 0's stream is the single process's
     return run
 
@@ -518,7 +517,7 @@ def backward(run: Run, seqs: Sequences, rollouts, n_tokens: int, timer: StepTime
             if cfg.mode == "on-policy":  # the teacher reads the context; with the regulariser the student does too
                 teacher_in = run.packer([v.teacher_ids for v in these], answers, rows, run.teacher_prefix)
                 context_in = (run.packer([v.student_context_ids for v in these], answers, rows)
-                              if run.loss.consistency_weight > 0 or run.loss.anchor_weight > 0 else None)
+                              if run.loss.reads_context else None)
                 inputs += [teacher_in] + ([context_in] if context_in is not None else [])
                 parts = run.loss.on_policy(student_in, teacher_in, context_in, timer)
             else:

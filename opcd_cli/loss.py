@@ -345,6 +345,12 @@ class DistillLoss:
         self.consistency_weight, self.anchor_weight = consistency_weight, anchor_weight
         self.fused = logits_are_linear(student) and (teacher is None or logits_are_linear(teacher))
 
+    @property
+    def reads_context(self) -> bool:
+        """Whether the on-policy loss has the student's pass with the context (the regulariser or the anchor on,
+        at their weights of this step)."""
+        return self.consistency_weight > 0 or self.anchor_weight > 0
+
     def _kl(self, first: Head, second: Head, entropy: bool = False):
         return head_topk_kl(first, second, self.topk, self.renorm, self.vocab, self.backend, self.tail, entropy,
                             self.union)
@@ -362,7 +368,7 @@ class DistillLoss:
         with timer.phase("student_forward"):  # the loss too: the fused kernels run inside the forward
             distill_sum, mass, entropies = with_head(self.student, student_in, self.fused, distill)
         consistency = anchor = torch.zeros((), device=distill_sum.device)
-        if context_in is not None and (self.consistency_weight > 0 or self.anchor_weight > 0):
+        if context_in is not None and self.reads_context:
             def regularise(with_context: Head):
                 terms = [consistency, anchor]
                 if self.consistency_weight > 0:  # towards the no-context output, held without gradient

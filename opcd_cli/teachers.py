@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import torch
 
-TEACHER_KINDS = ("frozen", "ema", "live")
-
-
 def moves(kind: str) -> bool:
     """Whether the teacher changes during training."""
     return kind != "frozen"
@@ -39,8 +36,7 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
     FSDP, so each rank updates its own shards)."""
     _resharded(teacher)
     _resharded(student)
-    pairs = list(zip(teacher.parameters(), student.parameters(), strict=True))
-    for t, s in pairs:
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
         t.lerp_(s.detach().to(t.dtype), 1.0 - decay)
 
 
