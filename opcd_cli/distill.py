@@ -78,9 +78,10 @@ class Run:
         model, tokenizer = (self.student, self.tokenizer) if which == "student" else (
             self.teacher, self.teacher_renderer.tokenizer)
         source = cfg.student if which == "student" else (cfg.teacher or cfg.student)
+        padded = models.output_rows(model) > self.loss.vocab  # a teacher may have rows the student lacks
         return make_sampler(cfg.sampler, tokenizer=tokenizer, model=model, source=source, batch_size=batch_size,
                             loading=cfg.loading, vllm_memory=cfg.vllm_memory, vllm_eager=cfg.vllm_eager, seed=cfg.seed,
-                            follows_training=follows_training)
+                            follows_training=follows_training, vocab=self.loss.vocab if padded else None)
 
     def eval_sampler(self, training: Sampler) -> Sampler:
         """The sampler evaluation uses: the training one for vLLM (one engine, already following the weights),
@@ -739,7 +740,7 @@ def make_rollouts(run: Run, ui: UI, out: Path, sampler: Sampler) -> rollout_stor
     with ui.progress(), autocast(cfg.loading.dtype):
         advance = ui.task("teacher rollouts", len(prompts))
         made = rollout_store.generate(run.teacher, distributed.SplitAcrossRanks(sampler, distributed.world()), prompts, cfg.sampling, cfg.topk,
-                                      models.pad_id(run.tokenizer), cfg.batch_size,
+                                      run.loss.vocab, models.pad_id(run.tokenizer), cfg.batch_size,
                                       rollouts_fingerprint(cfg, run.context, run.examples, run.views), advance)
     if distributed.world().main:
         rollout_store.save(Path(cfg.rollouts) if cfg.rollouts else out / "rollouts", made)

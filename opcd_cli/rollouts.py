@@ -66,16 +66,17 @@ def fingerprint(teacher: str, context: str | None, examples, teacher_prompts, k:
 
 
 @torch.no_grad()
-def generate(teacher, sampler: Sampler, teacher_prompts, sampling, k: int, pad_id: int, batch_size: int, meta: dict,
-             advance=None) -> Rollouts:
-    """The teacher's responses with the context, and its top-k ids and log-probs at every response token."""
+def generate(teacher, sampler: Sampler, teacher_prompts, sampling, k: int, vocab: int, pad_id: int, batch_size: int,
+             meta: dict, advance=None) -> Rollouts:
+    """The teacher's responses with the context, and its top-k ids and log-probs at every response token, over
+    the first ``vocab`` output rows (those the student shares: a larger teacher may pad its rows further)."""
     responses = sampler.generate(teacher_prompts, sampling)
     device = teacher.get_output_embeddings().weight.device
     ids, logprobs = [], []
     for lo in range(0, len(responses), batch_size):
         prompts, answers = teacher_prompts[lo : lo + batch_size], responses[lo : lo + batch_size]
         logits_NV = with_head(teacher, pack(prompts, answers, pad_id, device), False, lambda head: head.logits_NV)
-        top = torch.log_softmax(logits_NV.float(), dim=-1).topk(k, dim=-1)
+        top = torch.log_softmax(logits_NV[:, :vocab].float(), dim=-1).topk(k, dim=-1)
         for part_ids, part_logprobs in zip(top.indices.split([len(a) for a in answers]),
                                            top.values.split([len(a) for a in answers])):
             ids.append(part_ids.cpu())

@@ -205,6 +205,19 @@ def test_off_policy_rollouts_are_saved_reused_and_checked(cli, tiny_student, toy
     assert tree(tmp_path) == before
 
 
+def test_off_policy_from_a_teacher_with_more_output_rows(cli, tiny_student, tiny_teacher, toy_files, tmp_path):
+    """The larger teacher pads its output layer to 128 rows, the student to 112: the teacher's saved top-k must
+    lie within the rows they share, or the student's loss would index past its own."""
+    rollouts = tmp_path / "rollouts"
+    code, out, err = cli(*distill_args(tiny_student, toy_files, tmp_path / "run", "--mode", "off-policy",
+                                       "--teacher", tiny_teacher, "--rollouts", rollouts, "--topk", "64"))
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    ids = load_file(rollouts / "rollouts.safetensors")["topk_ids"]
+    assert ids.shape[1] == 64 and int(ids.max()) < 112 and int(ids.max()) > 64
+
+
 def test_consistency_regulariser_is_logged(cli, tiny_student, toy_files, tmp_path):
     out = tmp_path / "run"
     code, stdout, err = cli(*distill_args(tiny_student, toy_files, out, "--consistency-weight", "0.5", "--json"))

@@ -233,17 +233,19 @@ def test_vllm_reaches_the_teacher_rollouts_and_every_evaluation(cli, tmp_path, m
 
     from conftest import write_jsonl
 
-    made, calls = [], []
+    made, calls, sampled = [], [], []
     real_make = distill_module.make_sampler
 
     def make(kind, **kwargs):
         sampler = real_make(kind, **kwargs)
-        made.append((kind, kwargs["source"]))
+        made.append((kind, kwargs["source"], kwargs["vocab"]))
         real_generate = sampler.generate
 
         def generate(prompts, options):
             calls.append((sampler.name, kwargs["source"], options.temperature))
-            return real_generate(prompts, options)
+            responses = real_generate(prompts, options)
+            sampled.extend(t for r in responses for t in r)
+            return responses
 
         sampler.generate = generate
         return sampler
@@ -260,7 +262,10 @@ def test_vllm_reaches_the_teacher_rollouts_and_every_evaluation(cli, tmp_path, m
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert summary["sampler"] == "vllm" and summary["rollouts"] == "teacher"
-    assert [kind for kind, _ in made] == ["vllm", "vllm"]  # the teacher's engine, then the student's
+    # the teacher's engine, then the student's; toy:large pads its output layer to 160 rows, toy:small to 128,
+    # so the teacher samples only ids below 128
+    assert made == [("vllm", "toy:large", 128), ("vllm", "toy:small", None)]
+    assert max(sampled) < 128
     assert ("vllm", "toy:large", 1.0) in calls  # the teacher's rollouts, sampled
     assert ("vllm", "toy:large", 0.0) in calls  # the teacher's evaluation, greedy
     student_calls = [c for c in calls if c[1] == "toy:small"]

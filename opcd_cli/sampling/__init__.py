@@ -55,13 +55,14 @@ def stop_ids(generation_config, tokenizer) -> set[int]:
 
 def make_sampler(kind: str, *, tokenizer, model=None, source: str | None = None, batch_size: int = 64,
                  loading: ModelOptions = ModelOptions(), vllm_memory: float = 0.2, vllm_eager: bool = False,
-                 seed: int = 0, follows_training: bool = False) -> Sampler:
+                 seed: int = 0, follows_training: bool = False, vocab: int | None = None) -> Sampler:
     """A sampler of ``kind`` for ``model`` (in memory) or ``source`` (an id or folder).
 
     ``hf`` generates with ``model``, loaded from ``source`` when not given. ``vllm`` starts an engine from
     ``source`` (the model is not loaded twice); with ``follows_training`` it sleeps between batches on GPUs
     and expects ``update_weights`` after every optimiser step. ``loading`` says how models are loaded (dtype,
-    remote code, pickled weights).
+    remote code, pickled weights). ``vocab``: sample only ids below it (a teacher whose output layer is padded
+    past the rows the student has).
     """
     from .. import models
 
@@ -78,12 +79,12 @@ def make_sampler(kind: str, *, tokenizer, model=None, source: str | None = None,
                            memory=vllm_memory, seed=seed, trust_remote_code=loading.trust_remote_code,
                            sleep_between_batches=follows_training,
                            load_format="auto" if loading.allow_bin_weights else "safetensors",
-                           enforce_eager=vllm_eager)
+                           enforce_eager=vllm_eager, vocab=vocab)
     from .hf import HFSampler
 
     if model is None:
         model = models.load_model(source, loading.dtype, loading.trust_remote_code, loading.allow_bin_weights)
-    return HFSampler(model, tokenizer, stop_ids(model, tokenizer), batch_size=batch_size)
+    return HFSampler(model, tokenizer, stop_ids(model, tokenizer), batch_size=batch_size, vocab=vocab)
 
 
 __all__ = ["SAMPLERS", "Sampler", "make_sampler", "stop_ids"]

@@ -16,8 +16,10 @@ class HFSampler:
 
     name = "hf"
 
-    def __init__(self, model, tokenizer, stop: set[int], batch_size: int = 64):
+    def __init__(self, model, tokenizer, stop: set[int], batch_size: int = 64, vocab: int | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        rows = model.get_output_embeddings().weight.shape[0]
+        self.beyond = list(range(vocab, rows)) if vocab is not None and vocab < rows else None  # never sampled
         self.stop = set(stop)
         self.pad_id = pad_id(tokenizer)
         self.sharded = is_sharded(model)
@@ -47,6 +49,7 @@ class HFSampler:
             top_k=0 if options.temperature > 0 else None,  # no hidden top-k from the model's own defaults
             eos_token_id=sorted(self.stop),
             pad_token_id=self.pad_id,
+            suppress_tokens=self.beyond,
         )
         was_training = self.model.training
         self.model.eval()

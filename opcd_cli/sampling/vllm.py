@@ -80,8 +80,9 @@ class VLLMSampler:
     """Samples with an in-process vLLM engine whose weights follow the trainer's student.
 
     ``source`` is the student's folder (or hub id), ``stop`` the ids that end a response (``stop_ids``, the
-    same set the Hugging Face sampler stops on). ``engine_options`` go to ``vllm.LLM``
-    unchanged (e.g. ``enforce_eager=True``, ``kv_cache_memory_bytes=...``, ``max_model_len=...``).
+    same set the Hugging Face sampler stops on), ``vocab`` the ids it may sample (all when None).
+    ``engine_options`` go to ``vllm.LLM`` unchanged (e.g. ``enforce_eager=True``, ``kv_cache_memory_bytes=...``,
+    ``max_model_len=...``).
     """
 
     name = "vllm"
@@ -96,11 +97,13 @@ class VLLMSampler:
         seed: int = 0,
         trust_remote_code: bool = False,
         sleep_between_batches: bool = False,
+        vocab: int | None = None,
         **engine_options,
     ):
         vllm = import_vllm()
         self._vllm = vllm
         self.stop = set(stop)
+        self.allowed = None if vocab is None else list(range(vocab))  # ids past it are never sampled
         if not self.stop:
             raise OpcdError(f"{source} defines no end-of-sequence id; the vLLM sampler needs one to stop responses")
         # The weight push needs the engine core and its worker in this process (see the module docstring).
@@ -158,6 +161,7 @@ class VLLMSampler:
             max_tokens=options.max_new_tokens,
             stop_token_ids=sorted(self.stop),
             detokenize=False,
+            allowed_token_ids=self.allowed,
             seed=(self.seed * 1_000_003 + self.calls * 100_003 + first + i) % 2**31 if sampled else None,
         ) for i in range(len(prompts))]
         outputs = self._run([{"prompt_token_ids": [int(t) for t in p]} for p in prompts], params)
