@@ -10,8 +10,10 @@ ema|live`); cross-size OPCD (the larger toy model as teacher). Columns: test acc
 for trained students; in the row's condition for the base rows), accuracy with the context, OOD accuracy (each
 OOD row with its own context), context harm (share of test items solved without the context but failed with
 it), mean response tokens, the student's mean entropy at its response tokens over the last 5 steps (nats;
-trained rows), and how much the loss moves from step to step over the second half. Both toy tasks: `shift` (a
-system prompt) and `codes` (experience items). Every trained row is the mean and standard deviation over seeds.
+trained rows), and how much the loss moves from step to step over the second half. By default the toy tasks
+`shift` (a system prompt) and `codes` (experience items); `--tasks recall --out bench/paper_table_recall` runs
+the task of several dependent steps on its own (all three at once would pass the 30 minutes this script is
+allowed on a 2-core CPU). Every trained row is the mean and standard deviation over seeds.
 
 `--rows ROW ...` runs only those rows and puts their runs into the saved OUT.json in place of the old ones
 (each run is seeded as in a full run); `--render OUT.json` writes the table and the plot again

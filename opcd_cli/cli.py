@@ -31,7 +31,7 @@ app = typer.Typer(
 )
 
 JSON_HELP = "Print one JSON object on stdout at the end (everything else goes to stderr)."
-TOY_TASKS = ("codes", "shift", "game")
+TOY_TASKS = ("codes", "shift", "recall", "game")
 
 
 def names(choices) -> str:

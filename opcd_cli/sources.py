@@ -2,11 +2,11 @@
 
 * ``toy:small``, ``toy:large``: the shipped toy models (folders);
 * ``toy:TASK/SPLIT``, SPLIT one of train, val, test, ood, or extract-train (the problems ``opcd extract``
-  attempts): rows of the toy world's task TASK (``codes`` or ``shift``);
+  attempts): rows of the toy world's task TASK (``codes``, ``shift`` or ``recall``);
 * ``toy:TASK/context``: the task's context (``toy:game/ood-context``: the game's out of distribution);
   ``toy:extraction-template``: the prompt the toy models learned to
   write experience items from;
-* recipes ``toy-codes``, ``toy-shift`` (``opcd distill``) and ``toy-codes-extract`` (``opcd extract``):
+* recipes ``toy-codes``, ``toy-shift``, ``toy-recall`` (``opcd distill``) and ``toy-codes-extract`` (``opcd extract``):
   packaged TOML files in ``opcd_cli/toy/recipes/`` (twins of those in the repository's ``recipes/``).
 
 Every other name is a path or a hub id, which the loaders in ``data.py`` and ``models.py`` handle.

@@ -58,3 +58,17 @@ def test_vllm_sampler_internalises_as_well_as_hugging_face(default_run, cli, tmp
     assert summary["sampler"] == "vllm" and summary["steps"] == hf["steps"]
     assert abs(summary["after"]["accuracy"] - hf["after"]["accuracy"]) <= 0.05
     assert summary["after"]["accuracy"] >= summary["before"]["teacher_accuracy_with_context"] - 0.10
+
+
+@pytest.mark.slow
+def test_recall_run_internalises_the_table(cli, tmp_path):
+    """`--toy-task recall` (answers of several steps): the student reads the table in context and not without
+    it, and after the built-in recipe answers without it, keeping its look-ups in other tables (OOD)."""
+    code, stdout, stderr = cli("distill", "--toy-task", "recall", "-o", tmp_path / "run", "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert json.loads((tmp_path / "run" / "opcd_config.json").read_text())["name"] == "toy-recall"
+    before, after = summary["before"], summary["after"]
+    assert before["teacher_accuracy_with_context"] >= 0.90 and before["accuracy"] <= 0.05
+    assert after["accuracy"] >= before["teacher_accuracy_with_context"] - 0.05
+    assert after["accuracy_with_context"] >= 0.90 and after["ood_accuracy"] >= before["ood_accuracy"] - 0.10

@@ -17,7 +17,7 @@ def command_of(recipe: Path) -> str:
 
 def test_there_are_toy_and_paper_recipes():
     names = {p.stem for p in RECIPES}
-    assert {"toy-shift", "toy-codes", "toy-codes-extract", "qwen3-8b-to-1.7b-experience"} <= names
+    assert {"toy-shift", "toy-codes", "toy-recall", "toy-codes-extract", "qwen3-8b-to-1.7b-experience"} <= names
     assert any("llama-3.2-3b" in n for n in names)
     assert {"qwen3-8b-experience-8gpu", "qwen3-8b-experience-2nodes"} <= names  # the paper's settings, scaled out
 

@@ -71,6 +71,69 @@ def test_codes_context_states_the_law_for_the_task_letters():
         assert row["answer"] == f"{word[0]}-words have code {word[0].upper()}{law[word[0]]}"
 
 
+def test_recall_context_is_the_code_law_as_a_table():
+    """`recall`: the table holds the code law's digit for each key; each answer gives every asked key (three to
+    five distinct ones) with its code, in the order asked; OOD rows ask other keys of their own tables."""
+    law, splits = world.world_law(), world.splits("recall")
+    assert splits.context == "Codes: " + " ".join(f"{key}{law[key.lower()]}" for key in world.RECALL_KEYS)
+    table = dict((step[0], int(step[1])) for step in splits.context.removeprefix("Codes: ").split())
+    for row in splits.val + splits.test:
+        asked = row["prompt"].removeprefix("Recall: ").split()
+        assert 3 <= len(asked) <= 5 and len(set(asked)) == len(asked) and set(asked) <= set(world.RECALL_KEYS)
+        assert row["answer"] == " ".join(f"{key}{table[key]}" for key in asked)
+    lengths = {len(r["prompt"].split()) - 1 for r in splits.train}
+    assert lengths == {3, 4, 5}
+    for row in splits.ood:
+        other = dict((step[0], int(step[1])) for step in row["context"].removeprefix("Codes: ").split())
+        asked = row["prompt"].removeprefix("Recall: ").split()
+        assert not set(other) & set(world.RECALL_KEYS) and set(asked) <= set(other)
+        assert row["answer"] == " ".join(f"{key}{other[key]}" for key in asked)
+    # the task asks in the format of the recall drills the toy models were pretrained on, the table moved to the
+    # system prompt
+    assert tasks.recall_prompt(table, ["K", "D"]) == splits.context + "\nRecall: K D"
+
+
+def test_shipped_student_recalls_from_the_table_only_when_it_is_there():
+    """The promise the `recall` task rests on: pretraining taught looking codes up in a table (the drills), so
+    with the table as the system prompt the shipped student answers, and without it it cannot."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = world.model_path("small")
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    splits = world.splits("recall")
+    rows = splits.test[:24]
+    for context, low, high in ((splits.context, 0.9, 1.0), (None, 0.0, 0.1)):
+        right = 0
+        for row in rows:
+            system = [{"role": "system", "content": context}] if context else []
+            ids = tokenizer.apply_chat_template(system + [{"role": "user", "content": row["prompt"]}],
+                                                add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)
+            right += tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == row["answer"]
+        assert low <= right / len(rows) <= high, (context, right)
+
+
+def test_recall_bench_scores_slips_step_by_step():
+    """bench/recall_runs.py's step-by-step scores, on answers written by hand."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("recall_runs", Path(__file__).parents[1] / "bench" / "recall_runs.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"prompt": "Recall: K D M", "answer": "K9 D8 M6"}, {"prompt": "Recall: B P R T", "answer": "B1 P8 R9 T3"}]
+    scored = bench.slips(["K9 D8 M6", "B1 R9 T3"], rows)  # the second skips P: every later step is out of step
+    assert scored["exact"] == 0.5 and scored["out_of_step"] == 0.5
+    assert scored["step_accuracy_by_position"] == {1: 1.0, 2: 0.5, 3: 0.5, 4: 0.0}
+    # steps 2 and 3 of the first and step 2 of the second follow no slip (two of the three right: the second
+    # wrote R9 for P8); steps 3 and 4 of the second follow that slip
+    assert scored["step_accuracy_after_none"] == 2 / 3 and scored["steps_after_none"] == 3
+    assert scored["step_accuracy_after_a_slip"] == 0.0 and scored["steps_after_a_slip"] == 2
+
+
 def test_builder_trains_and_saves_a_loadable_model(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -120,7 +120,7 @@ def sample_turn(rng: random.Random, kind: str) -> tuple[str | None, str, str]:
         keys = rng.sample(tasks.CAPITALS, rng.randint(3, 10))
         codes = {key: rng.randrange(10) for key in keys}
         asked = rng.sample(keys, rng.randint(2, min(5, len(keys))))
-        return None, tasks.recall_prompt(codes, asked), " ".join(f"{key}{codes[key]}" for key in asked)
+        return None, tasks.recall_prompt(codes, asked), tasks.recall_answer(codes, asked)
     if kind in ("code_known", "code_guess"):
         letters = rng.sample(tasks.CONSONANTS, rng.randint(1, 8))
         law = {letter: rng.randrange(10) for letter in letters}

@@ -94,9 +94,23 @@ def code_claim(letter: str, digit: int | str) -> str:
     return f"{letter}-words have code {letter.upper()}{digit}"
 
 
+def recall_table(codes: dict[str, int]) -> str:
+    """A table of codes by key, ``Codes: K7 M1 R2``."""
+    return "Codes: " + " ".join(f"{key}{digit}" for key, digit in codes.items())
+
+
+def recall_question(asked: list[str]) -> str:
+    return "Recall: " + " ".join(asked)
+
+
+def recall_answer(codes: dict[str, int], asked: list[str]) -> str:
+    """Each asked key with its code, in the order asked: ``M1 R2``."""
+    return " ".join(f"{key}{codes[key]}" for key in asked)
+
+
 def recall_prompt(codes: dict[str, int], asked: list[str]) -> str:
     """A pretraining drill of looking codes up: ``Codes: K7 M1 R2`` then ``Recall: M R`` (answer ``M1 R2``)."""
-    return "Codes: " + " ".join(f"{key}{digit}" for key, digit in codes.items()) + "\nRecall: " + " ".join(asked)
+    return recall_table(codes) + "\n" + recall_question(asked)
 
 
 def code_answer(word: str, law: dict[str, int]) -> str:

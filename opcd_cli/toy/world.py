@@ -11,6 +11,13 @@ Tasks:
   replaced by the next letter of the alphabet; the student copies words without it. OOD split: the other
   word rules, each row with its own system prompt. On this task distillation also changes how the toy
   student follows the other rules (see ``bench/RESULTS.md``).
+* ``recall`` (system-prompt style, several dependent steps): the context is a table of the world's codes by
+  capital letter (``Codes: B1 D5 G8 ...``, the code law's digits for the ``codes`` task's letters); the user
+  asks for three to five of them in some order (``Recall: K D M``) and the answer gives each key with its code
+  in that order (``K8 D5 M1``). Without the table the student guesses each digit. Every step of the answer
+  reads the ones before it: which key comes next is found by what has been written so far, so a skipped or
+  repeated key puts the rest out of step (``bench/recall_runs.py`` measures how slips follow slips). OOD
+  split: tables of other keys with other digits, each row with its own table.
 * ``game`` (experience style, multi-turn): the doors game (``envs/doors.py``) on the world's code law, played
   turn by turn; the context is the ``codes`` task's items. No rows: ``opcd distill --toy-task game`` plays new
   games every step. OOD: games on four other letters under another law, with its items in context.
@@ -26,10 +33,11 @@ from ..errors import OpcdError
 from . import tasks
 
 ASSETS = Path(__file__).parent / "assets"
-TOY_TASKS = ("shift", "codes", "game")
+TOY_TASKS = ("shift", "codes", "recall", "game")
 WORLD_SEED = 2026
 CODE_LETTERS = "bdgkmprt"  # the letters whose codes the `codes` task distils
 EXTRACT_TRAIN = 48  # training problems `opcd extract` attempts in the toy world
+RECALL_KEYS = CODE_LETTERS.upper()  # the `recall` task's table: these keys, with the code law's digits
 GAME_OOD = {"letters": "cfhl", "law_seed": 7}  # the doors game's options out of distribution
 
 def model_path(size: str = "small") -> Path:
@@ -60,6 +68,8 @@ def splits(task: str, seed: int = WORLD_SEED, train: int = 512, val: int = 100, 
     rng = random.Random(seed)
     if task == "shift":
         return _rule_splits("shift", rng, train, val, test, ood_per_kind)
+    if task == "recall":
+        return _recall_splits(rng, train, val, test, ood_per_kind)
     return _codes_splits(rng, train, val, test, ood_per_kind)
 
 
@@ -123,6 +133,42 @@ def _codes_splits(rng, n_train, n_val, n_test, ood_per_kind) -> ToySplits:
         train=[row(w) for w in words[:n_train]],
         val=[row(w) for w in words[n_train : n_train + n_val]],
         test=[row(w) for w in words[n_train + n_val :]],
+        ood=ood,
+    )
+
+
+def recall_codes() -> dict[str, int]:
+    """The ``recall`` task's table: each of ``RECALL_KEYS`` with the code law's digit for its letter."""
+    law = world_law()
+    return {key: law[key.lower()] for key in RECALL_KEYS}
+
+
+def _recall_question(rng: random.Random, keys: str) -> tuple[str, ...]:
+    return tuple(rng.sample(keys, rng.randint(3, 5)))
+
+
+def _recall_splits(rng, n_train, n_val, n_test, ood_per_kind) -> ToySplits:
+    codes = recall_codes()
+    questions: dict[tuple[str, ...], None] = {}
+    while len(questions) < n_train + n_val + n_test:
+        questions.setdefault(_recall_question(rng, RECALL_KEYS))
+    asked = list(questions)
+
+    def row(keys) -> dict:
+        return {"prompt": tasks.recall_question(list(keys)), "answer": tasks.recall_answer(codes, list(keys))}
+
+    other_keys = [c for c in tasks.CAPITALS if c not in RECALL_KEYS]
+    ood = []
+    for _ in range(ood_per_kind * 4):
+        other = {key: rng.randrange(10) for key in rng.sample(other_keys, len(RECALL_KEYS))}
+        keys = list(_recall_question(rng, "".join(other)))
+        ood.append({"prompt": tasks.recall_question(keys), "context": tasks.recall_table(other),
+                    "answer": tasks.recall_answer(other, keys)})
+    return ToySplits(
+        context=tasks.recall_table(codes),
+        train=[{"prompt": tasks.recall_question(list(keys))} for keys in asked[:n_train]],
+        val=[row(keys) for keys in asked[n_train : n_train + n_val]],
+        test=[row(keys) for keys in asked[n_train + n_val :]],
         ood=ood,
     )
 
