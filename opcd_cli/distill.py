@@ -637,7 +637,7 @@ def saved_rollouts(run: Run, out: Path):
     folder = Path(cfg.rollouts) if cfg.rollouts else out / "rollouts"
     if cfg.mode != "off-policy" or not (folder / rollout_store.META).is_file():
         return None
-    return rollout_store.load(folder, rollouts_fingerprint(cfg, run.context, run.examples, run.views))
+    return rollout_store.load(folder, rollouts_fingerprint(cfg, run.context, run.examples, run.views), run.loss.vocab)
 
 
 def write_inputs(run: Run, out: Path) -> dict[str, str]:
@@ -798,7 +798,7 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     if cfg.mode == "off-policy" and cfg.rollouts:
         folder = Path(cfg.rollouts)
         if (folder / rollout_store.META).is_file():
-            saved = rollout_store.load(folder, rollouts_fingerprint(cfg, context, examples, views))
+            saved = rollout_store.load(folder, rollouts_fingerprint(cfg, context, examples, views), vocab)
         elif folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise OpcdError(f"--rollouts {folder} exists and holds no rollouts; give an empty or new folder")
     prefix = teacher_prefix(cfg, views, teacher)

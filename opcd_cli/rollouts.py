@@ -108,8 +108,9 @@ def save(folder: Path, rollouts: Rollouts) -> None:
         raise
 
 
-def load(folder: Path, expected: dict) -> Rollouts:
-    """Rollouts saved in ``folder``, refused if they were made from other inputs than ``expected`` describes."""
+def load(folder: Path, expected: dict, vocab: int) -> Rollouts:
+    """Rollouts saved in ``folder``, refused if they were made from other inputs than ``expected`` describes or
+    hold token ids at or past ``vocab`` (the output rows the student has)."""
     try:
         meta = json.loads((folder / META).read_text())
         tensors = load_file(str(folder / TENSORS))
@@ -119,6 +120,10 @@ def load(folder: Path, expected: dict) -> Rollouts:
     if differing:
         raise OpcdError(f"the rollouts in {folder} were made from other inputs (they differ in {', '.join(differing)}); "
                         "remove the folder or choose another --rollouts folder")
+    beyond = max(int(tensors[name].max()) if tensors[name].numel() else -1 for name in ("response_ids", "topk_ids"))
+    if beyond >= vocab:
+        raise OpcdError(f"the rollouts in {folder} hold token id {beyond}, past the student's {vocab} output rows "
+                        "(a teacher with more rows made them); remove the folder to make them again")
     lengths = tensors["lengths"].tolist()
     return Rollouts(
         [r.tolist() for r in tensors["response_ids"].split(lengths)],

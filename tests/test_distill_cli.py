@@ -214,8 +214,21 @@ def test_off_policy_from_a_teacher_with_more_output_rows(cli, tiny_student, tiny
     assert code == 0, err
     from safetensors.torch import load_file
 
-    ids = load_file(rollouts / "rollouts.safetensors")["topk_ids"]
+    saved = load_file(rollouts / "rollouts.safetensors")
+    ids = saved["topk_ids"]
     assert ids.shape[1] == 64 and int(ids.max()) < 112 and int(ids.max()) > 64
+    assert int(saved["response_ids"].max()) < 112
+
+    # rollouts that do hold such ids (as made before the teacher was held to the shared rows) are refused
+    from safetensors.torch import save_file
+
+    saved["topk_ids"][0, 0] = 120
+    save_file(saved, str(rollouts / "rollouts.safetensors"))
+    before = tree(tmp_path)
+    code, out, err = cli(*distill_args(tiny_student, toy_files, tmp_path / "again", "--mode", "off-policy",
+                                       "--teacher", tiny_teacher, "--rollouts", rollouts, "--topk", "64"))
+    assert code == 2 and "hold token id 120, past the student's 112 output rows" in err
+    assert len(err.strip().splitlines()) == 1 and tree(tmp_path) == before
 
 
 def test_consistency_regulariser_is_logged(cli, tiny_student, toy_files, tmp_path):
