@@ -41,23 +41,19 @@ METHODS = {
 }
 
 
-def steps_of(text: str) -> list[str]:
-    return text.split()
-
-
 def slips(responses: list[str], rows: list[dict]) -> dict:
     """Step-by-step scores of ``responses`` to the ``rows`` (each with its ``prompt`` and ``answer``)."""
-    by_position: dict[int, list[bool]] = {}
+    by_position: list[list[bool]] = [[] for _ in range(5)]  # recall questions ask for 3 to 5 keys
     after_slip, after_none, out_of_step, exact = [], [], 0, 0
     for response, row in zip(responses, rows):
-        want, got = steps_of(row["answer"]), steps_of(response)
+        want, got = row["answer"].split(), response.split()
         exact += got == want
         asked = row["prompt"].removeprefix("Recall: ").split()
         out_of_step += [step[:1] for step in got] != asked
         slipped = False
         for i, step in enumerate(want):
             right = i < len(got) and got[i] == step
-            by_position.setdefault(i + 1, []).append(right)
+            by_position[i].append(right)
             if i:
                 (after_slip if slipped else after_none).append(right)
             slipped = slipped or not right
@@ -65,36 +61,30 @@ def slips(responses: list[str], rows: list[dict]) -> dict:
     def share(values: list[bool]) -> float | None:
         return sum(values) / len(values) if values else None
 
-    return {"exact": exact / len(rows), "step_accuracy_by_position": {p: share(v) for p, v in by_position.items()},
+    return {"exact": exact / len(rows), "step_accuracy_by_position": [share(v) for v in by_position],
             "step_accuracy_after_a_slip": share(after_slip), "steps_after_a_slip": len(after_slip),
             "step_accuracy_after_none": share(after_none), "steps_after_none": len(after_none),
             "out_of_step": out_of_step / len(rows)}
 
 
 def answers(folder: str, rows: list[dict], temperature: float, context: str | None = None, seed: int = 0) -> list[str]:
-    """The model in ``folder`` answering ``rows`` (``context``, if any, as the system message; left-padded
-    Hugging Face generate, the chat template as in training)."""
+    """The model in ``folder`` answering ``rows`` as `opcd` samples and evaluates: its chat renderer (``context``,
+    if any, as the system message) and its Hugging Face sampler, 24 new tokens at most."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from opcd_cli.config import SamplingOptions
+    from opcd_cli.prompts import ChatRenderer, with_context
+    from opcd_cli.sampling import make_sampler
+
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    system = [{"role": "system", "content": context}] if context else []
-    ids = [tokenizer.apply_chat_template(system + [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=True)["input_ids"] for r in rows]
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
-    attention = torch.zeros_like(input_ids)
-    for b, row in enumerate(ids):
-        input_ids[b, width - len(row):] = torch.tensor(row)
-        attention[b, width - len(row):] = 1
+    renderer = ChatRenderer(tokenizer, folder)
+    prompts = [renderer.prompt_ids(with_context((("user", r["prompt"]),), context, "system")) for r in rows]
     torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=24,
-                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                             top_k=0 if temperature > 0 else None, top_p=None, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    responses = make_sampler("hf", tokenizer=tokenizer, model=model).generate(
+        prompts, SamplingOptions(temperature=temperature, max_new_tokens=24))
+    return tokenizer.batch_decode(responses, skip_special_tokens=True)
 
 
 TEMPERATURES = (0.0, 1.0)
@@ -179,8 +169,7 @@ def tables(report: dict) -> str:
             if not scored:
                 continue
             cols = [mean_std([s["exact"] for s in scored])]
-            cols += [mean_std([s["step_accuracy_by_position"].get(str(p), s["step_accuracy_by_position"].get(p))
-                               for s in scored]) for p in range(1, 6)]
+            cols += [mean_std([s["step_accuracy_by_position"][i] for s in scored]) for i in range(5)]
             slipped = sum(s["steps_after_a_slip"] for s in scored)  # few per seed: pooled over the seeds
             right = sum(s["steps_after_a_slip"] * (s["step_accuracy_after_a_slip"] or 0) for s in scored)
             cols += [pct(right / slipped if slipped else None), str(slipped)]

@@ -127,7 +127,7 @@ def test_recall_bench_scores_slips_step_by_step():
     rows = [{"prompt": "Recall: K D M", "answer": "K9 D8 M6"}, {"prompt": "Recall: B P R T", "answer": "B1 P8 R9 T3"}]
     scored = bench.slips(["K9 D8 M6", "B1 R9 T3"], rows)  # the second skips P: every later step is out of step
     assert scored["exact"] == 0.5 and scored["out_of_step"] == 0.5
-    assert scored["step_accuracy_by_position"] == {1: 1.0, 2: 0.5, 3: 0.5, 4: 0.0}
+    assert scored["step_accuracy_by_position"] == [1.0, 0.5, 0.5, 0.0, None]  # steps 1 to 5; no row has a 5th
     # steps 2 and 3 of the first and step 2 of the second follow no slip (two of the three right: the second
     # wrote R9 for P8); steps 3 and 4 of the second follow that slip
     assert scored["step_accuracy_after_none"] == 2 / 3 and scored["steps_after_none"] == 3

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import string
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..experience import ITEM_PREFIX, trace_line  # noqa: F401  (trace_line: the toy builder reads it here)
 
@@ -99,11 +99,11 @@ def recall_table(codes: dict[str, int]) -> str:
     return "Codes: " + " ".join(f"{key}{digit}" for key, digit in codes.items())
 
 
-def recall_question(asked: list[str]) -> str:
+def recall_question(asked: Sequence[str]) -> str:
     return "Recall: " + " ".join(asked)
 
 
-def recall_answer(codes: dict[str, int], asked: list[str]) -> str:
+def recall_answer(codes: dict[str, int], asked: Sequence[str]) -> str:
     """Each asked key with its code, in the order asked: ``M1 R2``."""
     return " ".join(f"{key}{codes[key]}" for key in asked)
 

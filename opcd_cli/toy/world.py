@@ -12,9 +12,9 @@ Tasks:
   word rules, each row with its own system prompt. On this task distillation also changes how the toy
   student follows the other rules (see ``bench/RESULTS.md``).
 * ``recall`` (system-prompt style, several dependent steps): the context is a table of the world's codes by
-  capital letter (``Codes: B1 D5 G8 ...``, the code law's digits for the ``codes`` task's letters); the user
+  capital letter (``Codes: B1 D8 G1 ...``, the code law's digits for the ``codes`` task's letters); the user
   asks for three to five of them in some order (``Recall: K D M``) and the answer gives each key with its code
-  in that order (``K8 D5 M1``). Without the table the student guesses each digit. Every step of the answer
+  in that order (``K9 D8 M6``). Without the table the student guesses each digit. Every step of the answer
   reads the ones before it: which key comes next is found by what has been written so far, so a skipped or
   repeated key puts the rest out of step (``bench/recall_runs.py`` measures how slips follow slips). OOD
   split: tables of other keys with other digits, each row with its own table.
@@ -155,18 +155,18 @@ def _recall_splits(rng, n_train, n_val, n_test, ood_per_kind) -> ToySplits:
     asked = list(questions)
 
     def row(keys) -> dict:
-        return {"prompt": tasks.recall_question(list(keys)), "answer": tasks.recall_answer(codes, list(keys))}
+        return {"prompt": tasks.recall_question(keys), "answer": tasks.recall_answer(codes, keys)}
 
     other_keys = [c for c in tasks.CAPITALS if c not in RECALL_KEYS]
     ood = []
     for _ in range(ood_per_kind * 4):
         other = {key: rng.randrange(10) for key in rng.sample(other_keys, len(RECALL_KEYS))}
-        keys = list(_recall_question(rng, "".join(other)))
+        keys = _recall_question(rng, "".join(other))
         ood.append({"prompt": tasks.recall_question(keys), "context": tasks.recall_table(other),
                     "answer": tasks.recall_answer(other, keys)})
     return ToySplits(
         context=tasks.recall_table(codes),
-        train=[{"prompt": tasks.recall_question(list(keys))} for keys in asked[:n_train]],
+        train=[{"prompt": tasks.recall_question(keys)} for keys in asked[:n_train]],
         val=[row(keys) for keys in asked[n_train : n_train + n_val]],
         test=[row(keys) for keys in asked[n_train + n_val :]],
         ood=ood,
