@@ -349,10 +349,14 @@ def restore(run: Run, training: Training, sampler: Sampler, out: Path) -> None:
 
 
 def check_resumable(out: RunDir, steps: int) -> None:
-    """Before anything moves: the run to continue has a saved state, short of ``steps``."""
-    done = saved_step(out.partial if out.partial.is_dir() else out.final)
-    if done >= steps:
-        raise OpcdError(f"{out.final} has done {done} steps already; give --steps above {done} to train it further")
+    """Before anything moves: the run to continue has a saved state, short of ``steps``; or, a run stopped after
+    its last step's state was saved (killed while saving or scoring the final model), exactly at ``steps``: it
+    is completed."""
+    stopped = out.partial.is_dir()
+    done = saved_step(out.partial if stopped else out.final)
+    if done > steps or (done == steps and not stopped):
+        least = f"of at least {done} to complete it" if stopped else f"above {done} to train it further"
+        raise OpcdError(f"{out.final} has done {done} steps already; give --steps {least}")
 
 
 class Terminated(KeyboardInterrupt):

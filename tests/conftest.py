@@ -11,11 +11,34 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU through the interpreter
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several pytest processes (pytest-xdist): its share of the cores,
+    # for its own work and for the runs it starts (two threads each on two cores cost 1.6x in spinning threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                     // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+THREADS = os.environ.get("OMP_NUM_THREADS", "")
+torch.set_num_threads(int(THREADS) if THREADS.isdigit() and int(THREADS) > 0 else min(2, os.cpu_count() or 1))
 
 from opcd_cli.models import quiet_transformers  # noqa: E402
 
 quiet_transformers()
+
+# The suite runs in two pytest processes (pytest-xdist, `-n auto --dist loadfile` in pyproject.toml), each taking
+# whole files. The files that start toy runs, torchrun launches or vLLM engines are handed out first, longest
+# first, so that the two processes end together; the rest fill in behind them, in their usual order.
+LONGEST_FIRST = ("test_distributed.py", "test_game_distill.py", "test_default_run.py", "test_extract.py",
+                 "test_bad_inputs.py", "test_resume.py", "test_real_tokenizers.py", "test_lora.py",
+                 "test_sampling_vllm.py", "test_distill_cli.py")  # by the CPU time each took (bench/RESULTS.md)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: two processes on this project's 2-core machines, at most four elsewhere (each run a test
+    starts may itself start two processes or a vLLM engine)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
 
 
 def make_tiny_model(folder: Path, hidden: int = 32, layers: int = 1, vocab_rows: int = 112, seed: int = 0) -> Path:

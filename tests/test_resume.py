@@ -107,9 +107,24 @@ def test_a_finished_run_trains_further_and_refuses_changed_settings(small_eval, 
     run = folder / "further"
     common = ["--eval-data", str(folder / "test.jsonl"), "--ood-data", str(folder / "ood.jsonl"), "--no-eval-before",
               "-o", str(run), "--batch-size", "4", "--save-every", "1"]
-    assert main(["distill", *common, "--steps", "2"]) == 0
-    capsys.readouterr()
+    assert main(["distill", *common, "--steps", "2", "--json"]) == 0
+    finished = json.loads(capsys.readouterr().out)
     config = (run / "opcd_config.json").read_text()
+
+    # a run killed after its last step's state was saved, before its final model and summary: --resume completes it
+    import shutil
+
+    cut = folder / "cut.partial"
+    shutil.copytree(run, cut)
+    for name in ("model.safetensors", "summary.json", "metrics.png"):
+        (cut / name).unlink()
+    assert main(["distill", "--resume", str(cut), "--json"]) == 0
+    completed = json.loads(capsys.readouterr().out)
+    assert completed["after"] == finished["after"] and per_step(folder / "cut") == per_step(run)
+    assert not cut.exists() and (folder / "cut" / "model.safetensors").is_file()
+    for key, value in weights(run).items():
+        assert torch.equal(weights(folder / "cut")[key], value), key
+    shutil.rmtree(folder / "cut")
 
     assert main(["distill", "--resume", str(run), "--steps", "2"]) == 2
     assert "has done 2 steps already; give --steps above 2" in capsys.readouterr().err

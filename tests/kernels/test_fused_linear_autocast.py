@@ -21,7 +21,7 @@ from opcd_cli.kernels.sparse_target import fused_linear_sparse_target_kl  # noqa
 
 from _testing import assert_close  # noqa: E402
 
-N, V, H, M = 29, 1031, 24, 40
+N, V, H, M = 11, 1031, 24, 40
 FUSED = {"torch": fused_linear_topk_kl_torch, "triton": fused_linear_topk_kl_triton}
 BF16_GRAD = (5e-3, 2e-2)  # a bf16 matmul's rounding, compared with the same matmuls done by autocast
 
@@ -55,7 +55,7 @@ def test_float32_master_weights_under_bf16_autocast(path, renorm):
     loss_ref, gh_ref, gw_ref, _, _ = reference(hs, ws, ht, wt, k=16, mask=mask, renorm=renorm)
     hs_, ws_ = hs.clone().requires_grad_(), ws.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = FUSED[path](hs_, ws_, ht, wt, k=16, mask=mask, renorm=renorm, chunk_size=8)
+        loss = FUSED[path](hs_, ws_, ht, wt, k=16, mask=mask, renorm=renorm, chunk_size=4)
     (loss * 1.5).backward()
     assert hs_.grad.dtype == ws_.grad.dtype == torch.float32  # gradients of float32 masters stay float32
     assert_close(f"{path} loss", loss_ref, loss, 1e-5, 1e-5)  # same bf16 logits, float32 maths
@@ -71,7 +71,7 @@ def test_second_side_under_autocast(path):
     _, _, _, gh2_ref, gw2_ref = reference(hs, ws, ht, wt, wrt_second=True, k=16, mask=mask)
     h2, w2 = ht.clone().requires_grad_(), wt.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = FUSED[path](hs, ws, h2, w2, k=16, mask=mask, chunk_size=8)
+        loss = FUSED[path](hs, ws, h2, w2, k=16, mask=mask, chunk_size=4)
     (loss * 1.5).backward()
     assert h2.grad.dtype == w2.grad.dtype == torch.float32
     assert_close(f"{path} grad second hidden", gh2_ref, h2.grad, *BF16_GRAD)
@@ -89,7 +89,7 @@ def test_sparse_target_under_autocast():
     naive_sparse_target_kl(ids, lq, z, mask=mask).backward()
     h_, w_ = hs.clone().requires_grad_(), ws.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = fused_linear_sparse_target_kl(ids, lq, h_, w_, mask=mask, chunk_size=8)
+        loss = fused_linear_sparse_target_kl(ids, lq, h_, w_, mask=mask, chunk_size=4)
     loss.backward()
     assert h_.grad.dtype == w_.grad.dtype == torch.float32
     assert_close("sparse grad hidden", a.grad, h_.grad, *BF16_GRAD)

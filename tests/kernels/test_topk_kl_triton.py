@@ -16,7 +16,7 @@ from opcd_cli.kernels.topk_kl_triton import topk_kl_forward, topk_kl_triton  # n
 
 from _testing import LOSS_TOLERANCE, assert_close, tolerance  # noqa: E402
 
-N, V = 19, 1271  # odd sizes; every row is one Triton program, so N only sets how many the interpreter runs
+N, V = 7, 1271  # odd sizes; every row is one Triton program, so N only sets how many the interpreter runs
 
 
 def logits(n, v, dtype, seed, scale=3.0):
@@ -41,7 +41,7 @@ def test_matches_reference(dtype, k, renorm):
     upstream = torch.randn(N, generator=torch.Generator().manual_seed(4))
     kw = dict(k=k, mask=mask, renorm=renorm)
     loss_ref, grad_ref = loss_and_grad(naive_topk_kl, student, teacher, upstream, **kw)
-    loss_chunked, grad_chunked = loss_and_grad(topk_kl_torch, student, teacher, upstream, chunk_size=8, **kw)
+    loss_chunked, grad_chunked = loss_and_grad(topk_kl_torch, student, teacher, upstream, chunk_size=3, **kw)
     loss_tri, grad_tri = loss_and_grad(topk_kl_triton, student, teacher, upstream, **kw)
     atol, rtol = tolerance(dtype)
     assert grad_tri.dtype == dtype
@@ -83,7 +83,7 @@ def test_reductions_and_topk_mass(reduction):
 
 def test_rows_of_several_blocks():
     """Blocks of 256 columns: the last block is partial, and ties cross block boundaries."""
-    n = 16
+    n = 5
     student = (logits(n, V, torch.float32, 10, scale=1.0) * 4).round().to(torch.bfloat16)  # few distinct values
     teacher = logits(n, V, torch.bfloat16, 11)
     upstream = torch.randn(n, generator=torch.Generator().manual_seed(12))
