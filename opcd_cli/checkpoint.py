@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import OpcdError, first_line
+from .errors import OpcdError, first_line, write_failure
 from .outputs import DIR_MODE, FILE_MODE
 
 STATE_FILE = "training_state.pt"
@@ -53,8 +53,11 @@ def save_model(model, tokenizer, folder: Path, dtype: torch.dtype, state: dict |
             _move_into(tmp, folder)
         else:
             tmp.rename(folder)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = write_failure(e, f"the model in {folder}")
+        if full is not None:
+            raise full from None
         raise
 
 
@@ -96,10 +99,12 @@ def trainable_weights(model) -> dict[str, torch.Tensor]:
 
 
 def save_state(run_dir: Path, *, step: int, model, optimizer, scheduler, metrics: list[dict],
-               samplers: dict | None = None, extra: dict | None = None, teacher=None) -> Path:
+               samplers: dict | None = None, extra: dict | None = None, teacher=None,
+               settings: dict | None = None) -> Path:
     """Everything that continues the run exactly after ``step``, in ``run_dir/state``: the trained weights (at
     full precision), the optimiser, the scheduler, the random states of Python, torch and each sampler, the
-    metrics so far; and a ``teacher`` that moves with the student (an average of it), whole. Written to a new
+    metrics so far; and a ``teacher`` that moves with the student (an average of it), whole; ``settings`` (the
+    run's, which a resume checks its config file against) beside the step in ``step.json``. Written to a new
     folder that then replaces the old one, which is kept until the new one is complete: a kill at any instant
     leaves one complete state (``state``, or ``state.old`` between two renames).
 
@@ -145,7 +150,7 @@ def save_state(run_dir: Path, *, step: int, model, optimizer, scheduler, metrics
                 "metrics": metrics,
                 "extra": extra or {},
             }, tmp / STATE_FILE)
-            (tmp / STEP_FILE).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
+            (tmp / STEP_FILE).write_text(json.dumps({"step": step, "settings": settings}) + "\n", encoding="utf-8")
             for path in tmp.rglob("*"):
                 os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
             if target.exists():
@@ -154,9 +159,12 @@ def save_state(run_dir: Path, *, step: int, model, optimizer, scheduler, metrics
                 target.rename(old)
             tmp.rename(target)
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
+        full = write_failure(e, f"the training state in {run_dir} (the previous one is kept)")
+        if full is not None:
+            raise full from None
         raise
     distributed.barrier()  # no rank goes on (or saves again) before the state is in place
     return target
@@ -182,6 +190,50 @@ def saved_step(run_dir: Path) -> int:
         return int(json.loads((folder / STEP_FILE).read_text(encoding="utf-8"))["step"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise OpcdError(f"cannot read the training state in {folder}: {first_line(e)}") from None
+
+
+def check_state(run_dir: Path, *, model, teacher=None) -> None:
+    """Before a resumed run moves anything: its saved state is complete and fits ``model`` (and a moving
+    ``teacher``), read without loading the tensors: the step, the state file's zip directory (a truncated file
+    has none), the weights' names from their headers."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    saved_step(run_dir)
+    folder = state_folder(run_dir)
+    try:
+        with zipfile.ZipFile(folder / STATE_FILE) as archive:
+            archive.namelist()
+        if (folder / SHARDED_DIR).is_dir():
+            import torch.distributed.checkpoint as dcp
+
+            keys = dcp.FileSystemReader(str(folder / SHARDED_DIR)).read_metadata().state_dict_metadata
+            _check_names(folder, {k.removeprefix("model.") for k in keys if k.startswith("model.")}, model, exact=False)
+            if teacher is not None and not any(k.startswith("teacher.") for k in keys):
+                raise _no_teacher(folder)
+            return
+        with safe_open(str(folder / WEIGHTS_FILE), "pt") as weights:
+            _check_names(folder, set(weights.keys()), model)
+        if teacher is not None:
+            if not (folder / TEACHER_FILE).is_file():
+                raise _no_teacher(folder)
+            with safe_open(str(folder / TEACHER_FILE), "pt") as weights:
+                weights.keys()
+    except OpcdError:
+        raise
+    except Exception as e:  # a truncated or foreign file
+        raise OpcdError(f"cannot read the training state in {folder}: {first_line(e)}; the run is left as it "
+                        "was") from None
+
+
+def saved_settings(run_dir: Path) -> dict | None:
+    """The run's settings as its training state recorded them (None for a state saved before they were)."""
+    try:
+        settings = json.loads((state_folder(run_dir) / STEP_FILE).read_text(encoding="utf-8")).get("settings")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return settings if isinstance(settings, dict) else None
 
 
 def load_state(run_dir: Path, *, model, optimizer, scheduler, teacher=None) -> dict:

@@ -133,11 +133,15 @@ def distill(
     if resume is not None:
         if recipe is not None or toy_task is not None:
             raise OpcdError("--resume continues a run with its own settings; drop --recipe and --toy-task")
-        cfg = resume_config(resume, flags)
+        resumed = resume_config(resume, flags)
+        cfg = resumed.config
     else:
         cfg = build_distill_config(*distill_layers(recipe, toy_task, student, data), flags)
     main_process = environment_rank() == 0  # under torchrun, rank 0 alone prints
     ui = UI(quiet=not main_process)
+    if resume is not None and resumed.not_given:
+        ui.info(f"note: {resume} was started with {' and '.join(resumed.not_given)}; a run folder "
+                "never grants a permission by itself, so this resume runs without (give the flag again to use it)")
     if world_size is not None and not dry_run:
         raise OpcdError("--world-size plans a launch with --dry-run; a real run's world size is torchrun's "
                         "--nproc-per-node x --nnodes")
@@ -224,6 +228,11 @@ def show_distill_summary(ui: UI, summary: dict) -> None:
         ui.table(f"time per step ({phases['step_seconds']:.2f} s)", ["", "seconds", "share"],
                  [[name.replace("_", " "), f"{seconds:.3f}", percent(phases["shares"][name])]
                   for name, seconds in phases["seconds"].items()])
+    for when, result in (("before", before), ("after", after)):
+        if result.get("out_of_window"):
+            from .games import window_warning
+
+            ui.info(window_warning(result["out_of_window"], f"of the evaluation {when} training"))
     escape = summary.get("topk_mass_escape")
     if escape:
         from .escape import Escape
@@ -342,6 +351,11 @@ def eval_command(
         results = evaluate(cfg, progress=ui)
     if env is not None:
         show_eval_table(ui, results, f"games: {env}", GAME_COLUMNS)
+        from .games import window_warning
+
+        for result in results:
+            if result.get("out_of_window"):
+                ui.info(window_warning(result["out_of_window"], f"of {result['model']}"))
     else:
         show_eval_table(ui, results)
     if json_output:
@@ -359,6 +373,8 @@ def plot(
     and the teacher's entropy, the share of distinct tokens) into one PNG."""
     from .plots import plot_runs, read_metrics
 
+    from .outputs import check_output_path
+
     out = Path(output)
     if out.suffix.lower() != ".png":
         raise OpcdError(f"-o {output}: give a .png file name")
@@ -366,8 +382,12 @@ def plot(
         raise OpcdError(f"-o {output} is a folder; give a .png file name")
     if out.exists() and not overwrite:
         raise OpcdError(f"{output} exists; pass --overwrite to replace it")
+    check_output_path(output, "-o")
     drawn = [(Path(r).name.removesuffix(".partial") or r, read_metrics(Path(r))) for r in runs]
-    plot_runs(drawn, out)
+    try:
+        plot_runs(drawn, out)
+    except OSError as e:
+        raise OpcdError(f"cannot write {output}: {e.strerror or e}") from None
     UI().info(f"{len(drawn)} run(s), {sum(len(rows) for _, rows in drawn)} steps drawn into {out}")
     if json_output:
         print_json({"output": str(out), "runs": [{"run": r, "steps": len(rows)} for r, (_, rows) in zip(runs, drawn)]})

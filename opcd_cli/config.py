@@ -204,6 +204,7 @@ class DistillConfig:
     def __post_init__(self):
         _check_types(self)
         _check_lora(self)
+        _seed(self.seed)
         _choice("report_to", self.report_to, REPORT_TO)
         _choice("context_as", self.context_as, CONTEXT_AS)
         _choice("mode", self.mode, DISTILL_MODES)
@@ -264,6 +265,7 @@ class DistillConfig:
         if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) or \
                 not 0 < self.ema_decay < 1:
             raise OpcdError(f"ema_decay must be in (0, 1) (0.99: the teacher takes 1% of each step); got {self.ema_decay!r}")
+        _check_dependent(self)
         if self.topk_support != "student" and self.mode == "off-policy":
             raise OpcdError("--topk-support chooses the on-policy loss's support; off-policy the support is the "
                             "teacher's saved top-k: drop it with --mode off-policy")
@@ -308,6 +310,12 @@ class DistillConfig:
         """Whether each micro-batch has a second student pass, with the context (the regulariser, the anchor)."""
         return self.consistency_weight > 0 or self.anchor_weight > 0
 
+    def inputs(self) -> dict[str, str | None]:
+        """What the run reads, by flag: an output may be none of them, hold none and lie in none."""
+        return {"--student": self.student, "--teacher": self.teacher, "--data": self.data, "--context": self.context,
+                "--eval-data": self.eval_data, "--ood-data": self.ood_data, "--ood-context": self.ood_context,
+                "--rollouts": self.rollouts}
+
     def default_output_dir(self) -> str:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         name = self.name or Path(str(self.student).replace(":", "-")).name
@@ -344,6 +352,7 @@ class EvalConfig:
         _check_types(self)
         if not self.models:
             raise OpcdError("give at least one --model (a Hugging Face id or a local directory)")
+        _seed(self.seed)
         if (self.data is None) == (self.env is None):
             raise OpcdError("give --data (rows with answers) or --env (a game to play), one of the two")
         _at_least("games", self.games, 1)
@@ -400,6 +409,7 @@ class ExtractConfig:
         _check_types(self)
         if not self.output.strip():
             raise OpcdError("--output is empty; give the experience file to write (e.g. exp.txt)")
+        _seed(self.seed)
         if self.env is not None:
             if self.data is not None or self.val is not None:
                 raise OpcdError("give --data and --val (problems) or --env (a game to play), not both")
@@ -433,6 +443,26 @@ def parse_json_object(text: str | None, flag: str = "--chat-template-kwargs",
     return value
 
 
+def _given(cfg, names) -> list[str]:
+    """Those of ``names`` that differ from their defaults: settings a flag or a recipe gave."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in fields(cfg)}
+    return [name for name in names if getattr(cfg, name) != defaults[name]]
+
+
+def _check_dependent(cfg: "DistillConfig") -> None:
+    """Settings that only act with another one are refused without it, instead of being ignored."""
+    rules = [(("ema_decay",), cfg.teacher_kind == "ema", "--teacher-kind ema (the moving average it sets)"),
+             (("vllm_memory", "vllm_eager"), cfg.sampler == "vllm", "--sampler vllm"),
+             (("env_options", "max_turns", "eval_games"), cfg.env is not None, "--env (the game they set up)"),
+             (("off_policy_loss", "rollouts"), cfg.mode == "off-policy", "--mode off-policy")]
+    for names, present, needed in rules:
+        given = _given(cfg, names)
+        if given and not present:
+            flag = "--" + given[0].replace("_", "-")
+            raise OpcdError(f"{flag} only acts with {needed}; give that too, or drop {flag}")
+
+
 def _check_lora(cfg) -> None:
     if cfg.lora_rank is None:
         given = [name for name, default in (("lora_alpha", None), ("lora_dropout", 0.0), ("lora_targets", "all-linear"))
@@ -455,6 +485,14 @@ def lora_target_names(targets: str) -> str | list[str]:
     if targets.strip() == "all-linear":
         return "all-linear"
     return [name.strip() for name in targets.split(",") if name.strip()]
+
+
+SEED_LIMIT = 2**63 - 1  # torch.manual_seed takes 64 bits; the seeds derived per process and step add to it
+
+
+def _seed(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_LIMIT - 2**40:
+        raise OpcdError(f"seed must be a whole number from 0 to {SEED_LIMIT - 2**40}; got {value!r}")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -530,6 +568,9 @@ def flatten_settings(data: dict[str, Any], source: str = "settings", cls=None) -
 RESUMABLE = ("steps", "save_every", "show_prompts", "teacher_sharding", "gradient_checkpointing",
              "teacher_prefix_cache", "micro_batch_tokens", "min_topk_mass", "stop_on_escape")  # what a resumed run
 # may change: train further, keep checkpoints, how it runs, what is printed and watched
+PERMISSIONS = ("trust_remote_code", "allow_bin_weights", "report_to")  # what a run may do beyond reading its
+# inputs (run a model's code, unpickle weights, send metrics away): given on the command line of every
+# invocation, never read from a run folder, which is data that travels
 
 
 def _flag_list(keys) -> str:
@@ -537,9 +578,25 @@ def _flag_list(keys) -> str:
     return ", ".join(flags[:-1]) + f" and {flags[-1]}" if len(flags) > 1 else flags[0]
 
 
-def resume_config(run: str, flags: dict[str, Any]) -> DistillConfig:
-    """The configuration of the run to continue (its ``.partial`` folder, or a finished run), with ``--steps``
-    and ``--save-every`` from ``flags``; any other flag that differs from the run's own setting is an error."""
+def is_python_env(env: str | None) -> bool:
+    """Whether ``--env`` names the user's own class (``package.module:Class``), not a built-in game."""
+    return env is not None and ":" in env
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A run to continue: its configuration (its own settings, the permissions of this command line) and the
+    flags of the permissions its folder records that this command line does not give (so not used)."""
+
+    config: "DistillConfig"
+    not_given: tuple[str, ...]  # e.g. ("--trust-remote-code", "--report-to wandb")
+
+
+def resume_config(run: str, flags: dict[str, Any]) -> Resumed:
+    """The configuration of the run to continue (its ``.partial`` folder, or a finished run), with the settings of
+    ``RESUMABLE`` and ``PERMISSIONS`` from ``flags``; any other flag that differs from the run's own setting is
+    an error. Nothing read from the run folder turns a permission on: those come from ``flags`` alone, and a
+    game class of the user's (``package.module:Class``, code) runs only when ``--env`` names it again."""
     folder = Path(run)
     if not folder.is_dir():
         raise OpcdError(f"--resume {run}: no such run folder")
@@ -548,18 +605,32 @@ def resume_config(run: str, flags: dict[str, Any]) -> DistillConfig:
         saved = json.loads((folder / "opcd_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise OpcdError(f"--resume {run}: cannot read its opcd_config.json ({type(e).__name__}); is it an opcd run?") from None
+    if not isinstance(saved, dict):
+        raise OpcdError(f"--resume {run}: its opcd_config.json holds {type(saved).__name__}, not the run's settings; "
+                        "is it an opcd run?")
     settings = flatten_settings(saved, source=str(folder / "opcd_config.json"))
     given = {key.replace("-", "_"): value for key, value in flags.items() if value is not None}
     differing = sorted(key for key, value in given.items()
-                       if key not in RESUMABLE and key not in ("output_dir", "overwrite") and settings.get(key) != value)
+                       if key not in RESUMABLE + PERMISSIONS and key not in ("output_dir", "overwrite")
+                       and settings.get(key) != value)
     if differing:
         raise OpcdError(f"--resume continues {run} with its own settings; these flags differ from them: "
                         f"{', '.join('--' + k.replace('_', '-') for k in differing)} (only {_flag_list(RESUMABLE)} "
-                        "may change)")
+                        f"may change; {_flag_list(PERMISSIONS)} are given anew each time)")
     if given.get("overwrite"):
         raise OpcdError("--resume continues a run where it stopped; it cannot be combined with --overwrite")
+    if given.get("output_dir") is not None and Path(given["output_dir"]).expanduser().resolve() != final.resolve():
+        raise OpcdError(f"--resume continues {run} in its own folder ({final}); drop --output-dir")
+    if is_python_env(settings.get("env")) and given.get("env") != settings["env"]:
+        raise OpcdError(f"{run} plays --env {settings['env']}, a class of your own (Python code); a run folder never "
+                        f"runs code by itself: give --env {settings['env']} again to resume it")
+    defaults = {f.name: f.default for f in fields(DistillConfig)} | {f.name: f.default for f in fields(ModelOptions)}
+    not_given = tuple(_flag_list([key]) + ("" if isinstance(defaults[key], bool) else f" {settings[key]}")
+                      for key in PERMISSIONS if key not in given and settings.get(key, defaults[key]) != defaults[key])
     changes = {key: given[key] for key in RESUMABLE if key in given}
-    return build_distill_config(settings, changes, {"output_dir": str(final), "overwrite": False})
+    permissions = {key: given.get(key, defaults[key]) for key in PERMISSIONS}
+    return Resumed(build_distill_config(settings, changes, permissions, {"output_dir": str(final), "overwrite": False}),
+                   not_given)
 
 
 def build_config(cls, *layers: dict[str, Any]):

@@ -4,7 +4,7 @@ Rows come from JSONL, JSON, CSV, Parquet, a saved ``datasets`` folder, or a buil
 ``sources.py``). Each has ``prompt`` (a string) or ``messages`` (a chat: a list of ``{"role", "content"}``
 ending with the user's turn), and optionally ``context`` (its own context, which wins over ``--context``),
 ``answer`` and ``verifier`` (which verifier scores it; see ``verifiers.py``). A run writes the rows it used
-back as JSONL (``write_jsonl``), in the same form.
+back as JSONL (``jsonl_text``), in the same form.
 """
 
 from __future__ import annotations
@@ -138,6 +138,8 @@ def _read_records(path: str, what: str) -> list[tuple[int, dict]]:
         return _read_jsonl(source, what)
     if fmt == "json":
         return list(enumerate(_read_json(source, what), 1))
+    if fmt == "csv":
+        return list(enumerate(_read_csv(source, what), 1))
     import datasets
 
     datasets.disable_progress_bars()
@@ -189,6 +191,27 @@ def _read_json(source: Path, what: str) -> list[dict]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise OpcdError(f"{what} file {source} must hold a JSON list of objects (or use JSONL, one object per line)")
     return value
+
+
+def _read_csv(source: Path, what: str) -> list[dict]:
+    """Every column as the text it is (``007`` stays ``007``, ``1.50`` stays ``1.50``); an empty cell is no value."""
+    import csv
+    import io
+
+    text = read_text(source, f"{what} file {source}").removeprefix("\ufeff")
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = []
+        for record in reader:
+            if None in record:
+                raise OpcdError(f"{what} file {source} row {len(rows) + 1} has more cells than the header has columns "
+                                f"({', '.join(reader.fieldnames)})")
+            rows.append({key: value for key, value in record.items() if value not in (None, "")})
+    except csv.Error as e:
+        raise OpcdError(f"cannot read {what} file {source}: {e}") from None
+    if not rows:
+        raise OpcdError(f"{what} file {source} has no rows")
+    return rows
 
 
 def _to_example(record: dict, row: int, path: str, line_of: str) -> Example:
@@ -251,7 +274,7 @@ def _optional_text(record: dict, key: str, where: str) -> str | None:
     return value
 
 
-def write_jsonl(path: Path, examples: list[Example]) -> None:
+def jsonl_text(examples: list[Example]) -> str:
     """Rows as JSONL, one object a line, in the form they are read in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(e.to_record(), ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
+    return "".join(json.dumps(e.to_record(), ensure_ascii=False) + "\n" for e in examples)
+

@@ -29,14 +29,15 @@ import torch
 
 from . import distributed, lora, models, teachers, trackers
 from . import rollouts as rollout_store
-from .checkpoint import load_state, save_model, save_state, saved_step, step_prompts
-from .config import DistillConfig, SamplingOptions
-from .data import Example, has_context, load_examples, read_context, require_answers, write_jsonl
-from .errors import Interrupted, OpcdError
+from .checkpoint import (check_state, load_state, save_model, save_state, saved_settings, saved_step,
+                         state_folder, step_prompts)
+from .config import PERMISSIONS, RESUMABLE, DistillConfig, SamplingOptions
+from .data import Example, has_context, jsonl_text, load_examples, read_context, require_answers
+from .errors import DiskFull, Interrupted, OpcdError
 from .escape import Escape, EscapeGuard
 from .evaluate import EvalResult, evaluate_model, passes, score
 from .games import (TRAIN_GAME_SEEDS, Game, GameEvalResult, GameScores, GameSetup, evaluate_games, game_seeds, play,
-                    plays, turn_views)
+                    plays, turn_views, window_warning)
 from .loss import DistillLoss, TeacherPrefix, attention_kind, can_reuse_prefix, common_prefix, packing_is_exact
 from .micro_batches import MicroBatch, Packer, by_prompts, by_token_budget, sequence_cost, split_to
 from .plots import plot_runs
@@ -105,12 +106,21 @@ def distill(cfg: DistillConfig, ui: UI, resume: bool = False) -> dict:
         try:
             run = distributed.agree(lambda: prepare(replace(cfg, output_dir=str(out.final)), out, ui))
             return train(distribute(run, world), ui, started, resume)
+        except DiskFull as e:
+            if saved_state_exists(out.partial):
+                raise DiskFull(e.what, e.detail, f"free some space and continue with: opcd distill --resume "
+                                                 f"{out.partial}") from None
+            raise
         except KeyboardInterrupt as e:
             where = f"; the partial run is in {out.partial}" if out.partial.exists() else ""
             code = 128 + signal.SIGTERM.value if isinstance(e, Terminated) else 130
             raise Interrupted(f"{'terminated' if code != 130 else 'interrupted'}{where}", code=code) from None
         finally:
             out.release()
+
+
+def saved_state_exists(folder: Path) -> bool:
+    return folder.is_dir() and state_folder(folder) is not None
 
 
 def check_world(cfg: DistillConfig, world: distributed.World) -> None:
@@ -129,7 +139,7 @@ def open_output(cfg: DistillConfig, resume: bool, world: distributed.World) -> R
     through rank 0 only, and get None."""
     if not world.main:
         return None
-    out = RunDir(cfg.output_dir or cfg.default_output_dir(), cfg.overwrite, resume=resume)
+    out = RunDir(cfg.output_dir or cfg.default_output_dir(), cfg.overwrite, resume=resume, inputs=cfg.inputs())
     if resume:
         try:
             check_resumable(out, cfg.steps)
@@ -174,6 +184,8 @@ def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
     """The distillation run on a prepared ``run``: the teacher's work, the evaluation before, the loop, the final
     model, the evaluation after and the summary."""
     cfg, student, main = run.cfg, run.student, distributed.world().main
+    if resume:  # every check before anything moves: a resume that fails leaves the run as it was
+        distributed.agree(lambda: check_resume(run))
     out = run.out.reopen() if resume else run.out.begin()
     if main:
         write_json_atomic(out / RUN_MARKER, cfg.to_dict())  # a resumed run's own, with its new --steps
@@ -241,7 +253,7 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
             # the context (or, off-policy, the teacher's); with --env, the replies of games played to the end
             with timer.phase("rollouts"):
                 seqs = step_sequences(run, player or sampler, rollouts, step, world)
-            tokens, ends, replies, won = step_counts(run, seqs)  # over every rank's responses
+            tokens, ends, replies, won, cut = step_counts(run, seqs)  # over every rank's responses
             distinct = distinct_tokens(seqs.responses, run.loss.vocab, models.device())
             # 2-3. the teacher scores the same tokens with the context; the loss, micro-batch by micro-batch
             run.loss.consistency_weight = cfg.consistency_weight_at(step)
@@ -271,7 +283,10 @@ def loop(run: Run, training: Training, sampler: Sampler, rollouts, out: Path, ui
             if cfg.consistency_weight > 0:  # the regulariser's weight this step (scheduled or not)
                 training.metrics[-1]["consistency_weight"] = run.loss.consistency_weight
             if run.games is not None:  # how the step's games went (on-policy: the student's, without the context)
-                training.metrics[-1] |= {"games_won": won / per_step, "turns": replies / per_step}
+                training.metrics[-1] |= {"games_won": won / per_step, "turns": replies / per_step,
+                                         "games_out_of_window": cut}
+                if cut and not any(m.get("games_out_of_window") for m in training.metrics[:-1]):
+                    ui.info(window_warning(cut, f"of step {step}"))
             log.write(json.dumps(training.metrics[-1]) + "\n")
             log.flush()
             tracker.log(step, training.metrics[-1])
@@ -332,7 +347,7 @@ def save_training_state(run: Run, training: Training, sampler: Sampler, out: Pat
     save_state(out, step=training.step, model=run.student, optimizer=training.optimizer, scheduler=training.schedule,
                metrics=training.metrics, samplers={"student": sampler.state()},
                extra={"before": None if training.before is None else dataclasses.asdict(training.before)},
-               teacher=moving_teacher(run))
+               teacher=moving_teacher(run), settings=run.cfg.to_dict())
 
 
 def restore(run: Run, training: Training, sampler: Sampler, out: Path) -> None:
@@ -422,11 +437,12 @@ def show_prompts(run: Run, ui: UI) -> None:
     shown = ([(f"game {TRAIN_GAME_SEEDS}, turn 1", None, run.views[0])] if run.games is not None
              else [(f"row {e.row}", e.context, v) for e, v in zip(run.examples, run.views)])
     for where, context, views in shown[: run.cfg.show_prompts]:
-        teacher_text = run.teacher_renderer.tokenizer.decode(views.teacher_ids)
-        student_text = run.student_renderer.tokenizer.decode(views.student_ids)
-        ui.prompt(f"{where}, teacher ({len(views.teacher_ids)} tokens; the context between ⟦ ⟧)",
-                  teacher_text, mark=context or run.context)
-        ui.prompt(f"{where}, student ({len(views.student_ids)} tokens)", student_text)
+        teacher_text = run.teacher_renderer.show(views.teacher_ids)
+        student_text = run.student_renderer.show(views.student_ids)
+        as_text = "; ‹ › marks a control token's string that is plain text here" if "‹" in teacher_text + student_text else ""
+        ui.prompt(f"{where}, teacher ({len(views.teacher_ids)} tokens; the context between ⟦ ⟧{as_text})",
+                  teacher_text, mark=run.teacher_renderer.controls.mark_text(context or run.context or "") or None)
+        ui.prompt(f"{where}, student ({len(views.student_ids)} tokens{as_text})", student_text)
 
 
 @dataclass
@@ -478,12 +494,12 @@ def play_games(run: Run, sampler: Sampler, seeds: list[int]) -> Sequences:
     return Sequences(views, responses, games=games)
 
 
-def step_counts(run: Run, seqs: Sequences) -> tuple[int, int, int, int]:
-    """The step's response tokens, responses that ended by themselves, responses, and games won, summed over
-    every rank."""
+def step_counts(run: Run, seqs: Sequences) -> tuple[int, int, int, int, int]:
+    """The step's response tokens, responses that ended by themselves, responses, games won, and games ended
+    for want of room in the window, summed over every rank."""
     responses = seqs.responses
     counts = [sum(map(len, responses)), sum(finished(r, run.stop_ids) for r in responses), len(responses),
-              sum(g.won for g in seqs.games or [])]
+              sum(g.won for g in seqs.games or []), sum(g.out_of_window for g in seqs.games or [])]
     if not distributed.world().active:
         return tuple(counts)
     summed = distributed.all_sum(torch.tensor(counts, dtype=torch.float64, device=models.device())).tolist()
@@ -644,18 +660,57 @@ def saved_rollouts(run: Run, out: Path):
     return rollout_store.load(folder, rollouts_fingerprint(cfg, run.context, run.examples, run.views), run.loss.vocab)
 
 
+def settings_edited(saved: dict | None, now: dict) -> tuple | None:
+    """The first setting (key, then, now) that differs between a state's recorded settings and a resumed run's,
+    leaving out what a resume may change and the permissions given anew; None when none does (or none were
+    recorded)."""
+    if saved is None:
+        return None
+    flat = lambda d: {k: v for k, v in d.items() if not isinstance(v, dict) or k in ("env_options",  # noqa: E731
+                      "ood_env_options")} | {k: v for nested in ("sampling", "loading") for k, v in d.get(nested, {}).items()}
+    free = set(RESUMABLE) | set(PERMISSIONS) | {"output_dir", "overwrite"}
+    then, current = flat(saved), flat(now)
+    return next(((k, then.get(k), current.get(k)) for k in sorted(then.keys() | current.keys())
+                 if k not in free and then.get(k) != current.get(k)), None)
+
+
+def input_records(run: Run) -> dict[str, str]:
+    """What the run's ``data/`` folder holds: each file's name and its text (the rows as JSONL, the context)."""
+    records = {f"{name}.jsonl": jsonl_text(rows) for name, rows in
+               (("train", run.examples), ("test", run.eval_examples), ("ood", run.ood_examples)) if rows}
+    if run.context is not None:
+        records["context.txt"] = run.context + "\n"
+    return records
+
+
+def check_resume(run: Run) -> None:
+    """A run to resume: its saved state complete and fitting the models, and the inputs it reads now (``--data``,
+    ``--context``, the evaluation rows) the ones it recorded in ``data/`` when it started."""
+    source = run.out.partial if run.out.partial.is_dir() else run.out.final
+    check_state(source, model=run.student, teacher=moving_teacher(run))
+    cfg = run.cfg
+    edited = settings_edited(saved_settings(source), cfg.to_dict())
+    if edited:
+        key, saved, now = edited
+        raise OpcdError(f"{source / RUN_MARKER} was edited since its training state was saved ({key}: {saved!r} then, "
+                        f"{now!r} now); a resume continues a run with its own settings (only flags change them): put "
+                        "the file back as it was")
+    given = {"train.jsonl": cfg.data, "test.jsonl": cfg.eval_data, "ood.jsonl": cfg.ood_data, "context.txt": cfg.context}
+    for name, text in input_records(run).items():
+        recorded = source / "data" / name
+        if recorded.is_file() and recorded.read_text(encoding="utf-8") != text:
+            raise OpcdError(f"{given[name]} has changed since {run.out.final.name} started (it no longer matches "
+                            f"{recorded}); a resumed run reads what it started with: put the original back, or "
+                            "start a new run")
+
+
 def write_inputs(run: Run, out: Path) -> dict[str, str]:
     """The rows and the context the run used, in its ``data/`` folder (written by rank 0); returns their paths."""
-    paths, main = {}, distributed.world().main
-    for name, rows in (("train", run.examples), ("test", run.eval_examples), ("ood", run.ood_examples)):
-        if rows:
-            if main:
-                write_jsonl(out / "data" / f"{name}.jsonl", rows)
-            paths[name] = str(run.out.final / "data" / f"{name}.jsonl")
-    if run.context is not None:
-        if main:
-            write_text_atomic(out / "data" / "context.txt", run.context + "\n")
-        paths["context"] = str(run.out.final / "data" / "context.txt")
+    paths = {}
+    for file, text in input_records(run).items():
+        if distributed.world().main:
+            write_text_atomic(out / "data" / file, text)
+        paths[file.split(".")[0]] = str(run.out.final / "data" / file)
     return paths
 
 
@@ -790,8 +845,13 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
             require_answers(rows, path)
     if not has_context(examples, context):
         raise OpcdError("nothing to distil: give --context FILE (or -) or rows with a `context` field")
+    per_step = cfg.batch_size * cfg.grad_accum
+    if per_step > len(examples):
+        raise OpcdError(f"--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} = {per_step} prompts a step is "
+                        f"more than the {len(examples)} rows of {cfg.data}: a step would draw a prompt more than once; "
+                        f"give at most {len(examples)} prompts a step (or more rows)")
     student, teacher, tokenizer, teacher_name, vocab, student_renderer, teacher_renderer = load_and_render(cfg, ui)
-    check_context_lengths(examples, context, cfg.sampling.max_new_tokens, teacher_renderer.tokenizer, teacher,
+    check_context_lengths(examples, context, cfg.sampling.max_new_tokens, teacher_renderer, teacher,
                           teacher_name)  # before rendering every row around a context that cannot fit
     views = build_views(examples, context, cfg.context_as, student_renderer, teacher_renderer)
     check_windows(examples, views, cfg.sampling.max_new_tokens, student, teacher, cfg.student, teacher_name)
@@ -850,7 +910,7 @@ def prepare_games(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     first = [(("user", observation),), (("user", "!" if observation.startswith("?") else "?"),)]
     student, teacher, tokenizer, teacher_name, vocab, student_renderer, teacher_renderer = load_and_render(cfg, ui)
     examples = [Example(row=TRAIN_GAME_SEEDS, messages=m) for m in first]
-    check_context_lengths(examples[:1], context, cfg.sampling.max_new_tokens, teacher_renderer.tokenizer, teacher,
+    check_context_lengths(examples[:1], context, cfg.sampling.max_new_tokens, teacher_renderer, teacher,
                           teacher_name)
     views = [aligned_views(messages, context, cfg.context_as, student_renderer, teacher_renderer, PROBE_RESPONSE,
                            f"game {TRAIN_GAME_SEEDS}, turn 1") for messages in first]
@@ -928,7 +988,7 @@ def load_models(cfg: DistillConfig, ui: UI):
     return student, teacher, tokenizer, teacher_tokenizer, cfg.teacher
 
 
-def check_context_lengths(examples, context, max_new_tokens, tokenizer, teacher, teacher_name) -> None:
+def check_context_lengths(examples, context, max_new_tokens, renderer: ChatRenderer, teacher, teacher_name) -> None:
     """A context longer than the teacher's window (with room for a response) is an error at once: each distinct
     context is tokenized once, before any row is rendered around it."""
     window = models.context_window(teacher)
@@ -938,7 +998,7 @@ def check_context_lengths(examples, context, max_new_tokens, tokenizer, teacher,
     for text, row in contexts.items():
         if text is None:
             continue
-        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        tokens = len(renderer.controls.as_text(text))  # as the prompts will hold it
         if tokens + max_new_tokens > window:
             where = f"the context of row {row}" if text != context else "the context"
             raise OpcdError(f"{where} is {tokens} tokens; with {max_new_tokens} new tokens it exceeds {teacher_name}'s "

@@ -19,7 +19,7 @@ import torch
 
 from .config import EvalConfig, SamplingOptions
 from .data import Example, has_context, load_examples, read_context, require_answers, strip_contexts
-from .errors import OpcdError
+from .errors import OpcdError, first_line
 from .models import load_tokenizer
 from .outputs import RUN_MARKER
 from .prompts import ChatRenderer, with_context
@@ -214,7 +214,10 @@ def config_window(name: str, trust_remote_code: bool) -> int | None:
 
     adapter = lora.adapter_of(Path(name))
     source = lora.adapter_base(adapter) if adapter is not None else name
-    config = AutoConfig.from_pretrained(models.resolve(str(source)), trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(models.resolve(str(source)), trust_remote_code=trust_remote_code)
+    except Exception as e:  # a missing, unreadable or foreign config.json
+        raise OpcdError(f"cannot read the config of {name}: {first_line(e)}") from None
     config = getattr(config, "text_config", config)
     return getattr(config, "max_position_embeddings", None)
 

@@ -37,7 +37,7 @@ from .errors import OpcdError
 from .evaluate import score
 from .games import EXTRACT_TRAIN_SEEDS, EXTRACT_VAL_SEEDS, GameScores, play
 from .experience import ITEM_PREFIX, add_items, parse_items, render_items, trace_line
-from .outputs import check_output_path, replaced_folder, write_json_atomic, write_text_atomic
+from .outputs import check_apart, check_output_path, replaced_folder, write_json_atomic, write_text_atomic
 from .prompts import ChatRenderer, with_context
 from .sampling import make_sampler
 from .ui import UI, percent
@@ -181,6 +181,10 @@ def extract(cfg: ExtractConfig, ui: UI) -> dict:
     """Run the rounds, write the best experience to ``cfg.output``, and return the summary."""
     output = check_output_path(cfg.output, "--output")
     rounds_dir = output.with_name(output.stem + ".rounds")
+    inputs = {"--model": cfg.model, "--data": cfg.data, "--val": cfg.val, "--experience": cfg.experience,
+              "--template": cfg.template}
+    check_apart(output, inputs, "--output")
+    check_apart(rounds_dir, inputs, "the rounds folder of --output")
     if output.is_dir() or (rounds_dir.exists() and not rounds_dir.is_dir()):
         raise OpcdError(f"{output if output.is_dir() else rounds_dir} is in the way of the experience file: it "
                         "would be replaced by a file (or a folder); choose another --output")

@@ -162,6 +162,7 @@ class GameEvalResult:
     context_harm: float | None = None  # share of seeds won without the context but lost with it
     ood_success: float | None = None  # games out of distribution, with their own context
     teacher_success_with_context: float | None = None  # the teacher of a distillation run, with the context
+    out_of_window: int | None = None  # games ended (lost) because their next prompt and a reply could not fit
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -183,11 +184,21 @@ def evaluate_games(sampler: Sampler, renderer: ChatRenderer, make_env, env_name:
         result = dataclasses.replace(result, success_with_context=scores.success,
                                      mean_turns_with_context=scores.mean_turns,
                                      invalid_rate_with_context=scores.invalid_rate, context_harm=harm)
+    played = without + (with_ctx if context else [])
     if ood is not None:
         ood_env, ood_context = ood
         games = play(sampler, renderer, ood_env, env_name, seeds, context=ood_context, **kw)
         result = dataclasses.replace(result, ood_success=GameScores.of(games).success)
-    return result
+        played += games
+    cut = sum(g.out_of_window for g in played)
+    return dataclasses.replace(result, out_of_window=cut or None)
+
+
+def window_warning(count: int, where: str) -> str:
+    """The line that says games ended for want of room in the model's window (they count as lost)."""
+    return (f"[yellow]warning:[/] {count} game(s) {where} ended when their next prompt and a reply could not fit "
+            "the model's window; they count as lost: lower --max-turns or --max-new-tokens, or shorten the "
+            "environment's observations")
 
 
 def plays(games: int, max_turns: int, context: bool, ood: bool) -> int:

@@ -37,8 +37,12 @@ def add_adapters(model, rank: int, alpha: float | None, dropout: float, targets:
     """``model`` with fresh LoRA adapters (B = 0, so it starts as the base); its base weights frozen."""
     from peft import LoraConfig, get_peft_model
 
+    from peft.tuners.lora import LoraLayer
+
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
                         target_modules=lora_target_names(targets), bias="none", task_type="CAUSAL_LM")
+    output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = output is not None and embeddings is not None and output.weight is embeddings.weight
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:  # no module matches the targets
@@ -46,6 +50,17 @@ def add_adapters(model, rank: int, alpha: float | None, dropout: float, targets:
                         if isinstance(m, torch.nn.Linear)})
         raise OpcdError(f"--lora-targets {targets}: {first_line(e)}; this model's linear layers are "
                         f"{', '.join(names)} (or use all-linear)") from None
+    adapted = {name: module for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
+    if tied and any(isinstance(layer, LoraLayer) for layer in (peft_model.get_output_embeddings(),
+                                                               peft_model.get_input_embeddings())):
+        raise OpcdError(f"--lora-targets {targets}: this model's output layer is its input embeddings (tied "
+                        "weights), so an adapter on either would be merged into both and the saved model would "
+                        "differ from the trained one; leave the output layer and the embeddings out of --lora-targets")
+    narrowest = min(adapted.items(), key=lambda item: min(item[1].in_features, item[1].out_features))
+    width = min(narrowest[1].in_features, narrowest[1].out_features)
+    if rank > width:
+        raise OpcdError(f"--lora-rank {rank} is above the width of {narrowest[0].rsplit('.', 1)[-1]} ({width}): an "
+                        f"adapter's rank is at most its layer's smaller side; give at most {width}")
     return peft_model
 
 
@@ -175,9 +190,10 @@ def adapter_of(target) -> Path | None:
 def adapter_base(folder: str) -> str:
     """The base model an adapter folder was trained on."""
     try:
-        base = json.loads((Path(folder) / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError) as e:
+        config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise OpcdError(f"cannot read {Path(folder) / ADAPTER_CONFIG}: {first_line(e)}") from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not isinstance(base, str) or not base:
         raise OpcdError(f"{Path(folder) / ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
     return base

@@ -12,14 +12,17 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from .errors import OpcdError
+from .sources import is_builtin
 
 RUN_MARKER = "opcd_config.json"
+STATE_NAME = "state"  # a run's training state (checkpoint.STATE_DIR)
 
 
 def _umask() -> int:
@@ -76,8 +79,56 @@ def replaced_folder(folder: Path):
         raise
 
 
+RUN_FILES = ("summary.json", "metrics.jsonl", "state", "data")  # what an opcd run holds beside its marker
+
+
+def is_run(folder: Path) -> bool:
+    """Whether ``folder`` is an opcd run (finished or stopped) by more than one name: its marker, a JSON object
+    with the run's settings, and at least one other file a run writes."""
+    try:
+        marker = json.loads((folder / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(marker, dict) and {"mode", "steps", "student"} <= marker.keys()
+            and any((folder / name).exists() for name in RUN_FILES))
+
+
+def _is_started_run(folder: Path) -> bool:
+    """A ``.partial`` folder a run made: a run, or one stopped before its first metrics (its marker only)."""
+    if is_run(folder):
+        return True
+    try:
+        marker = json.loads((folder / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and {"mode", "steps", "student"} <= marker.keys()
+
+
+MODEL_FLAGS = ("--student", "--teacher", "--model")  # a name that is no local path is a hub id
+
+
+def check_apart(target: Path, inputs: dict[str, str | None], what: str = "--output-dir") -> None:
+    """The output (and, for a run, its ``.partial`` twin) neither is, nor holds, nor lies inside any input
+    (``inputs``: flag -> path, which may not exist yet, as a ``--rollouts`` folder to be written; models named
+    by hub id, built-in names and ``-`` pass)."""
+    out = target.resolve()
+    outputs = [out, out.with_name(out.name + ".partial")] if what == "--output-dir" else [out]
+    for flag, source in inputs.items():
+        if not source or source == "-" or is_builtin(source):
+            continue
+        if flag in MODEL_FLAGS and not Path(source).expanduser().exists():
+            continue  # a hub id, not a path
+        src = Path(source).expanduser().resolve()
+        for candidate in outputs:
+            if candidate == src or candidate in src.parents or src in candidate.parents:
+                how = "is" if candidate == src else ("holds" if candidate in src.parents else "lies inside")
+                raise OpcdError(f"{what} {target} {how} {flag} {source}; an output never replaces or writes into "
+                                "an input: choose another output")
+
+
 def check_output_path(path: str, what: str = "--output-dir") -> Path:
-    """A path that can become a new file or folder: not empty, not ``.`` or ``/``, in a writable folder."""
+    """A path that can become a new file or folder: not empty, not ``.`` or ``/``, not a symbolic link (a
+    link's target is not what the name says), in a writable folder."""
     if not str(path).strip():
         raise OpcdError(f"{what} is empty; give the name of the folder to write")
     target = Path(path).expanduser()
@@ -85,6 +136,13 @@ def check_output_path(path: str, what: str = "--output-dir") -> Path:
     if resolved == Path(resolved.anchor) or resolved == Path.cwd().resolve() or not resolved.name:
         raise OpcdError(f"{what} {path} names {'the root' if resolved == Path(resolved.anchor) else 'the current'} "
                         "folder; give a new folder name (e.g. runs/my-run)")
+    twins = [target, target.with_name(target.name + ".partial")] if what == "--output-dir" else [target]
+    for name in twins:
+        if name.is_symlink():
+            pointed = os.readlink(name)
+            state = "" if name.exists() else ", which does not exist"
+            raise OpcdError(f"{what} {path}: {name} is a symbolic link to {pointed}{state}; give a real folder "
+                            "name (the link's target, or a new name)")
     parent = resolved.parent
     while not parent.exists():
         parent = parent.parent
@@ -101,11 +159,12 @@ class RunDir:
     run; another run writing the same output is refused, naming its process.
     """
 
-    def __init__(self, path: str, overwrite: bool, resume: bool = False):
+    def __init__(self, path: str, overwrite: bool, resume: bool = False, inputs: dict[str, str | None] | None = None):
         self.final = check_output_path(path)
         self.partial = self.final.with_name(self.final.name + ".partial")
         self.overwrite = overwrite
         self._lock = None
+        check_apart(self.final, inputs or {})
         if resume:
             self._check_resumable(path)
             return
@@ -114,8 +173,12 @@ class RunDir:
                 raise OpcdError(f"output {path} is a file; choose another --output-dir")
             if not overwrite:
                 raise OpcdError(f"output directory {path} already exists; pass --overwrite to replace it, or choose another --output-dir")
-            if any(self.final.iterdir()) and not (self.final / RUN_MARKER).exists():
-                raise OpcdError(f"output directory {path} is not empty and not an opcd run; refusing to replace it")
+            if any(self.final.iterdir()) and not is_run(self.final):
+                raise OpcdError(f"output directory {path} is not empty and not an opcd run (its {RUN_MARKER} with "
+                                f"the run's settings, and its {' or '.join(RUN_FILES)}); refusing to replace it")
+        if self.partial.exists() and overwrite and not (self.partial.is_dir() and _is_started_run(self.partial)):
+            raise OpcdError(f"{self.partial} is in the way and is not a stopped opcd run; refusing to replace it: "
+                            "move it, or choose another --output-dir")
         self._take_lock()
         if self.partial.exists() and not overwrite:
             self.release()
@@ -178,18 +241,30 @@ class RunDir:
 
     def reopen(self) -> Path:
         """Continue writing a run: its ``.partial`` folder as it is (a stopped run), or a finished run moved back
-        to ``.partial`` until it finishes again."""
+        to ``.partial`` until it finishes again. What a kill left half-written (temporary folders and files of
+        a state, a checkpoint or the final model) goes."""
         if not self.partial.is_dir():
             if not (self.final / RUN_MARKER).is_file():
                 raise OpcdError(f"{self.partial} does not exist; there is no stopped run to continue")
             self.final.rename(self.partial)
+        for folder, name in ((self.partial.parent, re.escape(self.partial.name)),
+                             (self.partial.parent, re.escape(self.final.name)), (self.partial, STATE_NAME),
+                             (self.partial / "checkpoints", r"step-\d+")):
+            temporary = re.compile(rf"\.{name}\.[a-z0-9_]{{8}}")  # mkdtemp's names: the folder's, then 8 characters
+            for leftover in (folder.iterdir() if folder.is_dir() else ()):
+                if temporary.fullmatch(leftover.name) and leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover)
+        for leftover in self.partial.glob(".*.tmp*"):
+            if leftover.is_file():
+                leftover.unlink()  # replaced_file's
         return self.partial
 
     def finish(self) -> Path:
         """Put the finished run in place of an earlier run (with ``overwrite``); never replace anything else."""
         old = None
         if self.final.exists():
-            replaceable = self.overwrite and (not any(self.final.iterdir()) or (self.final / RUN_MARKER).exists())
+            replaceable = self.overwrite and self.final.is_dir() and not self.final.is_symlink() and (
+                not any(self.final.iterdir()) or is_run(self.final))
             if not replaceable:
                 raise OpcdError(f"{self.final} appeared while the run was going and was left alone; the finished "
                                 f"run is in {self.partial}")

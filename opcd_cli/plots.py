@@ -28,13 +28,20 @@ def read_metrics(run: Path) -> list[dict]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise OpcdError(f"{run} has no readable {METRICS_FILE} ({e.strerror or e}); give an opcd run folder") from None
+    except UnicodeDecodeError as e:
+        raise OpcdError(f"{path} is not UTF-8 text (byte {e.start}); give an opcd run's {METRICS_FILE}") from None
     rows = []
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError as e:
                 raise OpcdError(f"{path}:{number}: not a JSON line ({first_line(e)})") from None
+            step = row.get("step") if isinstance(row, dict) else None
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise OpcdError(f"{path}:{number}: not a step's metrics (a JSON object with a whole-number `step`); "
+                                f"give an opcd run's {METRICS_FILE}")
+            rows.append(row)
     return rows
 
 

@@ -11,12 +11,14 @@ error before any model loads.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Protocol
 
-from .errors import OpcdError
+from .errors import OpcdError, first_line
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 LOGGED = ("loss", "distill_loss", "consistency_loss", "anchor_loss", "topk_mass", "student_entropy", "teacher_entropy",
@@ -29,11 +31,51 @@ class Tracker(Protocol):
     def close(self) -> None: ...
 
 
+WANDB_MODES = ("offline", "online", "shared", "disabled", "dryrun", "run")  # what wandb.init takes
+WANDB_ONLINE = ("online", "shared", "run")
+WANDB_HOST = "https://api.wandb.ai"
+
+
 def check_available(kind: str) -> None:
+    """Before any model loads: the tracker's package, and for wandb its mode and, online, a key and a server
+    that answers (wandb itself would wait about 100 s for one that does not, then end in a traceback)."""
     package = PACKAGES.get(kind)
     if package and importlib.util.find_spec(package) is None:
         raise OpcdError(f"--report-to {kind} needs the {package} package: pip install '{package}' (or the opcd[{kind}] "
                         "extra), or drop --report-to")
+    if kind != "wandb":
+        return
+    mode = wandb_mode()
+    if mode not in WANDB_MODES:
+        raise OpcdError(f"WANDB_MODE={mode!r} is not a mode wandb knows ({', '.join(WANDB_MODES)}); unset it to "
+                        "log offline (wandb sync uploads later)")
+    if mode not in WANDB_ONLINE:
+        return
+    host = os.environ.get("WANDB_BASE_URL", WANDB_HOST)
+    if not os.environ.get("WANDB_API_KEY") and not _netrc_has(host):
+        raise OpcdError(f"--report-to wandb with WANDB_MODE={mode} needs an API key (WANDB_API_KEY, or `wandb login`); "
+                        "or unset WANDB_MODE to log offline")
+    from .models import hub_reachable
+
+    if not hub_reachable(host):
+        raise OpcdError(f"--report-to wandb with WANDB_MODE={mode}: {host} cannot be reached; unset WANDB_MODE to log "
+                        "offline (wandb sync uploads the run later)")
+
+
+def wandb_mode() -> str:
+    return os.environ.get("WANDB_MODE", "offline")
+
+
+def _netrc_has(url: str) -> bool:
+    """Whether the netrc file (``wandb login`` writes one) holds a password for ``url``'s host."""
+    import netrc
+    from urllib.parse import urlparse
+
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(urlparse(url).hostname or "")
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
 
 
 class TensorBoard:
@@ -53,17 +95,28 @@ class TensorBoard:
 
 
 class WandB:
+    """A wandb run; whatever wandb prints goes to standard error (standard output is ``--json``'s), and a failure
+    of its own is one line."""
+
     def __init__(self, folder: Path, name: str, config: dict):
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "opcd"), name=name, dir=str(folder),
-                              config=config, mode=os.environ.get("WANDB_MODE", "offline"))
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "opcd"), name=name, dir=str(folder),
+                                      config=config, mode=wandb_mode(), settings=wandb.Settings(init_timeout=60))
+            except Exception as e:  # wandb's own errors: a refused key, a server that stopped answering
+                raise OpcdError(f"--report-to wandb: wandb could not start its run: {first_line(e)}; unset WANDB_MODE "
+                                "to log offline") from None
 
     def log(self, step: int, values: dict) -> None:
-        self.run.log({f"train/{k}": values[k] for k in LOGGED if isinstance(values.get(k), (int, float))}, step=step)
+        with contextlib.redirect_stdout(sys.stderr):
+            self.run.log({f"train/{k}": values[k] for k in LOGGED if isinstance(values.get(k), (int, float))},
+                         step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        with contextlib.redirect_stdout(sys.stderr):
+            self.run.finish()
 
 
 class NoTracker:

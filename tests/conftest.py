@@ -117,4 +117,4 @@ def cli(capsys):
 
 def tree(folder: Path) -> dict[str, float]:
     """Every file under ``folder`` with its modification time: to check that nothing changed on disk."""
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+    return {str(p.relative_to(folder)): p.lstat().st_mtime_ns for p in sorted(folder.rglob("*"))}

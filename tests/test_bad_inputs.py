@@ -4,8 +4,9 @@ Every case runs ``python -m opcd_cli ...`` in its own empty working folder (two 
 and is then checked on its own: the exit code, a short stderr naming the problem, no traceback, an empty stdout,
 and the working folder and the shared inputs exactly as they were. Most cases fail before any model loads. A case
 runs in a forked child of a warm interpreter that has imported the commands (``warm_cli.py``: the same
-``python -m opcd_cli``, without 3 s of imports each); a case that sets environment variables runs in a new
-interpreter, as a user's shell would start it. To add one, append a ``Case`` to ``CASES``.
+``python -m opcd_cli``, without 3 s of imports each); a case that sets environment variables a module reads when
+it is imported runs in a new interpreter, as a user's shell would start it. To add one, append a ``Case`` to
+``CASES``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,8 @@ class Case:
     env: dict = field(default_factory=dict)  # None removes a variable
     stdin: bytes = b""
     seconds: float = 60.0  # the case must fail within this
+    fresh: bool | None = None  # a new interpreter (default: when the case sets environment variables, which a
+    # module may read when it is imported); False for variables opcd reads as it runs
 
 
 DISTILL = ("distill", "--student", "{student}", "--data", "{train}", "--context", "{context}", "--steps", "1",
@@ -126,10 +130,12 @@ CASES = [
     Case("resume a missing folder", ("distill", "--resume", "nowhere.partial"), "--resume nowhere.partial: no such run folder"),
     Case("resume an unreadable config", ("distill", "--resume", "{unreadable_run}"), "cannot read its opcd_config.json"),
     Case("resume a run without state", ("distill", "--resume", "{stateless_run}"), "holds no training state"),
+    Case("resume with another output", ("distill", "--resume", "{stateless_run}", "-o", "elsewhere"),
+         "in its own folder"),
     Case("resume with --overwrite", ("distill", "--resume", "{stateless_run}", "--overwrite"),
          "cannot be combined with --overwrite"),
     Case("resume with other settings", ("distill", "--resume", "{stateless_run}", "--lr", "0.5", "--steps", "9"),
-         "these flags differ from them: --lr (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing, --teacher-prefix-cache, --micro-batch-tokens, --min-topk-mass and --stop-on-escape may change)"),
+         "these flags differ from them: --lr (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing, --teacher-prefix-cache, --micro-batch-tokens, --min-topk-mass and --stop-on-escape may change; --trust-remote-code, --allow-bin-weights and --report-to are given anew each time)"),
     # the loss and its guard
     Case("renorm and tail", distill("--topk-renorm", "--topk-tail"), "--topk-renorm and --topk-tail each make"),
     Case("unknown support", distill("--topk-support", "teacher"), "topk_support must be one of student, union"),
@@ -146,7 +152,7 @@ CASES = [
     Case("distill: negative evaluation games", games("--eval-games", "-1"), "eval_games must be a number of at least 0"),
     Case("distill: an environment that raises", games("--env", "test_games:Exploding"),
          "the environment test_games:Exploding failed at step: RuntimeError: the lake melted",
-         env={"PYTHONPATH": str(Path(__file__).parent)}),
+         env={"PYTHONPATH": str(Path(__file__).parent)}, fresh=False),
     Case("distill: games and rows", games("--data", "{train}"), "give --data (prompts) or --env (a game to play), not both"),
     Case("extract: unknown environment", ("extract", "--model", "{student}", "--env", "chess", "-o", "exp.txt"),
          "--env chess: no such environment"),
@@ -174,6 +180,72 @@ CASES = [
          env={"WORLD_SIZE": "two", "RANK": "0"}),
     Case("eval under torchrun", ("eval", "--model", "{student}", "--data", "{test}"),
          "opcd eval runs as one process; start it without torchrun", env={"WORLD_SIZE": "2", "RANK": "1"}),
+    # a run folder never widens what runs: its config edited to trust the model's code (the model's code would
+    # write the marker that test_no_case_ran_model_code_or_changed_the_inputs looks for)
+    Case("resume a config edited to trust remote code", ("distill", "--resume", "{resume_evil}", "--steps", "2"),
+         "needs its own Python code"),
+    Case("resume a config edited to unpickle weights", ("distill", "--resume", "{resume_pickled}", "--steps", "2"),
+         "has only pickled weights"),
+    Case("resume a run of a game class of one's own", ("distill", "--resume", "{resume_game_class}", "--steps", "2"),
+         "a class of your own (Python code); a run folder never runs code by itself"),
+    # resume is all or nothing: the run is left exactly as it was (the shared inputs are checked after)
+    Case("resume a truncated state", ("distill", "--resume", "{resume_truncated}", "--steps", "2"),
+         "cannot read the training state"),
+    Case("resume with changed data", ("distill", "--resume", "{resume_changed}", "--steps", "2"),
+         "has changed since resume-changed started"),
+    Case("resume a config holding a list", ("distill", "--resume", "{list_run}"), "its opcd_config.json holds list"),
+    Case("resume a config edited to other values", ("distill", "--resume", "{resume_edited}", "--steps", "2"),
+         "was edited since its training state was saved (lr: 1e-06 then, 0.5 now)"),
+    # an output never eats an input or a stranger's folder
+    Case("output is the student", distill("--overwrite", "--lora-rank", "4", "-o", "{student}"),
+         "is --student"),
+    Case("output inside the student", distill("-o", "{student}/run"), "lies inside --student"),
+    Case("output holds the data", distill("--overwrite", "-o", "{toy_folder}"), "holds --data"),
+    Case("rollouts to be written inside the output", distill("--mode", "off-policy", "--rollouts", "run/rollouts"),
+         "holds --rollouts"),
+    Case("output is the rollouts", distill("--mode", "off-policy", "--rollouts", "{folder}", "--overwrite",
+                                           "-o", "{folder}"), "is --rollouts"),
+    Case("overwrite a folder with a stray marker", distill("--overwrite", "-o", "{stray_marker}"),
+         "is not empty and not an opcd run"),
+    Case("output a symbolic link", distill("--overwrite", "-o", "{link}"), "is a symbolic link"),
+    Case("output a dangling link", distill("-o", "{dangling}"), "which does not exist"),
+    Case("extract output is its data", extract("--overwrite", "-o", "{answered}"), "is --data"),
+    # what the user wrote is what the run uses
+    Case("template kwargs the template does not read", distill("--chat-template-kwargs", '{{"enable_thinking": false}}'),
+         "does not read 'enable_thinking'"),
+    Case("environment option as a string", ("eval", "--model", "{student}", "--env", "frozenlake", "--env-options",
+                                            '{{"slippery": "false"}}'), "option slippery must be true or false"),
+    Case("ema decay without the ema teacher", distill("--ema-decay", "0.5"), "--ema-decay only acts with --teacher-kind ema"),
+    Case("vllm eager without vllm", distill("--vllm-eager"), "--vllm-eager only acts with --sampler vllm"),
+    Case("max turns without a game", distill("--max-turns", "3"), "--max-turns only acts with --env"),
+    Case("off-policy loss on-policy", distill("--off-policy-loss", "sft"), "--off-policy-loss only acts with --mode off-policy"),
+    # LoRA on a tied output layer; sizes that cannot fit
+    Case("lora on the tied output layer", distill("--lora-rank", "4", "--lora-targets", "lm_head,q_proj"),
+         "output layer is its input embeddings (tied"),
+    Case("lora on the tied input embeddings", distill("--lora-rank", "4", "--lora-targets", "embed_tokens"),
+         "output layer is its input embeddings (tied"),
+    Case("lora rank above the layers' width", distill("--lora-rank", "4096"), "is above the width of"),
+    Case("batch far above the rows", distill("--batch-size", "100000"), "is more than the 8 rows"),
+    Case("seed past 64 bits", distill("--seed", str(2**70)), "seed must be a whole number from 0 to"),
+    # every late failure is one line
+    Case("reward that is not a number", ("eval", "--model", "{student}", "--env", "test_games:TextReward",
+                                         "--games", "1", "--max-new-tokens", "2"),
+         "returned the reward '0.0'; a reward must be a number", env={"PYTHONPATH": str(Path(__file__).parent)}, fresh=False),
+    Case("game over as text", ("eval", "--model", "{student}", "--env", "test_games:TextDone", "--games", "1",
+                               "--max-new-tokens", "2"), "returned done = 'no'; it must be true or false",
+         env={"PYTHONPATH": str(Path(__file__).parent)}, fresh=False),
+    Case("model config holding a list", distill(student="{list_config}"), "cannot load the tokenizer of"),
+    Case("dry run on a config holding a list", distill("--dry-run", student="{list_config}"), "cannot read the config of"),
+    Case("plot lines that are not steps", ("plot", "{not_steps}", "-o", "plot.png"), "not a step's metrics"),
+    Case("plot lines not UTF-8", ("plot", "{latin1_metrics}", "-o", "plot.png"), "is not UTF-8 text"),
+    Case("plot into a folder it cannot write", ("plot", "{good_metrics}", "-o", "/proc/plot.png"), "cannot write"),
+    Case("wandb mode unknown", distill("--report-to", "wandb"), "WANDB_MODE='sometimes' is not a mode wandb knows",
+         env={"WANDB_MODE": "sometimes"}, fresh=False),
+    Case("wandb online without a key", distill("--report-to", "wandb"), "needs an API key",
+         env={"WANDB_MODE": "online", "WANDB_API_KEY": None, "NETRC": "/nonexistent/netrc"}, fresh=False),
+    Case("wandb online without a network", distill("--report-to", "wandb"), "cannot be reached",
+         env={"WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"},
+         seconds=20, fresh=False),
 ]
 
 
@@ -266,7 +338,62 @@ def inputs(tmp_path_factory, tiny_student, toy_files_module):
     (files["stateless_run"] / "opcd_config.json").write_text(json.dumps(config.to_dict()))
     files["huge_context"] = folder / "huge.txt"
     files["huge_context"].write_text("lessons " * 700_000)  # 5.6 MB
+    files["toy_folder"] = toy_files_module["train"].parent
+    files["stray_marker"] = folder / "stray-marker"  # a user's folder that happens to hold a file of that name
+    files["stray_marker"].mkdir()
+    (files["stray_marker"] / "opcd_config.json").write_text("{}")
+    (files["stray_marker"] / "thesis.tex").write_text("precious")
+    files["link"] = folder / "link"
+    files["link"].symlink_to(files["folder"])
+    files["dangling"] = folder / "dangling"
+    files["dangling"].symlink_to(folder / "nowhere")
+    files["list_run"] = folder / "list-run.partial"
+    files["list_run"].mkdir()
+    (files["list_run"] / "opcd_config.json").write_text("[]")
+    files["list_config"] = folder / "list-config"
+    shutil.copytree(tiny_student, files["list_config"])
+    (files["list_config"] / "config.json").write_text("[]")
+    metrics = folder / "metrics"
+    metrics.mkdir()
+    files["not_steps"] = metrics / "not-steps.jsonl"
+    files["not_steps"].write_text('{"step": 1, "loss": 0.5}\n[1, 2]\n')
+    files["latin1_metrics"] = metrics / "latin1.jsonl"
+    files["latin1_metrics"].write_bytes('{"step": 1, "note": "caf\xe9"}\n'.encode("latin-1"))
+    files["good_metrics"] = metrics / "good.jsonl"
+    files["good_metrics"].write_text('{"step": 1, "loss": 0.5}\n')
+    files |= resumable_runs(folder / "runs", files)
     return files
+
+
+def resumable_runs(folder: Path, files: dict) -> dict:
+    """A finished one-step run of the tiny student with its state, copied and spoilt for each resume case."""
+    from opcd_cli.cli import main
+
+    run = folder / "run"
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in DISTILL]
+    assert main([*args[:-1], str(run), "--save-every", "1"]) == 0, "the run the resume cases start from"
+    runs = {}
+    for name in ("resume-evil", "resume-pickled", "resume-game-class", "resume-truncated", "resume-changed",
+                 "resume-edited"):
+        runs[name.replace("-", "_")] = shutil.copytree(run, folder / name)
+    for name, model, permission in (("resume_evil", "evil", "trust_remote_code"),
+                                    ("resume_pickled", "bin_model", "allow_bin_weights")):
+        config_file = runs[name] / "opcd_config.json"
+        config = json.loads(config_file.read_text())
+        config["student"], config["loading"][permission] = str(files[model]), True
+        config_file.write_text(json.dumps(config))
+    config_file = runs["resume_game_class"] / "opcd_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(env="test_games:Corridor", data=None)
+    config_file.write_text(json.dumps(config))
+    config_file = runs["resume_edited"] / "opcd_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"lr": 0.5}))
+    weights = runs["resume_truncated"] / "state" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    recorded = runs["resume_changed"] / "data" / "train.jsonl"
+    recorded.write_text(recorded.read_text() + '{"prompt": "a row the data file no longer has"}\n')
+    shutil.rmtree(run)
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +417,8 @@ def run_case(case: Case, inputs: dict, work: Path, warm) -> dict:
             env[key] = value
     args = [a.format(**{k: str(v) for k, v in inputs.items()}) for a in case.args]
     before = tree(work)
-    run = run_fresh if case.env else warm.run  # a changed environment may matter at import time: a new interpreter
+    fresh = bool(case.env) if case.fresh is None else case.fresh  # a changed environment may matter at import
+    run = run_fresh if fresh else warm.run
     got = run(args, work, env, case.stdin, case.seconds + 30)
     return got | {"timeout": got["code"] == "timeout", "tree_changed": tree(work) != before}
 
@@ -338,6 +466,9 @@ def test_bad_input(case, results):
 
 
 def test_no_case_ran_model_code_or_changed_the_inputs(results, inputs):
+    """Every shared input as it was, to the file and its time; the runs the resume cases refused too (only the
+    folder that holds them changed: each resume takes its lock beside its run, and gives it back)."""
     _, before, after = results
     assert not inputs["marker"].exists(), inputs["marker"].read_text()
-    assert before == after
+    assert before.keys() == after.keys()
+    assert {k: v for k, v in before.items() if k != "runs"} == {k: v for k, v in after.items() if k != "runs"}

@@ -103,3 +103,14 @@ def test_long_context_is_kept_whole(tmp_path):
     text = "x" * 200_000
     (tmp_path / "long.txt").write_text(text)
     assert read_context(str(tmp_path / "long.txt")) == text
+
+
+def test_csv_columns_are_read_as_the_text_they_are(tmp_path):
+    """No column types guessed: `007` stays `007` and `1.50` stays `1.50`; an empty cell is no value."""
+    from opcd_cli.data import load_examples
+
+    path = tmp_path / "rows.csv"
+    path.write_text("prompt,answer,context\nCode of kip?,007,\nHalf of three?,1.50,lessons\n\"a, b\",1e3,\n")
+    rows = load_examples(str(path))
+    assert [(e.prompt, e.answer, e.context) for e in rows] == [
+        ("Code of kip?", "007", None), ("Half of three?", "1.50", "lessons"), ("a, b", "1e3", None)]

@@ -39,6 +39,22 @@ class Exploding(Corridor):
         raise RuntimeError("the lake melted")
 
 
+class TextDone(Corridor):
+    """A game that says whether it is over in words."""
+
+    def step(self, reply):
+        observation, reward, done, *info = super().step(reply)
+        return observation, reward, "yes" if done else "no", *info
+
+
+class TextReward(Corridor):
+    """A game whose step gives its reward as text."""
+
+    def step(self, reply):
+        observation, reward, done, *info = super().step(reply)
+        return observation, str(reward), done, *info
+
+
 class Scripted:
     """A sampler that answers from the prompt's text: "stop" when it holds the word STOP (the context), "hm"
     on a game's first turn when the seed asks for it, else "go". It keeps every prompt it was given."""
@@ -139,7 +155,9 @@ def test_environments_load_by_name_or_class_and_bad_ones_are_refused():
         ("no_such_module_here:Game", {}, "cannot import no_such_module_here"),
         ("collections:OrderedDict", {}, "OrderedDict does not implement the environment interface"),
         ("frozenlake", {"size": 1}, "size must be a whole number of at least 2"),
-        ("frozenlake", {"colour": "blue"}, "unexpected keyword argument 'colour'"),
+        ("frozenlake", {"colour": "blue"}, "no option 'colour'; it takes size, slippery, random_map"),
+        ("frozenlake", {"slippery": "false"}, "option slippery must be true or false .* got 'false'"),
+        ("frozenlake", {"size": "4"}, "option size must be a whole number"),
     ):
         with pytest.raises(OpcdError, match=message):
             envs.environment_factory(spec, options)
@@ -147,6 +165,27 @@ def test_environments_load_by_name_or_class_and_bad_ones_are_refused():
         envs.step(Exploding(), "go", "test_games:Exploding")
     with pytest.raises(OpcdError, match="must return \\(observation text, reward, done\\)"):
         envs.step(type("Bad", (), {"step": lambda self, reply: 3})(), "go", "bad")
+    with pytest.raises(OpcdError, match="returned the reward '0.0'; a reward must be a number"):
+        envs.step(TextReward(), "hm", "test_games:TextReward")
+
+
+class Verbose(Corridor):
+    """A corridor whose first observation is longer than the toy model's window."""
+
+    def reset(self, seed):
+        return super().reset(seed) + " (the corridor is long)" * 100
+
+
+def test_games_that_outgrow_the_window_are_counted_and_said(capsys):
+    """A game whose next prompt and reply cannot fit the model's window ends as a loss: `opcd eval --env` counts
+    those games and says so in one line, instead of reporting losses with no word."""
+    code = main(["eval", "--model", "toy:small", "--env", "test_games:Verbose", "--games", "3", "--max-turns", "2",
+                 "--max-new-tokens", "6", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["success"] == 0 and result["out_of_window"] == 3
+    assert "warning: 3 game(s) of toy:small ended when their next prompt and a reply could not fit" in " ".join(err.split())
 
 
 def test_opcd_eval_plays_frozenlake_with_the_toy_model_and_prints_one_json_object(capsys):

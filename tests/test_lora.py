@@ -204,3 +204,34 @@ def test_the_toy_lora_recipe_internalises_the_context(cli, tmp_path):
     # only the adapters train: rank x (in + out) for every linear layer but the output layer (rank 16 here)
     adapted = [m for name, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
     assert summary["trainable_parameters"] == 16 * sum(m.in_features + m.out_features for m in adapted) < 0.2 * total
+
+
+def test_an_adapter_on_a_tied_output_layer_is_refused_and_on_an_untied_one_merges_exactly(tiny_student):
+    """A tied output layer is the input embeddings too: an adapter on it would be merged into both, so it is
+    refused. On a model whose output layer is its own matrix, the merged model gives the adapted model's logits.
+    A rank above a layer's smaller side is refused too."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from opcd_cli import lora
+    from opcd_cli.errors import OpcdError
+
+    with pytest.raises(OpcdError, match=r"output layer is its input embeddings \(tied weights\)"):
+        lora.add_adapters(load_plain(tiny_student), 4, None, 0.0, "lm_head,q_proj")
+    with pytest.raises(OpcdError, match=r"--lora-rank 64 is above the width of k_proj \(16\)"):
+        lora.add_adapters(load_plain(tiny_student), 64, None, 0.0, "all-linear")
+    config = AutoConfig.from_pretrained(tiny_student)
+    config.tie_word_embeddings = False
+    torch.manual_seed(3)
+    untied = AutoModelForCausalLM.from_config(config).eval()
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    model = lora.add_adapters(untied, 4, None, 0.0, "lm_head,q_proj")
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    adapted = logits(model, IDS)
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(logits(merged, IDS), adapted, rtol=1e-5, atol=1e-5)
+    assert torch.equal(merged.get_input_embeddings().weight, embeddings)  # the input side untouched

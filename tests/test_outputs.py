@@ -13,19 +13,73 @@ def test_run_appears_only_when_finished(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").exists() and not work.exists()
 
 
+MARKER = '{"student": "toy:small", "mode": "on-policy", "steps": 2}'  # a run's settings (some of them)
+
+
+def fake_run(folder):
+    """A folder that is an opcd run by its marker and its metrics."""
+    folder.mkdir()
+    (folder / RUN_MARKER).write_text(MARKER)
+    (folder / "metrics.jsonl").write_text('{"step": 1}\n')
+    return folder
+
+
 def test_existing_run_needs_overwrite_and_is_kept_until_the_new_one_is_done(tmp_path):
-    old = tmp_path / "run"
-    old.mkdir()
-    (old / RUN_MARKER).write_text("{}")
+    old = fake_run(tmp_path / "run")
     (old / "old.txt").write_text("old")
     with pytest.raises(OpcdError, match="--overwrite"):
         RunDir(str(old), overwrite=False)
     run = RunDir(str(old), overwrite=True)
     work = run.begin()
     assert (old / "old.txt").exists()  # still there while the new run works
-    (work / RUN_MARKER).write_text("{}")
+    (work / RUN_MARKER).write_text(MARKER)
     run.finish()
     assert not (old / "old.txt").exists() and (old / RUN_MARKER).exists()
+
+
+def test_overwrite_replaces_a_run_by_more_than_its_marker(tmp_path):
+    """A folder holding a file called opcd_config.json is not thereby a run: its marker must hold a run's settings
+    and a run's other files must be there; a stray `.partial` of a user's is not a stopped run either."""
+    for name, files in (("empty-marker", {RUN_MARKER: "{}", "metrics.jsonl": ""}),
+                        ("marker-only", {RUN_MARKER: MARKER, "thesis.tex": "precious"}),
+                        ("list-marker", {RUN_MARKER: "[]", "summary.json": "{}"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file, text in files.items():
+            (folder / file).write_text(text)
+        with pytest.raises(OpcdError, match="not an opcd run"):
+            RunDir(str(folder), overwrite=True)
+        assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    (tmp_path / "mine.partial").mkdir()
+    (tmp_path / "mine.partial" / "notes.txt").write_text("mine")
+    with pytest.raises(OpcdError, match="is in the way and is not a stopped opcd run"):
+        RunDir(str(tmp_path / "mine"), overwrite=True)
+    assert (tmp_path / "mine.partial" / "notes.txt").read_text() == "mine"
+
+
+def test_an_output_that_is_a_link_or_holds_or_lies_in_an_input_is_refused(tmp_path):
+    from opcd_cli.outputs import check_apart
+
+    model, data = tmp_path / "model", tmp_path / "data" / "train.jsonl"
+    model.mkdir()
+    data.parent.mkdir()
+    data.write_text("{}\n")
+    inputs = {"--student": str(model), "--data": str(data), "--teacher": "org/hub-id", "--context": "-"}
+    for out, how in ((model, "is --student"), (model / "run", "lies inside --student"), (data.parent, "holds --data"),
+                     (tmp_path / "model.partial", None)):
+        if how is None:  # the run's .partial twin would be the student's sibling: fine
+            check_apart(out, inputs)
+            continue
+        with pytest.raises(OpcdError, match=how):
+            check_apart(out, inputs)
+    with pytest.raises(OpcdError, match="--output-dir .* is --student"):
+        RunDir(str(tmp_path / "model"), overwrite=True, inputs=inputs)
+    (tmp_path / "link").symlink_to(model)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for name in ("link", "dangling"):
+        with pytest.raises(OpcdError, match="is a symbolic link"):
+            RunDir(str(tmp_path / name), overwrite=True)
+    assert model.is_dir() and not (tmp_path / "nowhere").exists()
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_run(tmp_path):

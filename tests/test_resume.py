@@ -118,10 +118,15 @@ def test_a_finished_run_trains_further_and_refuses_changed_settings(small_eval, 
     shutil.copytree(run, cut)
     for name in ("model.safetensors", "summary.json", "metrics.png"):
         (cut / name).unlink()
+    leftovers = [cut / ".state.k3x9a0q_", folder / ".cut.partial.z81hq2mw", cut / "checkpoints" / ".step-000003.abcdefgh"]
+    for leftover in leftovers:  # what a kill in the middle of saving a state, the model or a checkpoint leaves
+        (leftover / "half").mkdir(parents=True)
+    (cut / ".summary.json.k2m4x8rt.tmp.json").write_text("{")
     assert main(["distill", "--resume", str(cut), "--json"]) == 0
     completed = json.loads(capsys.readouterr().out)
     assert completed["after"] == finished["after"] and per_step(folder / "cut") == per_step(run)
     assert not cut.exists() and (folder / "cut" / "model.safetensors").is_file()
+    assert not any(p.exists() for p in leftovers) and not list((folder / "cut").glob(".*"))
     for key, value in weights(run).items():
         assert torch.equal(weights(folder / "cut")[key], value), key
     shutil.rmtree(folder / "cut")
@@ -130,12 +135,50 @@ def test_a_finished_run_trains_further_and_refuses_changed_settings(small_eval, 
     assert "has done 2 steps already; give --steps above 2" in capsys.readouterr().err
     assert main(["distill", "--resume", str(run), "--steps", "4", "--lr", "0.5", "--topk", "3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("these flags differ from them: --lr, --topk (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing, --teacher-prefix-cache, --micro-batch-tokens, --min-topk-mass and --stop-on-escape may change)")
+    assert err.endswith("these flags differ from them: --lr, --topk (only --steps, --save-every, --show-prompts, --teacher-sharding, --gradient-checkpointing, --teacher-prefix-cache, --micro-batch-tokens, --min-topk-mass and --stop-on-escape may change; --trust-remote-code, --allow-bin-weights and --report-to are given anew each time)")
     assert main(["distill", "--resume", str(run), "--overwrite"]) == 2
     assert "cannot be combined with --overwrite" in capsys.readouterr().err
     assert (run / "opcd_config.json").read_text() == config and not run.with_name("further.partial").exists()
 
+    # the run's folder says it reported to wandb: a permission, which a folder never grants by itself
+    config = json.loads((run / "opcd_config.json").read_text())
+    (run / "opcd_config.json").write_text(json.dumps(config | {"report_to": "wandb"}))
     assert main(["distill", "--resume", str(run), "--steps", "3", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert "was started with --report-to wandb; a run folder never grants a permission by itself" in " ".join(err.split())
+    assert not (run / "wandb").exists() and json.loads((run / "opcd_config.json").read_text())["report_to"] == "none"
     assert [m[0] for m in per_step(run)] == [1, 2, 3]
     assert summary["steps"] == 3 and json.loads((run / "opcd_config.json").read_text())["steps"] == 3
+
+
+@pytest.mark.slow  # two short toy runs
+def test_a_full_disk_is_one_line_and_the_last_state_stays_resumable(small_eval, capsys, monkeypatch):
+    """The disk fills while the second step's state is saved: one line that says so and how to go on, the first
+    step's state intact beside it (nothing half-written), and the run resumes from it."""
+    from opcd_cli.cli import main
+
+    import opcd_cli.checkpoint as checkpoint
+
+    folder, real, calls = small_eval, torch.save, []
+
+    def full_at_the_second(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_at_the_second)
+    run = folder / "full"
+    common = ["--eval-data", str(folder / "test.jsonl"), "--no-eval-before", "--batch-size", "4", "--save-every", "1"]
+    assert main(["distill", *common, "-o", str(run), "--steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("opcd: error: the disk is full: the training state in") and "Traceback" not in err
+    assert err[-1].endswith(f"free some space and continue with: opcd distill --resume {run}.partial")
+    partial = run.with_name("full.partial")
+    assert json.loads((partial / "state" / "step.json").read_text())["step"] == 1
+    assert not [p for p in partial.iterdir() if p.name.startswith(".state.")]
+    monkeypatch.setattr(checkpoint.torch, "save", real)
+    assert main(["distill", "--resume", str(partial), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 3 and [m[0] for m in per_step(run)] == [1, 2, 3]

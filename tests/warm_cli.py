@@ -8,8 +8,8 @@ that escapes it is printed as the interpreter prints it, and the child's exit st
 is a copy of the warm process, so no command sees another's state.
 
 What a fresh interpreter does differently: a setting read only when a module is imported (``HF_HUB_OFFLINE``,
-``TRITON_INTERPRET``, ``PYTHONPATH``) keeps the warm process's value. Command lines that change the environment
-run as real subprocesses instead (``run(..., fresh=True)``).
+``TRITON_INTERPRET``) keeps the warm process's value (``PYTHONPATH`` is applied to ``sys.path`` as at start-up).
+Command lines that change such settings run as real subprocesses instead (``run_fresh``).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ for line in sys.stdin:
             sys.stdin, sys.stdout, sys.stderr = (open(0, closefd=False), open(1, "w", closefd=False),
                                                  open(2, "w", closefd=False))
             sys.argv = ["opcd", *job["args"]]
+            sys.path[1:1] = [p for p in job["env"].get("PYTHONPATH", "").split(os.pathsep) if p]  # as at start-up
             runpy.run_module("opcd_cli", run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as e:

@@ -63,6 +63,8 @@ def environment_factory(spec: str, options: dict[str, Any] | None = None) -> Cal
         raise OpcdError(f"--env {spec}: {class_name} does not implement the environment interface "
                         "(reset(seed) -> observation, step(reply) -> (observation, reward, done))")
 
+    check_options(spec, cls, options)
+
     def make() -> Environment:
         try:
             return cls(**options)
@@ -72,6 +74,31 @@ def environment_factory(spec: str, options: dict[str, Any] | None = None) -> Cal
 
     make()  # options it refuses are reported before any model loads
     return make
+
+
+def check_options(spec: str, cls, options: dict[str, Any]) -> None:
+    """``--env-options`` against the environment's constructor: every name one it takes, and a value of the type
+    of the option's default (``{"slippery": "false"}`` would be true in Python)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # a class whose signature cannot be read: its own errors speak
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    for key, value in options.items():
+        if key not in parameters:
+            names = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            raise OpcdError(f"--env {spec}: no option {key!r}; it takes {', '.join(names) or 'none'}")
+        default = parameters[key].default
+        if default is inspect.Parameter.empty or default is None:
+            continue
+        kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+        if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and type(default) is not bool)):
+            expected = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[type(default)]
+            raise OpcdError(f"--env {spec}: option {key} must be {expected} (like its default, {default!r}); got "
+                            f"{value!r}")
 
 
 def _call(name: str, where: str, method, argument):
@@ -98,4 +125,18 @@ def step(env: Environment, reply: str, name: str) -> Step:
         raise OpcdError(f"the environment {name}'s step returned {result!r:.80}; it must return (observation text, "
                         "reward, done) or (observation text, reward, done, info)")
     info = result[3] if len(result) == 4 and isinstance(result[3], dict) else {}
-    return Step(result[0], float(result[1]), bool(result[2]), bool(info.get("invalid", False)))
+    reward, done = result[1], result[2]
+    if isinstance(reward, (bool, str)) or not _is_number(reward):
+        raise OpcdError(f"the environment {name}'s step returned the reward {reward!r:.40}; a reward must be a number")
+    if isinstance(done, str) or not (isinstance(done, bool) or _is_number(done)):
+        raise OpcdError(f"the environment {name}'s step returned done = {done!r:.40}; it must be true or false")
+    return Step(result[0], float(reward), bool(done), bool(info.get("invalid", False)))
+
+
+def _is_number(value) -> bool:
+    """A finite real number of any kind (int, float, a numpy scalar)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return number == number and abs(number) != float("inf")
