@@ -75,7 +75,8 @@ def child(folder: str, tokens: int, checkpointing: bool) -> dict:
     import torch
 
     from opcd_cli import models
-    from opcd_cli.loss import DistillLoss, pack
+    from opcd_cli.loss import DistillLoss
+    from opcd_cli.micro_batches import pack
 
     torch.manual_seed(0)
     before = resident_bytes()

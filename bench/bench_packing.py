@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from opcd_cli import models
-    from opcd_cli.loss import DistillLoss, TeacherPrefix
+    from opcd_cli.forward import TeacherPrefix
+    from opcd_cli.loss import DistillLoss
     from opcd_cli.micro_batches import Packer, by_prompts, by_token_budget, sequence_cost
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -30,7 +30,9 @@ from bench_memory_plan import machine  # noqa: E402
 def main(argv=None) -> int:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from opcd_cli.loss import TeacherPrefix, pack, with_head
+    from opcd_cli.forward import TeacherPrefix, with_head
+
+    from opcd_cli.micro_batches import pack
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/teacher_prefix_cpu.json")

@@ -42,7 +42,9 @@ if ROOT not in sys.path:
 
 from opcd_cli.config import SamplingOptions  # noqa: E402
 from opcd_cli.sampling import make_sampler  # noqa: E402
-from opcd_cli.loss import head_topk_kl, pack, with_head  # noqa: E402
+from opcd_cli.forward import with_head  # noqa: E402
+from opcd_cli.loss import head_topk_kl
+from opcd_cli.micro_batches import pack
 from opcd_cli.timing import StepTimer  # noqa: E402
 
 SIZES = {

@@ -38,7 +38,8 @@ from .escape import Escape, EscapeGuard
 from .evaluate import EvalResult, evaluate_model, passes, score
 from .games import (TRAIN_GAME_SEEDS, Game, GameEvalResult, GameScores, GameSetup, evaluate_games, game_seeds, play,
                     plays, turn_views, window_warning)
-from .loss import DistillLoss, TeacherPrefix, attention_kind, can_reuse_prefix, common_prefix, packing_is_exact
+from .forward import TeacherPrefix, attention_kind, can_reuse_prefix, common_prefix, packing_is_exact
+from .loss import DistillLoss
 from .micro_batches import MicroBatch, Packer, by_prompts, by_token_budget, sequence_cost, split_to
 from .plots import plot_runs
 from .outputs import RUN_MARKER, FollowerRunDir, RunDir, write_json_atomic, write_text_atomic
@@ -670,8 +671,8 @@ def settings_edited(saved: dict | None, now: dict) -> tuple | None:
                       "ood_env_options")} | {k: v for nested in ("sampling", "loading") for k, v in d.get(nested, {}).items()}
     free = set(RESUMABLE) | set(PERMISSIONS) | {"output_dir", "overwrite"}
     then, current = flat(saved), flat(now)
-    return next(((k, then.get(k), current.get(k)) for k in sorted(then.keys() | current.keys())
-                 if k not in free and then.get(k) != current.get(k)), None)
+    return next(((k, then[k], current[k]) for k in sorted(then.keys() & current.keys())  # a setting added since
+                 if k not in free and then[k] != current[k]), None)  # is at its default, one removed is gone
 
 
 def input_records(run: Run) -> dict[str, str]:

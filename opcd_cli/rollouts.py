@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from .errors import OpcdError
 from .outputs import DIR_MODE
 from .sampling import Sampler
-from .loss import pack, with_head
+from .forward import with_head
+from .micro_batches import pack
 
 TENSORS, META = "rollouts.safetensors", "rollouts.json"
 

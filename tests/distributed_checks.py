@@ -22,7 +22,8 @@ import torch
 
 def main() -> int:
     from opcd_cli import distributed, lora, models, sources
-    from opcd_cli.loss import DistillLoss, pack, pack_rows
+    from opcd_cli.loss import DistillLoss
+    from opcd_cli.micro_batches import pack, pack_rows
 
     with distributed.session() as world:
         assert world.active, "run me under torchrun with at least 2 processes"

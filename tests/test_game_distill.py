@@ -11,7 +11,7 @@ import pytest
 from opcd_cli.config import SamplingOptions
 from opcd_cli.envs.doors import Doors, read_code
 from opcd_cli.games import play, turn_views
-from opcd_cli.loss import pack
+from opcd_cli.micro_batches import pack
 from opcd_cli.toy import tasks, world
 from test_games import Corridor, Scripted, renderer  # noqa: F401  (a fixture)
 

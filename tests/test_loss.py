@@ -5,7 +5,9 @@ import torch
 
 from opcd_cli import models
 from opcd_cli.kernels.naive import naive_entropy, naive_topk_kl, topk_ids
-from opcd_cli.loss import DistillLoss, logits_are_linear, pack, with_head
+from opcd_cli.forward import logits_are_linear, with_head
+from opcd_cli.loss import DistillLoss
+from opcd_cli.micro_batches import pack
 
 
 def final_hidden(model, packed):

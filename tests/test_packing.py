@@ -13,7 +13,9 @@ from opcd_cli import models, sources
 from opcd_cli.config import DistillConfig
 from opcd_cli.data import load_examples, read_context
 from opcd_cli.errors import OpcdError
-from opcd_cli.loss import DistillLoss, TeacherPrefix, common_prefix, pack, pack_rows, packing_is_exact
+from opcd_cli.forward import TeacherPrefix, common_prefix, packing_is_exact
+from opcd_cli.loss import DistillLoss
+from opcd_cli.micro_batches import pack, pack_rows
 from opcd_cli.micro_batches import Packer, by_prompts, by_token_budget, into_rows, split_to
 from opcd_cli.prompts import ChatRenderer, build_views
 

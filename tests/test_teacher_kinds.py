@@ -6,7 +6,7 @@ import json
 import torch
 
 from opcd_cli import teachers
-from opcd_cli.loss import TeacherPrefix
+from opcd_cli.forward import TeacherPrefix
 
 from test_distill_cli import distill_args, with_flags
 

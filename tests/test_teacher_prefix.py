@@ -8,7 +8,9 @@ import torch
 
 from opcd_cli import models, sources
 from opcd_cli.data import load_examples, read_context
-from opcd_cli.loss import DistillLoss, TeacherPrefix, can_reuse_prefix, common_prefix, pack
+from opcd_cli.forward import TeacherPrefix, can_reuse_prefix, common_prefix
+from opcd_cli.loss import DistillLoss
+from opcd_cli.micro_batches import pack
 from opcd_cli.prompts import ChatRenderer, build_views
 
 TOLERANCE = 1e-5

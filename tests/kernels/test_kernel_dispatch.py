@@ -138,7 +138,8 @@ def test_the_backend_argument_wins_over_the_environment(monkeypatch, backend, lo
 def test_distill_loss_passes_its_backend_down(monkeypatch, tiny_student):
     """`--kernel triton` reaches the kernels through the loss, with no environment variable involved."""
     from opcd_cli import models
-    from opcd_cli.loss import DistillLoss, pack
+    from opcd_cli.loss import DistillLoss
+    from opcd_cli.micro_batches import pack
 
     monkeypatch.delenv("OPCD_KERNEL", raising=False)
     student = models.load_model(str(tiny_student)).train()
