@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         """(seconds, mean loss, gradient norm, padding positions, positions) of one step's loss work."""
         student.zero_grad(set_to_none=True)
         start, total, padding, positions = time.perf_counter(), 0.0, 0, 0
-        for batch in batches:  # as distill.backward: the micro-batch's sequences row by row
+        for batch in batches:  # as distill.step.forward_loss_backward: the micro-batch's sequences row by row
             order, rows = [i for row in batch for i in row], [len(row) for row in batch]
             answers = [responses[i] for i in order]
             student_in = packer([prompts[i] for i in order], answers, rows)

@@ -11,7 +11,7 @@ master weights, as ``opcd distill`` keeps it, and the teacher shaped like Qwen3-
 bf16; everything runs under bf16 autocast on a GPU (the trainer's ``--dtype auto``). ``tiny``: the same
 architecture a few layers deep, for a CPU.
 
-One step, as ``opcd_cli.distill.train`` does it, each phase timed with ``opcd_cli.timing.StepTimer`` (CUDA
+One step, as ``opcd_cli.distill.step.take_step`` does it, each phase timed with ``opcd_cli.timing.StepTimer`` (CUDA
 events, read once per step): ``teacher_forward`` (the teacher's final hidden states on [context; prompt;
 response]), ``student_forward``, ``loss`` (the fused top-k reverse KL with the output layers' matmuls and the
 gradients they produce), ``backward`` (through the student), ``optimizer`` (gradient clipping and AdamW).

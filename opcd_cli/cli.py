@@ -14,9 +14,12 @@ from typing import Optional
 
 import typer
 
+from . import cli_options as o
+from .cli_options import DATA, EVALUATION, GAMES, LORA, LOSS, MODELS, OUTPUT, SAMPLING, SCALING, TRAINING, WORK, flag
 from .config import (
-    CONTEXT_AS, DTYPES, KERNELS, REPORT_TO, SAMPLERS, TEACHER_SHARDING, VERIFIERS, EvalConfig, ExtractConfig, ModelOptions, SamplingOptions,
-    build_distill_config, build_extract_config, parse_json_object, read_recipe, resume_config,
+    DISTILL_MODES, KERNELS, OFF_POLICY_LOSSES, REPORT_TO, SCHEDULES, TEACHER_KINDS, TEACHER_SHARDING, TOPK_SUPPORTS,
+    EvalConfig, ExtractConfig, build_config, build_distill_config, build_extract_config, parse_json_object, read_recipe,
+    resume_config,
 )
 from .errors import Interrupted, OpcdError
 from .ui import UI, percent, print_json
@@ -27,15 +30,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",  # the help's panels; no help text holds markup
 )
 
-JSON_HELP = "Print one JSON object on stdout at the end (everything else goes to stderr)."
 TOY_TASKS = ("codes", "shift", "recall", "game")
-
-
-def names(choices) -> str:
-    return ", ".join(choices[:-1]) + " or " + choices[-1]
 
 
 def recipe_layers(recipe: str | None, model_key: str, model_flag: str | None, toy_recipe: str, cls=None):
@@ -49,79 +47,89 @@ def recipe_layers(recipe: str | None, model_key: str, model_flag: str | None, to
 
 @app.command()
 def distill(
-    recipe: Optional[str] = typer.Option(None, help="Recipe with default settings (a TOML file or a built-in name such as toy-shift); flags override it."),
-    resume: Optional[str] = typer.Option(None, help="Continue a run from its saved state: its .partial folder, or a finished run with a higher --steps."),
-    student: Optional[str] = typer.Option(None, help="Student: Hugging Face id or local folder. Omit to run the toy world."),
-    teacher: Optional[str] = typer.Option(None, help="Frozen teacher. Omit for a frozen copy of the student."),
-    data: Optional[str] = typer.Option(None, help="Prompts: JSONL, JSON, CSV, Parquet or a saved dataset folder."),
-    context: Optional[str] = typer.Option(None, help="Context file to distil (- for stdin); rows may carry their own."),
-    context_as: Optional[str] = typer.Option(None, help="system (a system message) or user-prefix (before the user turn)."),
-    env: Optional[str] = typer.Option(None, help="Instead of --data, games played turn by turn: frozenlake, doors, or package.module:Class; every reply trains."),
-    env_options: Optional[str] = typer.Option(None, help='The game\'s options, as JSON, e.g. \'{"size": 4}\'.'),
-    max_turns: Optional[int] = typer.Option(None, help="With --env: most replies a game gets (default 10)."),
-    eval_games: Optional[int] = typer.Option(None, help="With --env: games scored before and after training, seeds 0 to N-1 (default 64)."),
-    ood_env_options: Optional[str] = typer.Option(None, help="With --env: options of games out of distribution (JSON, over --env-options), played with --ood-context."),
-    ood_context: Optional[str] = typer.Option(None, help="With --env: the context of the games out of distribution."),
-    toy_task: Optional[str] = typer.Option(None, help=f"Run the toy world's task: {names(TOY_TASKS)} (the built-in recipe toy-TASK)."),
-    name: Optional[str] = typer.Option(None, help="Run name for the default output directory (default: the student's)."),
-    mode: Optional[str] = typer.Option(None, help="on-policy (OPCD) or off-policy (train on the teacher's own responses)."),
-    off_policy_loss: Optional[str] = typer.Option(None, help="Off-policy loss: forward-kl (teacher's top-k) or sft."),
-    rollouts: Optional[str] = typer.Option(None, help="Off-policy: folder of saved teacher rollouts to reuse (made if missing)."),
-    consistency_weight: Optional[float] = typer.Option(None, help="Weight of the context-removability regulariser (0: off)."),
-    consistency_start: Optional[int] = typer.Option(None, help="The regulariser's first step (default 1); before it the student learns from the teacher alone."),
-    consistency_warmup: Optional[int] = typer.Option(None, help="Steps over which the regulariser's weight rises linearly from 0 to --consistency-weight, from --consistency-start (default 0: at once)."),
-    anchor_weight: Optional[float] = typer.Option(None, help="Weight of the in-context anchor: the top-k KL from the student with the context to the teacher, on the same responses (0: off); keeps what the student does when the context is there."),
-    eval_data: Optional[str] = typer.Option(None, help="Rows with answers, scored before and after training."),
-    ood_data: Optional[str] = typer.Option(None, help="Out-of-distribution rows with answers (and their own contexts)."),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory (default runs/NAME-TIME)."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing run directory."),
-    save_every: Optional[int] = typer.Option(None, help="Keep a checkpoint every N steps (0: only the final model)."),
-    topk: Optional[int] = typer.Option(None, help="Size of the student's top-k support of the KL (paper: 256)."),
-    topk_renorm: Optional[bool] = typer.Option(None, "--topk-renorm", help="Renormalise both distributions within the top-k."),
-    topk_tail: Optional[bool] = typer.Option(None, "--topk-tail", help="Add the mass outside the top-k as one more bucket of both distributions (a true KL on k + 1 buckets)."),
-    topk_support: Optional[str] = typer.Option(None, help="The KL's support: student (its own top-k ids, the paper's) or union (the student's and the teacher's top-k ids)."),
-    teacher_kind: Optional[str] = typer.Option(None, help="frozen (the student's initial weights, or --teacher; the paper's), ema (a moving average of the student, --ema-decay) or live (the current student with the context, no gradient)."),
-    ema_decay: Optional[float] = typer.Option(None, help="With --teacher-kind ema: the teacher keeps this share of itself at each step (default 0.99)."),
-    min_topk_mass: Optional[float] = typer.Option(None, help="Warn once when the student's mean probability inside its own top-k falls below this (default 0.8; 0: never): the loss is then being lowered by moving mass out of the support."),
-    stop_on_escape: Optional[bool] = typer.Option(None, "--stop-on-escape", help="When the top-k mass falls below --min-topk-mass, stop and keep the weights of the last step above it."),
-    steps: Optional[int] = typer.Option(None, help="Optimiser steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Prompts per micro-batch."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimiser step."),
-    micro_batch_tokens: Optional[int] = typer.Option(None, help="Regroup each step's batch-size x grad-accum sequences into micro-batches of one row of at most N positions each, packed without padding (0, the default: batch-size prompts per micro-batch in padded rows). SDPA and eager attention read a whole row: one to two times the longest sequence is fastest there."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (paper: 1e-6 to 5e-6)."),
-    lr_schedule: Optional[str] = typer.Option(None, help="constant, cosine or linear (after warmup)."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay."),
-    max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm."),
-    seed: Optional[int] = typer.Option(None, help="Seed for prompt order and sampling."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature of the student's rollouts."),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling threshold."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Longest response sampled."),
-    eval_max_new_tokens: Optional[int] = typer.Option(None, help="Longest response when evaluating."),
-    eval_before: Optional[bool] = typer.Option(None, "--eval-before/--no-eval-before", help="Also score the student before training."),
-    eval_batch_size: Optional[int] = typer.Option(None, help="Prompts per generation batch when evaluating."),
-    verifier: Optional[str] = typer.Option(None, help=f"{names(VERIFIERS)}."),
-    dtype: Optional[str] = typer.Option(None, help=f"{names(DTYPES)} (auto: bf16 on a GPU, fp32 on a CPU)."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Run a model's own Python code (its config's auto_map); only for code you trust."),
-    allow_bin_weights: Optional[bool] = typer.Option(None, "--allow-bin-weights", help="Also load pickled *.bin weights (through PyTorch's weights-only unpickler); safetensors only by default."),
-    sampler: Optional[str] = typer.Option(None, help=f"{names(SAMPLERS)} (hf: Hugging Face generate)."),
-    vllm_memory: Optional[float] = typer.Option(None, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
-    vllm_eager: Optional[bool] = typer.Option(None, "--vllm-eager", help="Start vLLM without compilation or graphs: faster to start, slower to sample."),
-    chat_template_kwargs: Optional[str] = typer.Option(None, help='Keyword arguments for the chat templates, as JSON, e.g. \'{"enable_thinking": false}\' (both views get the same).'),
-    report_to: Optional[str] = typer.Option(None, help=f"Also send the per-step metrics to a tracker: {names(REPORT_TO)} (wandb: offline unless WANDB_MODE is set)."),
-    show_prompts: Optional[int] = typer.Option(None, help="Print the rendered teacher and student prompts of the first N rows before training (default 1; 0: none)."),
-    kernel: Optional[str] = typer.Option(None, help=f"Loss implementation: {names(KERNELS)}."),
-    lora_rank: Optional[int] = typer.Option(None, help="Train LoRA adapters of this rank (PEFT) instead of every weight; the default teacher is then the student with its adapters off."),
-    lora_alpha: Optional[float] = typer.Option(None, help="LoRA scaling alpha (default: twice the rank)."),
-    lora_dropout: Optional[float] = typer.Option(None, help="Dropout on the LoRA inputs (default 0)."),
-    lora_targets: Optional[str] = typer.Option(None, help="Modules to adapt: all-linear (default) or names, comma-separated (q_proj,v_proj)."),
-    merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="With LoRA, also save the merged model beside the adapter (default: merge)."),
-    teacher_sharding: Optional[str] = typer.Option(None, help=f"Under torchrun: {names(TEACHER_SHARDING)} the teacher across the processes (default replicate: a whole teacher on each)."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute the student's activations in the backward pass: less memory, about a third more compute."),
-    teacher_prefix_cache: Optional[bool] = typer.Option(None, "--teacher-prefix-cache/--no-teacher-prefix-cache", help="The teacher reads the start all its prompts share (the context) once per run and only the rest of each sequence after (default on; exact)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Read the model configs only and print the memory plan per device for this launch (no weights loaded, nothing written)."),
-    world_size: Optional[int] = typer.Option(None, help="With --dry-run: plan for this many processes (default: torchrun's WORLD_SIZE, else 1)."),
-    json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
+    # models
+    student: Optional[str] = flag(None, help="Student: Hugging Face id or local folder. Omit to run the toy world.", panel=MODELS),
+    teacher: Optional[str] = flag(None, help="Frozen teacher. Omit for a frozen copy of the student.", panel=MODELS),
+    teacher_kind: Optional[str] = flag(None, help="frozen (the student's initial weights, or --teacher; the paper's), ema (a moving average of the student, --ema-decay) or live (the current student with the context, no gradient).", panel=MODELS, choices=TEACHER_KINDS),
+    ema_decay: Optional[float] = flag(None, help="With --teacher-kind ema: the teacher keeps this share of itself at each step (default 0.99).", panel=MODELS),
+    toy_task: Optional[str] = flag(None, help="Run the toy world's task (the built-in recipe toy-TASK).", panel=MODELS, choices=TOY_TASKS),
+    dtype: o.Dtype = None,
+    trust_remote_code: o.TrustRemoteCode = None,
+    allow_bin_weights: o.AllowBinWeights = None,
+    chat_template_kwargs: o.ChatTemplateKwargs = None,
+    # data and context
+    data: Optional[str] = flag(None, help="Prompts: JSONL, JSON, CSV, Parquet or a saved dataset folder.", panel=DATA),
+    context: o.Context = None,
+    context_as: o.ContextAs = None,
+    # games
+    env: o.Env = None,
+    env_options: o.EnvOptions = None,
+    max_turns: o.MaxTurns = None,
+    eval_games: Optional[int] = flag(None, help="With --env: games scored before and after training, seeds 0 to N-1 (default 64).", panel=GAMES),
+    ood_env_options: Optional[str] = flag(None, help="With --env: options of games out of distribution (JSON, over --env-options), played with --ood-context.", panel=GAMES),
+    ood_context: Optional[str] = flag(None, help="With --env: the context of the games out of distribution.", panel=GAMES),
+    # the loss
+    mode: Optional[str] = flag(None, help="on-policy (OPCD: the student's own responses) or off-policy (the teacher's).", panel=LOSS, choices=DISTILL_MODES),
+    off_policy_loss: Optional[str] = flag(None, help="Off-policy loss: forward-kl (the teacher's top-k) or sft.", panel=LOSS, choices=OFF_POLICY_LOSSES),
+    rollouts: Optional[str] = flag(None, help="Off-policy: folder of saved teacher rollouts to reuse (made if missing).", panel=LOSS),
+    topk: Optional[int] = flag(None, help="Size of the student's top-k support of the KL (paper: 256).", panel=LOSS),
+    topk_renorm: Optional[bool] = flag(None, "--topk-renorm", help="Renormalise both distributions within the top-k.", panel=LOSS),
+    topk_tail: Optional[bool] = flag(None, "--topk-tail", help="Add the mass outside the top-k as one more bucket of both distributions (a true KL on k + 1 buckets).", panel=LOSS),
+    topk_support: Optional[str] = flag(None, help="The KL's support: student (its own top-k ids, the paper's) or union (the student's and the teacher's top-k ids).", panel=LOSS, choices=TOPK_SUPPORTS),
+    consistency_weight: Optional[float] = flag(None, help="Weight of the context-removability regulariser (0: off).", panel=LOSS),
+    consistency_start: Optional[int] = flag(None, help="The regulariser's first step (default 1); before it the student learns from the teacher alone.", panel=LOSS),
+    consistency_warmup: Optional[int] = flag(None, help="Steps over which the regulariser's weight rises linearly from 0 to --consistency-weight, from --consistency-start (default 0: at once).", panel=LOSS),
+    anchor_weight: Optional[float] = flag(None, help="Weight of the in-context anchor: the top-k KL from the student with the context to the teacher, on the same responses (0: off); keeps what the student does when the context is there.", panel=LOSS),
+    kernel: Optional[str] = flag(None, help="Loss implementation.", panel=LOSS, choices=KERNELS),
+    min_topk_mass: Optional[float] = flag(None, help="Warn once when the student's mean probability inside its own top-k falls below this (default 0.8; 0: never): the loss is then being lowered by moving mass out of the support.", panel=LOSS),
+    stop_on_escape: Optional[bool] = flag(None, "--stop-on-escape", help="When the top-k mass falls below --min-topk-mass, stop and keep the weights of the last step above it.", panel=LOSS),
+    # training
+    steps: Optional[int] = flag(None, help="Optimiser steps.", panel=TRAINING),
+    batch_size: Optional[int] = flag(None, help="Prompts per micro-batch.", panel=TRAINING),
+    grad_accum: Optional[int] = flag(None, help="Micro-batches per optimiser step.", panel=TRAINING),
+    micro_batch_tokens: Optional[int] = flag(None, help="Regroup each step's batch-size x grad-accum sequences into micro-batches of one row of at most N positions each, packed without padding (0, the default: batch-size prompts per micro-batch in padded rows). SDPA and eager attention read a whole row: one to two times the longest sequence is fastest there.", panel=TRAINING),
+    lr: Optional[float] = flag(None, help="Learning rate (paper: 1e-6 to 5e-6).", panel=TRAINING),
+    lr_schedule: Optional[str] = flag(None, help="The learning rate after the warmup.", panel=TRAINING, choices=SCHEDULES),
+    warmup_steps: Optional[int] = flag(None, help="Linear warmup steps.", panel=TRAINING),
+    weight_decay: Optional[float] = flag(None, help="AdamW weight decay.", panel=TRAINING),
+    max_grad_norm: Optional[float] = flag(None, help="Gradient clipping norm.", panel=TRAINING),
+    # sampling
+    temperature: o.Temperature = None,
+    top_p: o.TopP = None,
+    max_new_tokens: o.MaxNewTokens = None,
+    seed: o.Seed = None,
+    sampler: o.Sampler = None,
+    vllm_memory: o.VllmMemory = None,
+    vllm_eager: o.VllmEager = None,
+    # evaluation
+    eval_data: Optional[str] = flag(None, help="Rows with answers, scored before and after training.", panel=EVALUATION),
+    ood_data: Optional[str] = flag(None, help="Out-of-distribution rows with answers (and their own contexts).", panel=EVALUATION),
+    eval_max_new_tokens: Optional[int] = flag(None, help="Longest response when evaluating.", panel=EVALUATION),
+    eval_before: Optional[bool] = flag(None, "--eval-before/--no-eval-before", help="Also score the student before training.", panel=EVALUATION),
+    eval_batch_size: Optional[int] = flag(None, help="Prompts per generation batch when evaluating.", panel=EVALUATION),
+    verifier: o.Verifier = None,
+    # output and resume
+    recipe: o.Recipe = None,
+    resume: Optional[str] = flag(None, help="Continue a run from its saved state: its .partial folder, or a finished run with a higher --steps.", panel=OUTPUT),
+    name: Optional[str] = flag(None, help="Run name for the default output directory (default: the student's).", panel=OUTPUT),
+    output_dir: Optional[str] = flag(None, "--output-dir", "-o", help="Run directory (default runs/NAME-TIME).", panel=OUTPUT),
+    overwrite: Optional[bool] = flag(None, "--overwrite", help="Replace an existing run directory (an opcd run only).", panel=OUTPUT),
+    save_every: Optional[int] = flag(None, help="Keep a checkpoint every N steps (0: only the final model).", panel=OUTPUT),
+    show_prompts: Optional[int] = flag(None, help="Print the rendered teacher and student prompts of the first N rows before training (default 1; 0: none).", panel=OUTPUT),
+    report_to: Optional[str] = flag(None, help="Also send the per-step metrics to a tracker (wandb: offline unless WANDB_MODE is set).", panel=OUTPUT, choices=REPORT_TO),
+    json_output: o.JsonOutput = False,
+    # scaling out
+    teacher_sharding: Optional[str] = flag(None, help="Under torchrun: replicate (a whole teacher on each process, the default) or shard the teacher across the processes.", panel=SCALING, choices=TEACHER_SHARDING),
+    gradient_checkpointing: Optional[bool] = flag(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute the student's activations in the backward pass: less memory, about a third more compute.", panel=SCALING),
+    teacher_prefix_cache: Optional[bool] = flag(None, "--teacher-prefix-cache/--no-teacher-prefix-cache", help="The teacher reads the start all its prompts share (the context) once per run and only the rest of each sequence after (default on; exact).", panel=SCALING),
+    dry_run: bool = flag(False, "--dry-run", help="Read the model configs only and print the memory plan per device for this launch (no weights loaded, nothing written).", panel=SCALING),
+    world_size: Optional[int] = flag(None, help="With --dry-run: plan for this many processes (default: torchrun's WORLD_SIZE, else 1).", panel=SCALING),
+    # LoRA
+    lora_rank: Optional[int] = flag(None, help="Train LoRA adapters of this rank (PEFT) instead of every weight; the default teacher is then the student with its adapters off.", panel=LORA),
+    lora_alpha: Optional[float] = flag(None, help="LoRA scaling alpha (default: twice the rank).", panel=LORA),
+    lora_dropout: Optional[float] = flag(None, help="Dropout on the LoRA inputs (default 0).", panel=LORA),
+    lora_targets: Optional[str] = flag(None, help="Modules to adapt: all-linear (default) or names, comma-separated (q_proj,v_proj).", panel=LORA),
+    merge: Optional[bool] = flag(None, "--merge/--no-merge", help="With LoRA, also save the merged model beside the adapter (default: merge).", panel=LORA),
 ) -> None:
     """Distil a context into a student's weights, on-policy (no model arguments: the built-in toy world)."""
     flags = dict(locals())
@@ -243,39 +251,39 @@ def show_distill_summary(ui: UI, summary: dict) -> None:
 
 @app.command()
 def extract(
-    recipe: Optional[str] = typer.Option(None, help="Recipe with default settings (a TOML file or a built-in name such as toy-codes-extract); flags override it."),
-    model: Optional[str] = typer.Option(None, help="Model that solves and extracts. Omit for the toy world."),
-    data: Optional[str] = typer.Option(None, help="Training problems with answers."),
-    val: Optional[str] = typer.Option(None, help="Validation problems with answers (selects the best round)."),
-    env: Optional[str] = typer.Option(None, help="Instead of --data and --val, a game played turn by turn: frozenlake, doors, or package.module:Class."),
-    env_options: Optional[str] = typer.Option(None, help='The game\'s options, as JSON, e.g. \'{"size": 4}\'.'),
-    max_turns: Optional[int] = typer.Option(None, help="With --env: most replies a game gets (default 10)."),
-    train_games: Optional[int] = typer.Option(None, help="With --env: games played --attempts times each round (default 32)."),
-    val_games: Optional[int] = typer.Option(None, help="With --env: other games whose success rate selects the best round (default 32)."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Experience file to write (default exp.txt)."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output."),
-    rounds: Optional[int] = typer.Option(None, help="Rounds of solve, extract, accumulate, select."),
-    attempts: Optional[int] = typer.Option(None, help="Attempts per training problem and round."),
-    experience: Optional[str] = typer.Option(None, help="Experience file to start from."),
-    template: Optional[str] = typer.Option(None, help="Extraction prompt template; {traces} marks where attempts go."),
-    traces_per_prompt: Optional[int] = typer.Option(None, help="Attempts shown per extraction prompt."),
-    token_budget: Optional[int] = typer.Option(None, help="Keep the experience within this many tokens (whole items dropped, oldest first)."),
-    context_as: Optional[str] = typer.Option(None, help=f"{names(CONTEXT_AS)}."),
-    verifier: Optional[str] = typer.Option(None, help=f"{names(VERIFIERS)}."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature of the attempts."),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling threshold of the attempts."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Longest attempt."),
-    extract_max_new_tokens: Optional[int] = typer.Option(None, help="Longest extraction response."),
-    batch_size: Optional[int] = typer.Option(None, help="Prompts per generation batch."),
-    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
-    sampler: Optional[str] = typer.Option(None, help=f"{names(SAMPLERS)} (hf: Hugging Face generate)."),
-    vllm_memory: Optional[float] = typer.Option(None, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
-    vllm_eager: Optional[bool] = typer.Option(None, "--vllm-eager", help="Start vLLM without compilation or graphs: faster to start, slower to sample."),
-    chat_template_kwargs: Optional[str] = typer.Option(None, help='Keyword arguments for the chat templates, as JSON, e.g. \'{"enable_thinking": false}\' (both views get the same).'),
-    dtype: Optional[str] = typer.Option(None, help=f"{names(DTYPES)}."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Run a model's own Python code (its config's auto_map); only for code you trust."),
-    allow_bin_weights: Optional[bool] = typer.Option(None, "--allow-bin-weights", help="Also load pickled *.bin weights (through PyTorch's weights-only unpickler); safetensors only by default."),
-    json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
+    model: Optional[str] = flag(None, help="Model that solves and extracts. Omit for the toy world.", panel=MODELS),
+    dtype: o.Dtype = None,
+    trust_remote_code: o.TrustRemoteCode = None,
+    allow_bin_weights: o.AllowBinWeights = None,
+    chat_template_kwargs: o.ChatTemplateKwargs = None,
+    data: Optional[str] = flag(None, help="Training problems with answers.", panel=DATA),
+    val: Optional[str] = flag(None, help="Validation problems with answers (selects the best round).", panel=DATA),
+    context_as: o.ContextAs = None,
+    env: o.Env = None,
+    env_options: o.EnvOptions = None,
+    max_turns: o.MaxTurns = None,
+    train_games: Optional[int] = flag(None, help="With --env: games played --attempts times each round (default 32).", panel=GAMES),
+    val_games: Optional[int] = flag(None, help="With --env: other games whose success rate selects the best round (default 32).", panel=GAMES),
+    rounds: Optional[int] = flag(None, help="Rounds of solve, extract, accumulate, select.", panel=WORK),
+    attempts: Optional[int] = flag(None, help="Attempts per training problem and round.", panel=WORK),
+    experience: Optional[str] = flag(None, help="Experience file to start from.", panel=WORK),
+    template: Optional[str] = flag(None, help="Extraction prompt template; {traces} marks where attempts go.", panel=WORK),
+    traces_per_prompt: Optional[int] = flag(None, help="Attempts shown per extraction prompt.", panel=WORK),
+    token_budget: Optional[int] = flag(None, help="Keep the experience within this many tokens (whole items dropped, oldest first).", panel=WORK),
+    extract_max_new_tokens: Optional[int] = flag(None, help="Longest extraction response.", panel=WORK),
+    verifier: o.Verifier = None,
+    temperature: o.Temperature = None,
+    top_p: o.TopP = None,
+    max_new_tokens: o.MaxNewTokens = None,
+    batch_size: Optional[int] = flag(None, help="Prompts per generation batch.", panel=SAMPLING),
+    seed: o.Seed = None,
+    sampler: o.Sampler = None,
+    vllm_memory: o.VllmMemory = None,
+    vllm_eager: o.VllmEager = None,
+    recipe: o.Recipe = None,
+    output: Optional[str] = flag(None, "--output", "-o", help="Experience file to write (default exp.txt).", panel=OUTPUT),
+    overwrite: o.Overwrite = None,
+    json_output: o.JsonOutput = False,
 ) -> None:
     """Turn a model's own right and wrong attempts into experience items (no model arguments: the toy world)."""
     one_process_only("extract")
@@ -305,45 +313,43 @@ def extract(
 
 @app.command("eval")
 def eval_command(
-    model: list[str] = typer.Option(..., "--model", "-m", help="Model id or folder; repeat for several."),
-    data: Optional[str] = typer.Option(None, help="Rows with answers: JSONL, JSON, CSV, Parquet or a saved dataset folder."),
-    env: Optional[str] = typer.Option(None, help="Instead of --data, play a game turn by turn: frozenlake, or package.module:Class (see the README's Games)."),
-    env_options: Optional[str] = typer.Option(None, help='The game\'s options, as JSON, e.g. \'{"size": 4, "slippery": false}\'.'),
-    games: int = typer.Option(64, help="With --env: games to play (seeds --seed, --seed + 1, ...)."),
-    max_turns: int = typer.Option(10, help="With --env: most replies a game gets."),
-    context: Optional[str] = typer.Option(None, help="Context file (- for stdin): also score with it in front."),
-    ood_data: Optional[str] = typer.Option(None, help="Out-of-distribution rows with answers (each with its own context)."),
-    best: Optional[int] = typer.Option(None, help="Score a run directory as the mean of its N best checkpoints."),
-    context_as: str = typer.Option("system", help="system (a system message) or user-prefix (before the user turn)."),
-    verifier: str = typer.Option("auto", help=f"{names(VERIFIERS)} (auto: the row's `verifier`, else exact)."),
-    temperature: float = typer.Option(0.0, help="0 for greedy decoding."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
-    n: int = typer.Option(1, help="Samples per prompt (needs a temperature above 0)."),
-    max_new_tokens: int = typer.Option(512, help="Longest response."),
-    batch_size: int = typer.Option(64, help="Prompts per generation batch."),
-    limit: Optional[int] = typer.Option(None, help="Score only the first N rows."),
-    seed: int = typer.Option(0, help="Seed for sampling."),
-    sampler: str = typer.Option("hf", help=f"{names(SAMPLERS)} (hf: Hugging Face generate)."),
-    vllm_memory: float = typer.Option(0.2, help="Share of GPU memory (host memory on a CPU) for the vLLM engine."),
-    vllm_eager: bool = typer.Option(False, "--vllm-eager", help="Start vLLM without compilation or graphs: faster to start, slower to sample."),
-    dtype: str = typer.Option("auto", help=f"{names(DTYPES)} (auto: bf16 on a GPU, fp32 on a CPU)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run a model's own Python code (its config's auto_map); only for code you trust."),
-    allow_bin_weights: bool = typer.Option(False, "--allow-bin-weights", help="Also load pickled *.bin weights (through PyTorch's weights-only unpickler); safetensors only by default."),
-    chat_template_kwargs: Optional[str] = typer.Option(None, help='Keyword arguments for the chat templates, as JSON, e.g. \'{"enable_thinking": false}\' (both views get the same).'),
-    json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
+    model: list[str] = flag(..., "--model", "-m", help="Model id or folder; repeat for several.", panel=MODELS),
+    dtype: o.Dtype = None,
+    trust_remote_code: o.TrustRemoteCode = None,
+    allow_bin_weights: o.AllowBinWeights = None,
+    chat_template_kwargs: o.ChatTemplateKwargs = None,
+    data: Optional[str] = flag(None, help="Rows with answers: JSONL, JSON, CSV, Parquet or a saved dataset folder.", panel=DATA),
+    context: o.Context = None,
+    context_as: o.ContextAs = None,
+    ood_data: Optional[str] = flag(None, help="Out-of-distribution rows with answers (each with its own context).", panel=DATA),
+    limit: Optional[int] = flag(None, help="Score only the first N rows.", panel=DATA),
+    env: o.Env = None,
+    env_options: o.EnvOptions = None,
+    games: Optional[int] = flag(None, help="With --env: games to play, seeds --seed, --seed + 1, ... (default 64).", panel=GAMES),
+    max_turns: o.MaxTurns = None,
+    best: Optional[int] = flag(None, help="Score a run directory as the mean of its N best checkpoints.", panel=EVALUATION),
+    verifier: o.Verifier = None,
+    temperature: o.Temperature = None,
+    top_p: o.TopP = None,
+    n: Optional[int] = flag(None, help="Samples per prompt (needs a temperature above 0).", panel=SAMPLING),
+    max_new_tokens: o.MaxNewTokens = None,
+    batch_size: Optional[int] = flag(None, help="Prompts per generation batch (default 64).", panel=SAMPLING),
+    seed: o.Seed = None,
+    sampler: o.Sampler = None,
+    vllm_memory: o.VllmMemory = None,
+    vllm_eager: o.VllmEager = None,
+    recipe: o.Recipe = None,
+    json_output: o.JsonOutput = False,
 ) -> None:
     """Accuracy of one or more models on rows with answers (or, with --env, success in games), without the context
-    and (when one is given) with it."""
+    and (when one is given) with it; greedy unless --temperature says otherwise."""
     one_process_only("eval")
-    cfg = EvalConfig(
-        models=tuple(model), data=data, env=env, games=games, max_turns=max_turns,
-        env_options=parse_json_object(env_options, "--env-options", '{"size": 4}') or {},
-        ood_data=ood_data, best=best, context=context, context_as=context_as, verifier=verifier,
-        batch_size=batch_size, seed=seed, limit=limit, sampler=sampler, vllm_memory=vllm_memory, vllm_eager=vllm_eager,
-        sampling=SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n),
-        loading=ModelOptions(dtype=dtype, trust_remote_code=trust_remote_code, allow_bin_weights=allow_bin_weights,
-                             chat_template_kwargs=parse_json_object(chat_template_kwargs) or {}),
-    )
+    flags = dict(locals(), models=tuple(model))
+    for key in ("recipe", "json_output", "model"):
+        flags.pop(key, None)
+    flags["chat_template_kwargs"] = parse_json_object(chat_template_kwargs)
+    flags["env_options"] = parse_json_object(env_options, "--env-options", '{"size": 4}')
+    cfg = build_config(EvalConfig, read_recipe(recipe, EvalConfig) if recipe else {}, flags)
     from .evaluate import evaluate  # torch and transformers load here, after the flags are checked
 
     ui = UI()
@@ -367,7 +373,7 @@ def plot(
     runs: list[str] = typer.Argument(..., help="Run folders (or metrics.jsonl files) to draw, one line each."),
     output: str = typer.Option(..., "--output", "-o", help="PNG file to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
-    json_output: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_output: o.JsonOutput = False,
 ) -> None:
     """Draw runs' per-step metrics (loss, top-k mass, response length, learning rate, gradient norm, the student's
     and the teacher's entropy, the share of distinct tokens) into one PNG."""

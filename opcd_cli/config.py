@@ -210,7 +210,7 @@ class DistillConfig:
         _choice("mode", self.mode, DISTILL_MODES)
         _choice("off_policy_loss", self.off_policy_loss, OFF_POLICY_LOSSES)
         _at_least("consistency_weight", self.consistency_weight, 0.0)
-        if self.mode == "off-policy" and self.consistency_weight > 0:
+        if not self.on_policy and self.consistency_weight > 0:
             raise OpcdError("the consistency regulariser needs on-policy rollouts; drop --consistency-weight or use --mode on-policy")
         _at_least("consistency_start", self.consistency_start, 1)
         _at_least("consistency_warmup", self.consistency_warmup, 0)
@@ -218,7 +218,7 @@ class DistillConfig:
             raise OpcdError("--consistency-start and --consistency-warmup schedule the regulariser; "
                             "give --consistency-weight too")
         _at_least("anchor_weight", self.anchor_weight, 0.0)
-        if self.mode == "off-policy" and self.anchor_weight > 0:
+        if not self.on_policy and self.anchor_weight > 0:
             raise OpcdError("the in-context anchor scores the student's own rollouts; drop --anchor-weight or use --mode on-policy")
         _choice("verifier", self.verifier, VERIFIERS)
         _choice("kernel", self.kernel, KERNELS)
@@ -237,7 +237,7 @@ class DistillConfig:
         if self.student is not None and self.data is None and self.env is None:
             raise OpcdError("--student needs --data: give the prompts to train on (JSONL, JSON, CSV, Parquet or a saved "
                             "dataset), or --env: a game to play")
-        if self.env is not None:
+        if self.plays_games:
             if self.data is not None:
                 raise OpcdError("give --data (prompts) or --env (a game to play), not both")
             if self.eval_data is not None or self.ood_data is not None:
@@ -245,16 +245,16 @@ class DistillConfig:
                                 "not --eval-data or --ood-data")
             _at_least("max_turns", self.max_turns, 1)
             _at_least("eval_games", self.eval_games, 0)
-        if (self.ood_env_options is None) != (self.ood_context is None) or (self.ood_context and self.env is None):
+        if (self.ood_env_options is None) != (self.ood_context is None) or (self.ood_context and not self.plays_games):
             raise OpcdError("games out of distribution need --env, --ood-env-options and --ood-context together")
         if self.topk < 1:
             raise OpcdError(f"topk must be at least 1; got {self.topk}")
         if self.topk_renorm and self.topk_tail:
             raise OpcdError("--topk-renorm and --topk-tail each make the top-k a whole distribution; choose one")
-        if self.topk_tail and self.mode == "off-policy":
+        if self.topk_tail and not self.on_policy:
             raise OpcdError("--topk-tail shapes the on-policy loss over the student's top-k; drop it with --mode off-policy")
         if self.teacher_kind != "frozen":
-            if self.mode == "off-policy":
+            if not self.on_policy:
                 raise OpcdError(f"--teacher-kind {self.teacher_kind} moves the teacher during on-policy training; "
                                 "off-policy the teacher's rollouts are made once: drop it with --mode off-policy")
             if self.teacher is not None:
@@ -266,13 +266,13 @@ class DistillConfig:
                 not 0 < self.ema_decay < 1:
             raise OpcdError(f"ema_decay must be in (0, 1) (0.99: the teacher takes 1% of each step); got {self.ema_decay!r}")
         _check_dependent(self)
-        if self.topk_support != "student" and self.mode == "off-policy":
+        if self.topk_support != "student" and not self.on_policy:
             raise OpcdError("--topk-support chooses the on-policy loss's support; off-policy the support is the "
                             "teacher's saved top-k: drop it with --mode off-policy")
         if isinstance(self.min_topk_mass, bool) or not isinstance(self.min_topk_mass, (int, float)) or \
                 not 0 <= self.min_topk_mass < 1:
             raise OpcdError(f"min_topk_mass must be a fraction in [0, 1) (0: no guard); got {self.min_topk_mass!r}")
-        if self.stop_on_escape and (self.mode == "off-policy" or self.min_topk_mass == 0):
+        if self.stop_on_escape and (not self.on_policy or self.min_topk_mass == 0):
             raise OpcdError("--stop-on-escape watches the student's own top-k mass on-policy; it needs --mode on-policy "
                             "and a --min-topk-mass above 0")
         _at_least("steps", self.steps, 1)
@@ -306,6 +306,21 @@ class DistillConfig:
         return self.consistency_weight * min(1.0, (step - self.consistency_start + 1) / self.consistency_warmup)
 
     @property
+    def per_step(self) -> int:
+        """Prompts (or games) a step: ``batch_size`` x ``grad_accum``, over every process."""
+        return self.batch_size * self.grad_accum
+
+    @property
+    def on_policy(self) -> bool:
+        """Whether the student trains on its own responses (the paper's method), not the teacher's."""
+        return self.mode == "on-policy"
+
+    @property
+    def plays_games(self) -> bool:
+        """Whether the run plays games (``--env``) instead of reading rows."""
+        return self.env is not None
+
+    @property
     def context_pass(self) -> bool:
         """Whether each micro-batch has a second student pass, with the context (the regulariser, the anchor)."""
         return self.consistency_weight > 0 or self.anchor_weight > 0
@@ -327,7 +342,7 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    models: tuple[str, ...]
+    models: tuple[str, ...] = ()  # --model, once or more
     data: str | None = None  # rows with answers; or, with `env`, games
     ood_data: str | None = None  # scored with each row's own context
     best: int | None = None  # a run directory scores as the mean of its `best` best checkpoints
@@ -454,8 +469,8 @@ def _check_dependent(cfg: "DistillConfig") -> None:
     """Settings that only act with another one are refused without it, instead of being ignored."""
     rules = [(("ema_decay",), cfg.teacher_kind == "ema", "--teacher-kind ema (the moving average it sets)"),
              (("vllm_memory", "vllm_eager"), cfg.sampler == "vllm", "--sampler vllm"),
-             (("env_options", "max_turns", "eval_games"), cfg.env is not None, "--env (the game they set up)"),
-             (("off_policy_loss", "rollouts"), cfg.mode == "off-policy", "--mode off-policy")]
+             (("env_options", "max_turns", "eval_games"), cfg.plays_games, "--env (the game they set up)"),
+             (("off_policy_loss", "rollouts"), not cfg.on_policy, "--mode off-policy")]
     for names, present, needed in rules:
         given = _given(cfg, names)
         if given and not present:
@@ -542,7 +557,7 @@ def flatten_settings(data: dict[str, Any], source: str = "settings", cls=None) -
     cls = cls or DistillConfig
     known = {f.name for f in fields(cls)} - set(_NESTED)
     nested = {name: {f.name for f in fields(nested_cls)} for name, nested_cls in _NESTED.items()}
-    command = "extract" if cls is ExtractConfig else "distill"
+    command = {ExtractConfig: "extract", EvalConfig: "eval"}.get(cls, "distill")
     flat: dict[str, Any] = {}
     for key, value in data.items():
         key = key.replace("-", "_")
@@ -647,9 +662,10 @@ def build_config(cls, *layers: dict[str, Any]):
     for key, value in merged.items():
         owner = next((name for name, nested_cls in _NESTED.items() if key in {f.name for f in fields(nested_cls)}), None)
         (nested_values[owner] if owner else top)[key] = value
-    defaults = cls()  # nested options start from the command's own defaults (extract samples at temperature 1)
+    # nested options start from the command's own defaults (extract samples at temperature 1, eval greedily)
+    defaults = {f.name: f.default_factory() for f in fields(cls) if f.name in _NESTED}
     try:
-        nested = {name: dataclasses.replace(getattr(defaults, name), **values) for name, values in nested_values.items()}
+        nested = {name: dataclasses.replace(defaults[name], **values) for name, values in nested_values.items()}
         return cls(**top, **nested)
     except TypeError as e:  # a value of the wrong type, or a setting this command does not take
         raise OpcdError(f"bad setting: {e}") from None

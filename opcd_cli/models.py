@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -204,3 +205,11 @@ def generation_config(folder: str):
 
 def context_window(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
+
+
+def autocast(dtype_name: str):
+    """Mixed precision around forward passes when the compute dtype is not float32 (master weights stay float32)."""
+    dtype = resolve_dtype(dtype_name)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device().type, dtype=dtype)

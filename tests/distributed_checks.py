@@ -106,7 +106,7 @@ def check_micro_batch_counts(world) -> None:
     from types import SimpleNamespace
 
     from opcd_cli.config import DistillConfig
-    from opcd_cli.distill import micro_batches
+    from opcd_cli.distill.passes import micro_batches
 
     cfg = DistillConfig(student="toy:small", data="toy:codes/train", micro_batch_tokens=200)
     run = SimpleNamespace(cfg=cfg, teacher_prefix=None, packer=SimpleNamespace(packed=True), games=None)

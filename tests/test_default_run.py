@@ -54,7 +54,7 @@ def test_vllm_sampler_internalises_as_well_as_hugging_face(default_run, cli, tmp
     last push, and shuts its engine down at the end."""
     import torch
 
-    import opcd_cli.distill as distill_module
+    import opcd_cli.distill.samplers as distill_module
     from opcd_cli.sampling.vllm import VLLMSampler
 
     probe = [1, 20, 21, 22, 40, 41, 42]

@@ -19,7 +19,7 @@ def distill_args(student, files, out, *extra):
 
 
 def test_cross_size_distill_writes_a_complete_run(cli, tiny_student, tiny_teacher, toy_files, tmp_path, monkeypatch):
-    import opcd_cli.distill as distill_module
+    import opcd_cli.distill.state as distill_module
 
     probe = torch.tensor([[1, 20, 21, 22]])
     at_save = {}

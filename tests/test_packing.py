@@ -120,7 +120,7 @@ class IgnoresPositions(torch.nn.Module):
 
 
 def test_a_model_that_lets_packed_sequences_meet_is_refused(toy):
-    from opcd_cli.distill import make_packer
+    from opcd_cli.distill.passes import make_packer
 
     _, teacher, views = toy
     leaky = IgnoresPositions(teacher)

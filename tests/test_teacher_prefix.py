@@ -65,7 +65,7 @@ def test_common_prefix_leaves_every_prompt_its_last_token_and_differing_contexts
     assert common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == [1, 2]  # [1, 2, 3] keeps its 3: it predicts the response
     assert common_prefix([[1, 2, 3, 4], [1, 2, 9, 4]]) == [1, 2]
     assert common_prefix([[5], [5, 6]]) == []
-    from opcd_cli.distill import MIN_PREFIX_TOKENS, teacher_prefix
+    from opcd_cli.distill.passes import MIN_PREFIX_TOKENS, teacher_prefix
     from opcd_cli.config import DistillConfig
 
     class View:
