@@ -61,7 +61,8 @@ def run_one(job: dict) -> dict:
     })
     start = time.time()
     summary = distill(cfg, UI(quiet=True))
-    masses = [json.loads(line)["topk_mass"] for line in Path(cfg.output_dir, "metrics.jsonl").read_text().splitlines()]
+    lines = Path(cfg.output.output_dir, "metrics.jsonl").read_text().splitlines()
+    masses = [json.loads(line)["topk_mass"] for line in lines]
     return {"rule": job["rule"], "mode": job["mode"], "seed": job["seed"], "seconds": round(time.time() - start, 1),
             "before": summary["before"], "after": summary["after"], "topk_mass": masses}
 

@@ -144,18 +144,19 @@ def plan_for(cfg: DistillConfig, world_size: int | None = None) -> dict:
     from .models import resolve_dtype
 
     world = world_size or int(os.environ.get("WORLD_SIZE", "1") or 1)
-    compute, load, lora = resolve_dtype(cfg.loading.dtype), cfg.loading, cfg.lora_rank is not None
-    student = model_shape(cfg.student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, load.trust_remote_code)
+    compute, load, lora = resolve_dtype(cfg.loading.dtype), cfg.loading, cfg.lora.lora_rank is not None
+    student = model_shape(cfg.student, cfg.lora.lora_rank, cfg.lora.lora_alpha, cfg.lora.lora_targets,
+                          load.trust_remote_code)
     teacher = None if cfg.teacher is None else model_shape(cfg.teacher, trust_remote_code=load.trust_remote_code)
     rows, per_1k = estimate(student, teacher, world=world, compute=compute, lora=lora,
-                            teacher_sharding=cfg.teacher_sharding, checkpointing=cfg.gradient_checkpointing,
-                            consistency=cfg.context_pass,
+                            teacher_sharding=cfg.engine.teacher_sharding,
+                            checkpointing=cfg.engine.gradient_checkpointing, consistency=cfg.loss.context_pass,
                             vllm_bytes=vllm_bytes(cfg))
     fixed = sum(rows.values())
     prompt = longest_prompt(cfg)
-    rows_per_micro_batch = min(cfg.batch_size, cfg.batch_size * cfg.grad_accum // world)
+    rows_per_micro_batch = min(cfg.optim.batch_size, cfg.per_step // world)
     # a token budget bounds what any pass reads at once; else the longest prompts with the longest responses
-    tokens = cfg.micro_batch_tokens or rows_per_micro_batch * (prompt + cfg.sampling.max_new_tokens)
+    tokens = cfg.optim.micro_batch_tokens or rows_per_micro_batch * (prompt + cfg.sampling.max_new_tokens)
     return {
         "world_size": world,
         "compute_dtype": str(compute).removeprefix("torch."),
@@ -163,15 +164,15 @@ def plan_for(cfg: DistillConfig, world_size: int | None = None) -> dict:
         "student_parameters": student.parameters,
         "trainable_parameters": student.trainable,
         "teacher": cfg.teacher or ("the student with its adapters off" if lora else "a frozen copy of the student"),
-        "teacher_sharding": cfg.teacher_sharding,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "teacher_sharding": cfg.engine.teacher_sharding,
+        "gradient_checkpointing": cfg.engine.gradient_checkpointing,
         "gib": {k: v / GIB for k, v in rows.items()},
-        "vllm_share": cfg.vllm_memory if cfg.sampler == "vllm" else None,
+        "vllm_share": cfg.engine.vllm_memory if cfg.engine.sampler == "vllm" else None,
         "fixed_gib": fixed / GIB,
         "activations_gib_per_1k_tokens": per_1k / GIB,
         "longest_prompt_tokens": prompt,
         "micro_batch_tokens_at_most": tokens,
-        "micro_batch_tokens_from": "--micro-batch-tokens" if cfg.micro_batch_tokens else "batch_size rows, padded",
+        "micro_batch_tokens_from": "--micro-batch-tokens" if cfg.optim.micro_batch_tokens else "batch_size rows, padded",
         "total_gib_at_longest_micro_batch": (fixed + per_1k * tokens / 1000) / GIB,
     }
 
@@ -185,12 +186,12 @@ def longest_prompt(cfg: DistillConfig) -> int:
 
     tokenizer = models.load_tokenizer(cfg.student, cfg.loading.trust_remote_code)
     renderer = ChatRenderer(tokenizer, cfg.student, cfg.loading.chat_template_kwargs)
-    if cfg.env is not None:  # games: a reply at the last turn reads every turn before it; the observations are
+    if cfg.plays_games:  # games: a reply at the last turn reads every turn before it; the observations are
         from . import envs  # taken to be as long as the first game's first prompt, the replies as long as allowed
 
-        observation = envs.reset(envs.environment_factory(cfg.env, cfg.env_options)(), 0, cfg.env)
+        observation = envs.reset(envs.environment_factory(cfg.games.env, cfg.games.env_options)(), 0, cfg.games.env)
         first = len(renderer.prompt_ids([{"role": "user", "content": observation}]))
-        return first * cfg.max_turns + (cfg.max_turns - 1) * cfg.sampling.max_new_tokens
+        return first * cfg.games.max_turns + (cfg.games.max_turns - 1) * cfg.sampling.max_new_tokens
     examples, context = load_examples(cfg.data), read_context(cfg.context)
     views = build_views(examples, context, cfg.context_as, renderer, renderer)
     return max(len(v.student_ids) for v in views)
@@ -201,9 +202,9 @@ def vllm_bytes(cfg: DistillConfig) -> float | None:
     without a GPU here (a plan made on a laptop for a cluster states the share instead)."""
     import torch
 
-    if cfg.sampler != "vllm" or not torch.cuda.is_available():
+    if cfg.engine.sampler != "vllm" or not torch.cuda.is_available():
         return None
-    return cfg.vllm_memory * torch.cuda.get_device_properties(0).total_memory
+    return cfg.engine.vllm_memory * torch.cuda.get_device_properties(0).total_memory
 
 
 def size(gib: float | None) -> str:

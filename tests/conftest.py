@@ -118,3 +118,35 @@ def cli(capsys):
 def tree(folder: Path) -> dict[str, float]:
     """Every file under ``folder`` with its modification time: to check that nothing changed on disk."""
     return {str(p.relative_to(folder)): p.lstat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+# --- the distill package's rooms (tests/distill/): a prepared toy run ------------------------------------
+
+def toy_distill_config(folder, **settings):
+    """The toy's default run, tiny (topk 4, 4-token responses, 2 prompts a step), writing under ``folder``."""
+    from opcd_cli.config import build_distill_config, read_recipe
+
+    return build_distill_config(read_recipe("toy-codes"), {"batch_size": 2, "steps": 2, "topk": 4,
+                                                            "max_new_tokens": 4, "show_prompts": 0,
+                                                            "output_dir": str(folder / "run"), **settings})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """(config, the ``Run`` that ``setup.prepare`` builds, its output folder) for the toy's default run."""
+    from opcd_cli.distill.setup import prepare
+    from opcd_cli.outputs import RunDir
+    from opcd_cli.ui import UI
+
+    cfg = toy_distill_config(tmp_path_factory.mktemp("prepared"))
+    out = RunDir(cfg.output.output_dir, overwrite=False, inputs=cfg.inputs())
+    try:
+        yield cfg, prepare(cfg, out, UI(quiet=True)), out
+    finally:
+        out.release()
+
+
+@pytest.fixture
+def config(tmp_path):
+    """``toy_distill_config`` in this test's own folder."""
+    return lambda **settings: toy_distill_config(tmp_path, **settings)

@@ -6,7 +6,7 @@ from opcd_cli.errors import OpcdError
 
 def test_layers_later_wins_and_none_means_not_given():
     cfg = build_distill_config({"lr": 1e-5, "steps": 7, "temperature": 0.6}, {"lr": 2e-5, "steps": None})
-    assert cfg.lr == 2e-5 and cfg.steps == 7
+    assert cfg.optim.lr == 2e-5 and cfg.optim.steps == 7
     assert cfg.sampling.temperature == 0.6
 
 
@@ -14,7 +14,7 @@ def test_recipe_tables_flatten_and_flags_override(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('student = "s"\ndata = "d.jsonl"\ntopk = 64\n[sampling]\ntemperature = 0.7\n[loading]\ndtype = "bfloat16"\n')
     cfg = build_distill_config(read_recipe(recipe), {"topk": 32})
-    assert (cfg.student, cfg.topk, cfg.sampling.temperature, cfg.loading.dtype) == ("s", 32, 0.7, "bfloat16")
+    assert (cfg.student, cfg.loss.topk, cfg.sampling.temperature, cfg.loading.dtype) == ("s", 32, 0.7, "bfloat16")
 
 
 @pytest.mark.parametrize(
@@ -79,18 +79,20 @@ def test_validation_errors(settings, message):
 
 def test_consistency_schedule():
     plain = build_distill_config({"consistency_weight": 0.2})
-    assert [plain.consistency_weight_at(s) for s in (1, 2, 50)] == [0.2, 0.2, 0.2]  # the paper's form
+    assert [plain.loss.consistency_weight_at(s) for s in (1, 2, 50)] == [0.2, 0.2, 0.2]  # the paper's form
     late = build_distill_config({"consistency_weight": 0.2, "consistency_start": 3, "consistency_warmup": 4})
-    assert [late.consistency_weight_at(s) for s in range(1, 9)] == pytest.approx(
+    assert [late.loss.consistency_weight_at(s) for s in range(1, 9)] == pytest.approx(
         [0, 0, 0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
     delayed = build_distill_config({"consistency_weight": 0.2, "consistency_start": 3})
-    assert [delayed.consistency_weight_at(s) for s in (1, 2, 3, 4)] == [0, 0, 0.2, 0.2]
+    assert [delayed.loss.consistency_weight_at(s) for s in (1, 2, 3, 4)] == [0, 0, 0.2, 0.2]
 
 
 def test_configs_are_frozen():
     cfg = DistillConfig()
     with pytest.raises(Exception):
-        cfg.lr = 1.0  # type: ignore[misc]
+        cfg.optim = 1.0  # type: ignore[misc]
+    with pytest.raises(Exception):
+        cfg.optim.lr = 1.0  # type: ignore[misc]
     assert build_distill_config(read_recipe("toy-codes")).default_output_dir().startswith("runs/toy-codes-")
 
 

@@ -37,7 +37,7 @@ def test_recipe_opens_with_its_command_and_is_valid(recipe):
         {} if "env" in settings else {"data": "train.jsonl"})  # a game's recipe plays its environment instead
     cfg = build_distill_config(settings, flags)
     if not sources.is_builtin(cfg.student):
-        assert cfg.topk == 256 and 1e-6 <= cfg.lr <= 5e-6  # the paper's settings
+        assert cfg.loss.topk == 256 and 1e-6 <= cfg.optim.lr <= 5e-6  # the paper's settings
 
 
 @pytest.mark.parametrize("name", sources.builtin_recipes())

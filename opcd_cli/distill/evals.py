@@ -19,24 +19,24 @@ from .records import Run
 
 
 def greedy(run: Run) -> SamplingOptions:
-    cfg = run.cfg
-    return SamplingOptions(temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens or cfg.sampling.max_new_tokens)
+    longest = run.cfg.evaluation.eval_max_new_tokens or run.cfg.sampling.max_new_tokens
+    return SamplingOptions(temperature=0.0, max_new_tokens=longest)
 
 
 def evaluates(run: Run) -> bool:
     """Whether the run has an evaluation: rows to score, or evaluation games to play."""
-    return bool(run.eval_examples) or (run.cfg.plays_games and run.cfg.eval_games > 0)
+    return bool(run.eval_examples) or (run.cfg.plays_games and run.cfg.games.eval_games > 0)
 
 
 def play_eval_games(run: Run, sampler: Sampler, renderer: ChatRenderer, ui: UI, title: str, context: str | None,
                     ood: bool) -> GameEvalResult:
     """Greedy games on the evaluation seeds: without the context, with it when given, and out of distribution."""
-    cfg, setup = run.cfg, run.games
+    cfg, setup, n = run.cfg, run.games, run.cfg.games.eval_games
     ood_setup = setup.ood if ood else None
     with ui.progress(), models.autocast(cfg.loading.dtype):
         torch.manual_seed(cfg.seed)
-        advance = ui.task(title, plays(cfg.eval_games, setup.max_turns, context is not None, ood_setup is not None))
-        return evaluate_games(sampler, renderer, setup.make_env, setup.name, list(range(cfg.eval_games)),
+        advance = ui.task(title, plays(n, setup.max_turns, context is not None, ood_setup is not None))
+        return evaluate_games(sampler, renderer, setup.make_env, setup.name, list(range(n)),
                               context=context, context_as=cfg.context_as, sampling=greedy(run),
                               max_turns=setup.max_turns, window=setup.window, advance=advance, ood=ood_setup)
 
@@ -46,15 +46,15 @@ def evaluate_teacher(run: Run, ui: UI, sampler: Sampler) -> float:
     ``--env``, its success in the evaluation games."""
     cfg = run.cfg
     if cfg.plays_games:
-        games = play(sampler, run.teacher_renderer, run.games.make_env, run.games.name, list(range(cfg.eval_games)),
-                     context=run.context, context_as=cfg.context_as, sampling=greedy(run),
+        seeds = list(range(cfg.games.eval_games))
+        games = play(sampler, run.teacher_renderer, run.games.make_env, run.games.name, seeds, context=run.context, context_as=cfg.context_as, sampling=greedy(run),
                      max_turns=run.games.max_turns, window=run.games.window)
         return GameScores.of(games).success
     with ui.progress(), models.autocast(cfg.loading.dtype):
         torch.manual_seed(cfg.seed)
         advance = ui.task("eval before: teacher with context", len(run.eval_examples))
         return score(sampler, run.teacher_renderer, run.eval_examples, context=run.context, context_as=cfg.context_as,
-                     sampling=greedy(run), verifier=cfg.verifier, advance=advance).accuracy
+                     sampling=greedy(run), verifier=cfg.evaluation.verifier, advance=advance).accuracy
 
 
 def evaluate_student(run: Run, sampler: Sampler, ui: UI, when: str, teacher_score: float | None = None):
@@ -76,8 +76,8 @@ def evaluate_student(run: Run, sampler: Sampler, ui: UI, when: str, teacher_scor
                 torch.manual_seed(cfg.seed)
                 advance = ui.task(f"eval {when}", passes(run.eval_examples, run.context, run.ood_examples))
                 result = evaluate_model(sampler, run.student_renderer, run.eval_examples, context=run.context,
-                                        context_as=cfg.context_as, sampling=greedy(run), verifier=cfg.verifier,
-                                        ood=run.ood_examples, advance=advance)
+                                        context_as=cfg.context_as, sampling=greedy(run),
+                                        verifier=cfg.evaluation.verifier, ood=run.ood_examples, advance=advance)
     finally:
         run.student.train(was_training)
     if when == "before":  # games: the same two fields under their games names

@@ -22,7 +22,7 @@ def teacher_prefix(cfg: DistillConfig, views: list[Views], teacher) -> TeacherPr
     """On-policy, the start every teacher prompt shares (the rendered context when one serves every row), for
     the teacher to read once per run; None when the rows' contexts differ, the teacher's attention has sliding
     windows, or ``--no-teacher-prefix-cache``."""
-    if not cfg.teacher_prefix_cache or not cfg.on_policy or not can_reuse_prefix(teacher):
+    if not cfg.engine.teacher_prefix_cache or not cfg.on_policy or not can_reuse_prefix(teacher):
         return None
     ids = common_prefix([v.teacher_ids for v in views])
     return TeacherPrefix(ids) if len(ids) >= MIN_PREFIX_TOKENS else None
@@ -40,7 +40,7 @@ def pass_prompt_lengths(cfg: DistillConfig, view: Views, prefix: TeacherPrefix |
     lengths = [len(view.student_ids)]
     if teacher_reads(cfg):
         lengths.append(len(view.teacher_ids) - (len(prefix) if prefix is not None else 0))
-        if cfg.context_pass:
+        if cfg.loss.context_pass:
             lengths.append(len(view.student_context_ids))
     return lengths
 
@@ -51,15 +51,15 @@ def make_packer(cfg: DistillConfig, views: list[Views], student, teacher, teache
     micro-batch, once the models are seen to keep packed sequences apart and the budget holds the longest
     sequence a step can have."""
     device = models.device()
-    if not cfg.micro_batch_tokens:
+    if not cfg.optim.micro_batch_tokens:
         return Packer(pad_id, device)
     for model, name in [(student, cfg.student)] + ([(teacher, teacher_name)] if teacher_reads(cfg) else []):
         if not packing_is_exact(model):
             raise OpcdError(f"--micro-batch-tokens packs sequences into one row, and {name} (attention: "
                             f"{attention_kind(model)}) does not keep them apart there; leave out --micro-batch-tokens")
     longest = max(sequence_cost(pass_prompt_lengths(cfg, v, prefix), cfg.sampling.max_new_tokens) for v in views)
-    if cfg.micro_batch_tokens < longest:
-        raise OpcdError(f"--micro-batch-tokens {cfg.micro_batch_tokens} cannot hold the longest sequence a micro-batch "
+    if (budget := cfg.optim.micro_batch_tokens) < longest:
+        raise OpcdError(f"--micro-batch-tokens {budget} cannot hold the longest sequence a micro-batch "
                         f"may get ({longest} positions: its prompt and --max-new-tokens "
                         f"{cfg.sampling.max_new_tokens}); give at least {longest} or leave it out")
     return Packer(pad_id, device, True, prefix is not None and packing_is_exact(teacher, after_prefix=True))
@@ -73,8 +73,8 @@ def micro_batches(run, views: list[Views], responses: list[list[int]]) -> list[t
     ``teacher_prefix`` and ``packer``."""
     cfg = run.cfg
     costs = [sequence_cost(pass_prompt_lengths(cfg, v, run.teacher_prefix), len(r)) for v, r in zip(views, responses)]
-    batches = (by_token_budget(costs, cfg.micro_batch_tokens) if run.packer.packed
-               else by_prompts(len(views), cfg.batch_size))
+    batches = (by_token_budget(costs, cfg.optim.micro_batch_tokens) if run.packer.packed
+               else by_prompts(len(views), cfg.optim.batch_size))
     if not distributed.world().active or (not cfg.plays_games and not run.packer.packed):
         return [(batch, 1) for batch in batches]  # dataset rows: every rank has as many, in as many batches
     count = distributed.all_max(len(batches), models.device())

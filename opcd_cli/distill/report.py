@@ -20,7 +20,7 @@ def show_prompts(run: Run, ui: UI) -> None:
     """What each model reads: the rendered teacher and student prompts of the first ``--show-prompts`` rows."""
     shown = ([(f"game {TRAIN_GAME_SEEDS}, turn 1", None, run.views[0])] if run.cfg.plays_games
              else [(f"row {e.row}", e.context, v) for e, v in zip(run.examples, run.views)])
-    for where, context, views in shown[: run.cfg.show_prompts]:
+    for where, context, views in shown[: run.cfg.output.show_prompts]:
         teacher_text = run.teacher_renderer.show(views.teacher_ids)
         student_text = run.student_renderer.show(views.student_ids)
         as_text = "; ‹ › marks a control token's string that is plain text here" if "‹" in teacher_text + student_text else ""
@@ -82,7 +82,7 @@ def teacher_description(cfg: DistillConfig) -> str:
         return f"{cfg.student} itself, as it trains (live)"
     if cfg.teacher_kind == "ema":
         return f"moving average of {cfg.student} (decay {cfg.ema_decay})"
-    return cfg.teacher or (f"{cfg.student} with the adapters off" if cfg.lora_rank else f"frozen copy of {cfg.student}")
+    return cfg.teacher or (f"{cfg.student} with the adapters off" if cfg.lora.lora_rank else f"frozen copy of {cfg.student}")
 
 
 def build_summary(run: Run, training: Training, after: EvalResult | None, *, inputs: dict, sampler_name: str,
@@ -92,34 +92,34 @@ def build_summary(run: Run, training: Training, after: EvalResult | None, *, inp
     return {
         "output_dir": str(run.out.final),
         "mode": cfg.mode,
-        **({"env": cfg.env, "max_turns": cfg.max_turns} if cfg.plays_games else {}),
+        **({"env": cfg.games.env, "max_turns": cfg.games.max_turns} if cfg.plays_games else {}),
         "student": cfg.student,
         "teacher": teacher_description(cfg),
         "teacher_kind": cfg.teacher_kind,
         "ema_decay": cfg.ema_decay if cfg.teacher_kind == "ema" else None,
         "trainable_parameters": run.trainable_parameters,
-        "lora": None if cfg.lora_rank is None else {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or 2 * cfg.lora_rank,
-                                                    "targets": cfg.lora_targets, "merged": cfg.merge},
-        "steps": cfg.steps,
+        "lora": None if cfg.lora.lora_rank is None else {"rank": cfg.lora.lora_rank, "alpha": cfg.lora.alpha,
+                                                    "targets": cfg.lora.lora_targets, "merged": cfg.lora.merge},
+        "steps": cfg.optim.steps,
         "seconds": round(time.time() - started, 1),
         "train_seconds": round(train_seconds, 1),
         "world_size": distributed.world().size,
         "peak_memory_gib_by_rank": [round(gib, 3) for gib in peak_memory],
         "final_loss": last.get("loss"),
         "final_topk_mass": last.get("topk_mass"),
-        "topk_tail": cfg.topk_tail,
-        "topk_support": cfg.topk_support,
-        "min_topk_mass": cfg.min_topk_mass,
+        "topk_tail": cfg.loss.topk_tail,
+        "topk_support": cfg.loss.topk_support,
+        "min_topk_mass": cfg.loss.min_topk_mass,
         "topk_mass_escape": None if training.escape is None else training.escape.to_dict(),
         "time_by_phase": time_by_phase(training.metrics),
         "sampler": sampler_name,
         "rollouts": "teacher" if rollouts is not None else "student",
         "kernel": "fused-linear" if run.loss.fused else "logits",
         "teacher_prefix_tokens": len(run.teacher_prefix) if run.teacher_prefix else 0,
-        "consistency_weight": cfg.consistency_weight,
-        "consistency_start": cfg.consistency_start,
-        "consistency_warmup": cfg.consistency_warmup,
-        "anchor_weight": cfg.anchor_weight,
+        "consistency_weight": cfg.loss.consistency_weight,
+        "consistency_start": cfg.loss.consistency_start,
+        "consistency_warmup": cfg.loss.consistency_warmup,
+        "anchor_weight": cfg.loss.anchor_weight,
         "context_file": cfg.context,
         "inputs": inputs,
         "before": None if training.before is None else training.before.to_dict(),

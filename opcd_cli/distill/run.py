@@ -8,7 +8,6 @@ import io
 import json
 import signal
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ from .teacher_work import make_rollouts, saved_rollouts, teacher_work
 
 def distill(cfg: DistillConfig, ui: UI, resume: bool = False) -> dict:
     """Run context distillation and return the summary (also written to ``summary.json``). With ``resume``,
-    continue the run at ``cfg.output_dir`` (its ``.partial`` folder, or a finished run) from its saved state."""
+    continue the run at ``cfg.output.output_dir`` (its ``.partial`` folder, or a finished run) from its saved state."""
     started = time.time()
     if cfg.student is None:
         raise OpcdError("give --student (or no model arguments at all, to run the built-in toy world)")
@@ -52,7 +51,7 @@ def distill(cfg: DistillConfig, ui: UI, resume: bool = False) -> dict:
         final = distributed.broadcast_object(str(out.final) if out else None)
         out = out or FollowerRunDir(final)
         try:
-            run = distributed.agree(lambda: prepare(replace(cfg, output_dir=str(out.final)), out, ui))
+            run = distributed.agree(lambda: prepare(cfg.with_settings(output_dir=str(out.final)), out, ui))
             return train(distribute(run, world), ui, started, resume)
         except DiskFull as e:
             if saved_state_exists(out.partial):
@@ -72,10 +71,11 @@ def open_output(cfg: DistillConfig, resume: bool, world: distributed.World) -> R
     through rank 0 only, and get None."""
     if not world.main:
         return None
-    out = RunDir(cfg.output_dir or cfg.default_output_dir(), cfg.overwrite, resume=resume, inputs=cfg.inputs())
+    out = RunDir(cfg.output.output_dir or cfg.default_output_dir(), cfg.output.overwrite, resume=resume,
+                 inputs=cfg.inputs())
     if resume:
         try:
-            check_resumable(out, cfg.steps)
+            check_resumable(out, cfg.optim.steps)
         except OpcdError:
             out.release()
             raise
@@ -87,14 +87,14 @@ def distribute(run: Run, world: distributed.World) -> Run:
     ``--gradient-checkpointing``; with several processes, the student sharded with FSDP2 (and the teacher too
     with ``--teacher-sharding shard``), and each rank sampling from its own random stream."""
     cfg = run.cfg
-    if cfg.gradient_checkpointing:
+    if cfg.engine.gradient_checkpointing:
         run.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not world.active:
         return run
     dtype = models.resolve_dtype(cfg.loading.dtype)
     distributed.shard(run.student, dtype)
     teacher_is_student = run.teacher is run.student or isinstance(run.teacher, lora.AdaptersOff)  # its shards
-    if not teacher_is_student and (cfg.teacher_sharding == "shard" or cfg.teacher_kind == "ema"):  # an average:
+    if not teacher_is_student and (cfg.engine.teacher_sharding == "shard" or cfg.teacher_kind == "ema"):  # an average:
         distributed.shard(run.teacher, dtype)  # sharded as the student is
     torch.manual_seed(cfg.seed + 1_000_003 * world.rank)  # rank 0's stream is the single process's
     return run
@@ -121,12 +121,12 @@ def train(run: Run, ui: UI, started: float, resume: bool = False) -> dict:
         training = new_training(run)
         if resume:
             restore(run, training, samplers.training, out)
-        elif cfg.eval_before:
+        elif cfg.evaluation.eval_before:
             training.before = evaluate_student(run, samplers.evaluation, ui, "before", teacher_score)
         train_seconds = loop(run, training, samplers, rollouts, out, ui)
         student.eval()
         stopped = training.escape is not None and training.escape.stopped
-        if cfg.save_every and not stopped:  # a run that keeps checkpoints can be continued with more --steps
+        if cfg.output.save_every and not stopped:  # a run that keeps checkpoints can be continued with more --steps
             save_training_state(run, training, samplers.training, out)
         save_student(run, out, final=True)  # a LoRA student is merged in place here, unless --no-merge
         if not cfg.on_policy or run.student is not student:
@@ -152,14 +152,15 @@ def loop(run: Run, training: Training, samplers: Samplers, rollouts, out: Path, 
     cfg, student, world = run.cfg, run.student, distributed.world()
     train_start = time.time()
     student.train()
-    tracker = trackers.open_tracker(cfg.report_to if world.main else "none", out, run.out.final.name, cfg.to_dict())
+    tracker = trackers.open_tracker(cfg.output.report_to if world.main else "none", out, run.out.final.name,
+                                    cfg.to_dict())
     timer = StepTimer(models.device())  # one host synchronisation a step, at its end
-    guard = EscapeGuard(cfg.min_topk_mass if cfg.on_policy else 0.0, cfg.stop_on_escape, student.parameters())
+    guard = EscapeGuard(cfg.loss.min_topk_mass if cfg.on_policy else 0.0, cfg.loss.stop_on_escape, student.parameters())
     # the signals are the loop's before metrics.jsonl exists: a signal once it does stops after a step
     with stop_signals() as stop, ui.progress(), metrics_log(out, world) as log, contextlib.closing(tracker):
-        advance = ui.task(f"distill ({cfg.mode})", cfg.steps)
+        advance = ui.task(f"distill ({cfg.mode})", cfg.optim.steps)
         advance(training.step)
-        for step in range(training.step + 1, cfg.steps + 1):
+        for step in range(training.step + 1, cfg.optim.steps + 1):
             record = take_step(run, training, samplers, rollouts, step, guard, timer, ui, train_start)
             # 5. log and checkpoint
             training.step = step
@@ -174,13 +175,14 @@ def loop(run: Run, training: Training, samplers: Samplers, rollouts, out: Path, 
                 guard.restore()
                 samplers.training.update_weights(student)
                 break
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            if cfg.output.save_every and step % cfg.output.save_every == 0 and step < cfg.optim.steps:
                 save_student(run, out / "checkpoints" / f"step-{step:06d}")
                 save_training_state(run, training, samplers.training, out)
             if distributed.any_rank(stop.signal is not None, models.device()):  # every rank stops after the same step
                 stop.signal = stop.signal or signal.SIGTERM
                 save_training_state(run, training, samplers.training, out)
-                raise Interrupted(f"stopped after step {step} of {cfg.steps} ({stop.signal.name}); continue with: "
+                raise Interrupted(f"stopped after step {step} of {cfg.optim.steps} ({stop.signal.name}); continue "
+                                  f"with: "
                                   f"opcd distill --resume {run.out.partial}", code=128 + stop.signal.value)
     return time.time() - train_start
 

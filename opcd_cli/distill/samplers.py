@@ -46,13 +46,14 @@ def open_samplers(run: Run, phase: str, rollouts=None) -> Samplers:
     its rollouts of the rows; none when it has no such work) or ``"student"`` (everything after it, the default
     teacher's rollouts included when the run has no ``rollouts`` yet)."""
     cfg, whole = run.cfg, (lambda s: distributed.SplitAcrossRanks(s, distributed.world()))
-    vllm = cfg.sampler == "vllm"
+    vllm = cfg.engine.sampler == "vllm"
     writes_rollouts = not cfg.on_policy and not cfg.plays_games and rollouts is None
     if phase == "teacher":
-        scores = cfg.teacher is not None and cfg.eval_before and evaluates(run)
+        scores = cfg.teacher is not None and cfg.evaluation.eval_before and evaluates(run)
         writes_rollouts = writes_rollouts and cfg.teacher is not None
-        engine = new_sampler(run, "teacher", cfg.eval_batch_size) if vllm and (scores or writes_rollouts) else None
-        return Samplers(evaluation=whole(engine or new_sampler(run, "teacher", cfg.eval_batch_size)) if scores else None,
+        batch = cfg.evaluation.eval_batch_size
+        engine = new_sampler(run, "teacher", batch) if vllm and (scores or writes_rollouts) else None
+        return Samplers(evaluation=whole(engine or new_sampler(run, "teacher", batch)) if scores else None,
                         rollouts=whole(engine or new_sampler(run, "teacher", cfg.per_step)) if writes_rollouts else None)
     # the default teacher's rollouts come first: under vLLM its engine (the student's initial weights) samples
     # them and then trains
@@ -62,7 +63,7 @@ def open_samplers(run: Run, phase: str, rollouts=None) -> Samplers:
     player = None
     if cfg.plays_games and not cfg.on_policy:  # vLLM and the default teacher: the engine on the initial weights
         player = training if vllm and cfg.teacher is None else new_sampler(run, "teacher", cfg.per_step)
-    evaluation = training if vllm else new_sampler(run, "student", cfg.eval_batch_size)
+    evaluation = training if vllm else new_sampler(run, "student", cfg.evaluation.eval_batch_size)
     return Samplers(training, player, whole(writer) if writer else None, whole(evaluation))
 
 
@@ -70,9 +71,11 @@ def new_sampler(run: Run, which: str, batch_size: int, follows_training: bool = 
     """A sampler (``--sampler``) for the student or the teacher; vLLM loads the model's own folder (the
     frozen-copy teacher's is the student's)."""
     cfg = run.cfg
-    model, tokenizer = (run.student, run.tokenizer) if which == "student" else (run.teacher, run.teacher_renderer.tokenizer)
+    model, tokenizer = ((run.student, run.tokenizer) if which == "student"
+                        else (run.teacher, run.teacher_renderer.tokenizer))
     source = cfg.student if which == "student" else (cfg.teacher or cfg.student)
     padded = models.output_rows(model) > run.loss.vocab  # a teacher may have rows the student lacks
-    return make_sampler(cfg.sampler, tokenizer=tokenizer, model=model, source=source, batch_size=batch_size,
-                        loading=cfg.loading, vllm_memory=cfg.vllm_memory, vllm_eager=cfg.vllm_eager, seed=cfg.seed,
+    return make_sampler(cfg.engine.sampler, tokenizer=tokenizer, model=model, source=source, batch_size=batch_size,
+                        loading=cfg.loading, vllm_memory=cfg.engine.vllm_memory, vllm_eager=cfg.engine.vllm_eager,
+                        seed=cfg.seed,
                         follows_training=follows_training, vocab=run.loss.vocab if padded else None)

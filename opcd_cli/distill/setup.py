@@ -26,8 +26,9 @@ from .teacher_work import reusable_rollouts
 def check_world(cfg: DistillConfig, world: distributed.World) -> None:
     """What several processes need of the settings: a global batch that splits evenly across them."""
     if world.active and cfg.per_step % world.size:
-        raise OpcdError(f"the global batch (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} = {cfg.per_step} "
-                        f"prompts a step) does not split across {world.size} processes; make it a multiple of "
+        optim = cfg.optim
+        raise OpcdError(f"the global batch (batch_size {optim.batch_size} x grad_accum {optim.grad_accum} = "
+                        f"{cfg.per_step} prompts a step) does not split across {world.size} processes; make it a multiple of "
                         f"{world.size}")
 
 
@@ -37,15 +38,16 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     if cfg.plays_games:
         return prepare_games(cfg, out, ui)
     examples, context = load_examples(cfg.data), read_context(cfg.context)
-    eval_examples = load_examples(cfg.eval_data, what="eval data") if cfg.eval_data else None
-    ood_examples = load_examples(cfg.ood_data, what="OOD data") if cfg.ood_data else None
-    for rows, path in ((eval_examples, cfg.eval_data), (ood_examples, cfg.ood_data)):
+    eval_examples = load_examples(cfg.evaluation.eval_data, what="eval data") if cfg.evaluation.eval_data else None
+    ood_examples = load_examples(cfg.evaluation.ood_data, what="OOD data") if cfg.evaluation.ood_data else None
+    for rows, path in ((eval_examples, cfg.evaluation.eval_data), (ood_examples, cfg.evaluation.ood_data)):
         if rows is not None:
             require_answers(rows, path)
     if not has_context(examples, context):
         raise OpcdError("nothing to distil: give --context FILE (or -) or rows with a `context` field")
     if cfg.per_step > len(examples):
-        raise OpcdError(f"--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} = {cfg.per_step} prompts a step "
+        optim = cfg.optim
+        raise OpcdError(f"--batch-size {optim.batch_size} x --grad-accum {optim.grad_accum} = {cfg.per_step} prompts a step "
                         f"is more than the {len(examples)} rows of {cfg.data}: a step would draw a prompt more than "
                         f"once; give at most {len(examples)} prompts a step (or more rows)")
     m = load_models(cfg, ui)
@@ -65,16 +67,18 @@ def prepare_games(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
 
     if cfg.rollouts:
         raise OpcdError("--rollouts saves teacher rollouts of dataset rows; games are played anew every step, drop it")
-    make_env = envs.environment_factory(cfg.env, cfg.env_options)
+    games = cfg.games
+    make_env = envs.environment_factory(games.env, games.env_options)
     ood = None
-    if cfg.ood_env_options is not None:
-        ood = (envs.environment_factory(cfg.env, {**cfg.env_options, **cfg.ood_env_options}), read_context(cfg.ood_context))
+    if games.ood_env_options is not None:
+        ood = (envs.environment_factory(games.env, {**games.env_options, **games.ood_env_options}),
+               read_context(games.ood_context))
     context = read_context(cfg.context)
     if not context:
         raise OpcdError("nothing to distil: give --context FILE (or -) for the games")
     probe_env = make_env()  # an environment that fails at once fails here, before anything is written
-    observation = envs.reset(probe_env, TRAIN_GAME_SEEDS, cfg.env)
-    envs.step(probe_env, PROBE_RESPONSE, cfg.env)
+    observation = envs.reset(probe_env, TRAIN_GAME_SEEDS, cfg.games.env)
+    envs.step(probe_env, PROBE_RESPONSE, cfg.games.env)
     # the first turn of a game, and a probe whose observation differs from its first character: the teacher's
     # prompts share what comes before the first observation (the cached prefix), and no more
     first = [(("user", observation),), (("user", "!" if observation.startswith("?") else "?"),)]
@@ -89,15 +93,15 @@ def prepare_games(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     extra = len(views[0].teacher_ids) - len(views[0].student_ids)  # what the context adds to every prompt
     window = min([w - max(0, extra) for w in windows]) if windows else None
     return assemble(cfg, out, m, context, views, examples=[],
-                    games=GameSetup(cfg.env, make_env, cfg.max_turns, window, ood))
+                    games=GameSetup(cfg.games.env, make_env, cfg.games.max_turns, window, ood))
 
 
 def assemble(cfg: DistillConfig, out: RunDir, m: Models, context: str | None, views: list[Views], **fields) -> Run:
     """The ``Run`` of checked models and prompts: the loss, the teacher's cached prefix, the packer; ``fields``
     the rest of the run (its rows, evaluation rows, saved rollouts or games)."""
-    loss = DistillLoss(m.student, m.teacher, m.vocab, topk=cfg.topk, renorm=cfg.topk_renorm,
-                       consistency_weight=cfg.consistency_weight, backend=cfg.kernel, tail=cfg.topk_tail,
-                       anchor_weight=cfg.anchor_weight, union=cfg.topk_support == "union")
+    loss = DistillLoss(m.student, m.teacher, m.vocab, topk=cfg.loss.topk, renorm=cfg.loss.topk_renorm,
+                       consistency_weight=cfg.loss.consistency_weight, backend=cfg.loss.kernel, tail=cfg.loss.topk_tail,
+                       anchor_weight=cfg.loss.anchor_weight, union=cfg.loss.topk_support == "union")
     prefix = teacher_prefix(cfg, views, m.teacher)
     packer = make_packer(cfg, views, m.student, m.teacher, m.teacher_name, prefix, models.pad_id(m.tokenizer))
     torch.manual_seed(cfg.seed)
@@ -109,12 +113,12 @@ def assemble(cfg: DistillConfig, out: RunDir, m: Models, context: str | None, vi
 
 def check_engines(cfg: DistillConfig) -> None:
     """What the run's engines need is here: vLLM when asked for, a loss kernel that runs, the tracker."""
-    if cfg.sampler == "vllm":
+    if cfg.engine.sampler == "vllm":
         from ..sampling.vllm import import_vllm
 
         import_vllm()  # a missing vLLM is reported before any model is loaded
-    check_kernel(cfg.kernel)
-    trackers.check_available(cfg.report_to)
+    check_kernel(cfg.loss.kernel)
+    trackers.check_available(cfg.output.report_to)
 
 
 def check_kernel(kernel: str) -> None:
@@ -136,17 +140,18 @@ def load_models(cfg: DistillConfig, ui: UI) -> Models:
     load = cfg.loading
     with ui.status(f"loading student {cfg.student}"):
         tokenizer = models.load_tokenizer(cfg.student, load.trust_remote_code)
-        if cfg.lora_rank is None:
+        if cfg.lora.lora_rank is None:
             student = models.load_model(cfg.student, "float32", load.trust_remote_code, load.allow_bin_weights)
         else:  # a frozen base in the compute dtype; PEFT keeps the adapters in float32
             torch.manual_seed(cfg.seed)  # the adapters' random initialisation is the run's own
             student = lora.add_adapters(models.frozen(models.load_model(cfg.student, load.dtype, load.trust_remote_code,
                                                                         load.allow_bin_weights)),
-                                        cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+                                        cfg.lora.lora_rank, cfg.lora.lora_alpha, cfg.lora.lora_dropout,
+                                        cfg.lora.lora_targets)
     teacher, teacher_tokenizer, teacher_name = load_teacher(cfg, ui, student, tokenizer)
     vocab = models.shared_vocab_size(student, teacher, tokenizer, cfg.student, teacher_name)
-    if cfg.topk > vocab:
-        raise OpcdError(f"topk {cfg.topk} is larger than the vocabulary ({vocab} tokens); choose at most {vocab}")
+    if cfg.loss.topk > vocab:
+        raise OpcdError(f"topk {cfg.loss.topk} is larger than the vocabulary ({vocab} tokens); choose at most {vocab}")
     student_renderer = ChatRenderer(tokenizer, cfg.student, load.chat_template_kwargs)
     teacher_renderer = (student_renderer if teacher_tokenizer is tokenizer
                         else ChatRenderer(teacher_tokenizer, teacher_name, load.chat_template_kwargs))

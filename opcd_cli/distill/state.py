@@ -30,12 +30,12 @@ def save_student(run: Run, folder: Path, final: bool = False) -> None:
     base = models.resolve(cfg.student)
     base = str(Path(base).resolve()) if Path(base).is_dir() else base  # loads from anywhere, without opcd
     lora.save_adapter(run.student, run.tokenizer, folder / "adapter" if final else folder, base)
-    if final and cfg.merge and distributed.is_sharded(run.student):  # merged as the weights are gathered
+    if final and cfg.lora.merge and distributed.is_sharded(run.student):  # merged as the weights are gathered
         main, base_model = distributed.world().main, run.student.get_base_model()
         first = {n.replace(".base_layer.", ".") for n, _ in base_model.named_parameters() if ".lora_" not in n}
         merged = {name: tensor.cpu() if main else None for name, tensor in lora.plain_weights(run.student)}
         save_model(base_model, run.tokenizer, folder, dtype, state={k: v for k, v in merged.items() if k in first})
-    elif final and cfg.merge:  # training is over: merge in place (no second copy of the adapted matrices)
+    elif final and cfg.lora.merge:  # training is over: merge in place (no second copy of the adapted matrices)
         run.student = run.student.merge_and_unload()
         save_model(run.student, run.tokenizer, folder, dtype)
 
@@ -116,7 +116,8 @@ def check_resume(run: Run) -> None:
         raise OpcdError(f"{source / RUN_MARKER} was edited since its training state was saved ({key}: {saved!r} then, "
                         f"{now!r} now); a resume continues a run with its own settings (only flags change them): put "
                         "the file back as it was")
-    given = {"train.jsonl": cfg.data, "test.jsonl": cfg.eval_data, "ood.jsonl": cfg.ood_data, "context.txt": cfg.context}
+    given = {"train.jsonl": cfg.data, "test.jsonl": cfg.evaluation.eval_data, "ood.jsonl": cfg.evaluation.ood_data,
+             "context.txt": cfg.context}
     for name, text in input_records(run).items():
         recorded = source / "data" / name
         if recorded.is_file() and recorded.read_text(encoding="utf-8") != text:

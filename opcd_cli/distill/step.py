@@ -56,8 +56,8 @@ class StepCounts:
 def new_training(run: Run) -> Training:
     """AdamW over the trainable weights, with the learning-rate schedule, at step 0."""
     cfg = run.cfg
-    optimizer = torch.optim.AdamW([p for p in run.student.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in run.student.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay)
     return Training(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)))
 
 
@@ -73,11 +73,11 @@ def take_step(run: Run, training: Training, samplers: Samplers, rollouts, step: 
     counts = step_counts(run, seqs)
     distinct = distinct_tokens(seqs.responses, run.loss.vocab, models.device())
     # 2-3. the teacher scores the same tokens with the context; the loss, micro-batch by micro-batch
-    run.loss.consistency_weight = cfg.consistency_weight_at(step)
+    run.loss.consistency_weight = cfg.loss.consistency_weight_at(step)
     sums = forward_loss_backward(run, seqs, rollouts, counts.tokens, timer)
     # 4. one optimiser step, unless the loss or the gradient is not finite; the sampler follows
     with timer.phase("optimizer"):
-        grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
+        grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm))
     values = step_values(step, counts.tokens, sums, grad_norm, run.out)  # the step's one host sync
     escape = guard.check(step, values["topk_mass"])  # the same mass on every rank: the same decision
     if escape is not None:
@@ -95,7 +95,7 @@ def take_step(run: Run, training: Training, samplers: Samplers, rollouts, step: 
     record = step_record(step, counts.tokens, counts.ends, counts.responses, values, training.schedule, step_start,
                          train_start, timer.seconds())
     record["distinct_tokens"] = round(distinct / counts.tokens, 4) if counts.tokens else None
-    if cfg.consistency_weight > 0:  # the regulariser's weight this step (scheduled or not)
+    if cfg.loss.consistency_weight > 0:  # the regulariser's weight this step (scheduled or not)
         record["consistency_weight"] = run.loss.consistency_weight
     if cfg.plays_games:  # how the step's games went (on-policy: the student's, without the context)
         record |= {"games_won": counts.won / cfg.per_step, "turns": counts.responses / cfg.per_step,
@@ -208,11 +208,12 @@ def micro_batch_loss(run: Run, seqs: Sequences, micro_batch, rollouts, timer: St
             inputs += [teacher_in] + ([context_in] if context_in is not None else [])
             return run.loss.on_policy(student_in, teacher_in, context_in, timer), inputs, answers
         if rollouts is not None:
-            ids_Nk, logprobs_Nk = rollouts.targets([seqs.rows[i] for i in order], cfg.off_policy_loss, models.device())
+            rows = [seqs.rows[i] for i in order]
+            ids_Nk, logprobs_Nk = rollouts.targets(rows, cfg.loss.off_policy_loss, models.device())
         else:  # games the teacher has just played: it scores its replies now
             with timer.phase("teacher_forward"):
                 teacher_in = run.packer([v.teacher_ids for v in these], answers, rows)
-                ids_Nk, logprobs_Nk = run.loss.teacher_targets(teacher_in, cfg.off_policy_loss == "sft", answers)
+                ids_Nk, logprobs_Nk = run.loss.teacher_targets(teacher_in, cfg.loss.off_policy_loss == "sft", answers)
             inputs.append(teacher_in)
         return run.loss.off_policy(student_in, ids_Nk, logprobs_Nk, timer), inputs, answers
 
@@ -240,12 +241,12 @@ def finished(response: list[int], stop: set[int]) -> bool:
 
 def lr_lambda(cfg: DistillConfig):
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        if cfg.lr_schedule == "cosine":
+        if step < cfg.optim.warmup_steps:
+            return (step + 1) / cfg.optim.warmup_steps
+        progress = (step - cfg.optim.warmup_steps) / max(1, cfg.optim.steps - cfg.optim.warmup_steps)
+        if cfg.optim.lr_schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
-        if cfg.lr_schedule == "linear":
+        if cfg.optim.lr_schedule == "linear":
             return 1 - progress
         return 1.0
 

@@ -20,7 +20,7 @@ from .samplers import open_samplers
 
 def rollouts_fingerprint(cfg: DistillConfig, context, examples, views) -> dict:
     return rollout_store.fingerprint(cfg.teacher or cfg.student, context, examples, [v.teacher_ids for v in views],
-                                     cfg.topk, cfg.sampling, cfg.seed)
+                                     cfg.loss.topk, cfg.sampling, cfg.seed)
 
 
 def reusable_rollouts(cfg: DistillConfig, context, examples, views, vocab: int) -> rollout_store.Rollouts | None:
@@ -53,8 +53,8 @@ def make_rollouts(run: Run, ui: UI, out: Path, sampler) -> rollout_store.Rollout
     torch.manual_seed(cfg.seed)
     with ui.progress(), models.autocast(cfg.loading.dtype):
         advance = ui.task("teacher rollouts", len(prompts))
-        made = rollout_store.generate(run.teacher, sampler, prompts, cfg.sampling, cfg.topk, run.loss.vocab,
-                                      models.pad_id(run.tokenizer), cfg.batch_size,
+        made = rollout_store.generate(run.teacher, sampler, prompts, cfg.sampling, cfg.loss.topk, run.loss.vocab,
+                                      models.pad_id(run.tokenizer), cfg.optim.batch_size,
                                       rollouts_fingerprint(cfg, run.context, run.examples, run.views), advance)
     if distributed.world().main:
         rollout_store.save(Path(cfg.rollouts) if cfg.rollouts else out / "rollouts", made)

@@ -22,7 +22,7 @@ def test_prepare_builds_the_run_and_writes_nothing(prepared):
     assert run.teacher is not run.student and not any(p.requires_grad for p in run.teacher.parameters())
     assert run.trainable_parameters == sum(p.numel() for p in run.student.parameters())
     assert run.loss.vocab == models.shared_vocab_size(run.student, run.teacher, run.tokenizer, "s", "t")
-    assert run.loss.topk == cfg.topk == 4
+    assert run.loss.topk == cfg.loss.topk == 4
     # every teacher prompt starts with the cached prefix: the rendered context, which the student never reads
     prefix = run.teacher_prefix.ids
     assert all(list(v.teacher_ids[: len(prefix)]) == prefix for v in run.views)

@@ -58,8 +58,6 @@ def test_one_step_samples_scores_descends_and_records(prepared):
 def test_the_loss_and_gradient_do_not_depend_on_how_the_step_is_cut(prepared):
     """The step's gradient is the mean over its response tokens: one micro-batch of two sequences or two of one
     give the same sums and the same gradient."""
-    from dataclasses import replace
-
     from opcd_cli.distill.step import Sequences, forward_loss_backward
     from opcd_cli.timing import StepTimer
 
@@ -69,7 +67,7 @@ def test_the_loss_and_gradient_do_not_depend_on_how_the_step_is_cut(prepared):
     seqs = Sequences(views, responses, [0, 1])
     results = []
     for batch_size in (2, 1):
-        run.cfg = replace(cfg, batch_size=batch_size)
+        run.cfg = cfg.with_settings(batch_size=batch_size)
         try:
             sums = forward_loss_backward(run, seqs, None, 5, StepTimer(torch.device("cpu")))
         finally:
