@@ -47,21 +47,16 @@ from opcd_cli.loss import head_topk_kl
 from opcd_cli.micro_batches import pack
 from opcd_cli.timing import StepTimer  # noqa: E402
 
+def qwen3(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, tied: bool) -> dict:
+    """A Qwen3 config's shape."""
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, head_dim=head_dim, tie_word_embeddings=tied)
+
+
 SIZES = {
-    "1.7b-8b": dict(
-        student=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-        teacher=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-        vocab=151936,
-    ),
-    "tiny": dict(
-        student=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
-        teacher=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=24, tie_word_embeddings=False),
-        vocab=1024,
-    ),
+    "1.7b-8b": dict(student=qwen3(2048, 6144, 28, 16, 8, 128, True), teacher=qwen3(4096, 12288, 36, 32, 8, 128, False),
+                    vocab=151936),
+    "tiny": dict(student=qwen3(64, 128, 2, 4, 2, 16, True), teacher=qwen3(96, 192, 2, 4, 2, 24, False), vocab=1024),
 }
 PHASES = ("teacher_forward", "student_forward", "loss", "backward", "optimizer")
 

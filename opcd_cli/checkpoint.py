@@ -111,36 +111,19 @@ def save_state(run_dir: Path, *, step: int, model, optimizer, scheduler, metrics
     With several processes every rank writes its shards of the weights and the optimiser with
     ``torch.distributed.checkpoint`` (``sharded/``, readable at any world size) and rank 0 the rest.
     """
-    from safetensors.torch import save_file
-
     from . import distributed
 
     world = distributed.world()
     run_dir = Path(run_dir)
-    target, old = run_dir / STATE_DIR, run_dir / f"{STATE_DIR}.old"
+    target = run_dir / STATE_DIR
     tmp = Path(distributed.broadcast_object(
         tempfile.mkdtemp(dir=run_dir, prefix=f".{STATE_DIR}.") if world.main else None))
     randoms = distributed.gather_objects(random_states())  # each rank's own
     try:
         if world.active:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-
-            weights, optimizer_state = get_state_dict(model, optimizer)
-            shards = {"model": weights, "optimizer": optimizer_state}
-            if teacher is not None:
-                from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-                shards["teacher"] = get_model_state_dict(teacher)
-            dcp.save(shards, checkpoint_id=str(tmp / SHARDED_DIR))
+            _save_shards(tmp / SHARDED_DIR, model, optimizer, teacher)
         if world.main:
-            os.chmod(tmp, DIR_MODE)
-            if not world.active:
-                save_file(trainable_weights(model), str(tmp / WEIGHTS_FILE))
-                if teacher is not None:
-                    save_file({n: p.detach().contiguous() for n, p in teacher.named_parameters()},
-                              str(tmp / TEACHER_FILE))
-            torch.save({
+            _write_state(tmp, model if not world.active else None, teacher if not world.active else None, {
                 "step": step,
                 "optimizer": None if world.active else optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -149,16 +132,8 @@ def save_state(run_dir: Path, *, step: int, model, optimizer, scheduler, metrics
                 "samplers": samplers or {},
                 "metrics": metrics,
                 "extra": extra or {},
-            }, tmp / STATE_FILE)
-            (tmp / STEP_FILE).write_text(json.dumps({"step": step, "settings": settings}) + "\n", encoding="utf-8")
-            for path in tmp.rglob("*"):
-                os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
-            if target.exists():
-                if old.exists():
-                    shutil.rmtree(old)
-                target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+            }, {"step": step, "settings": settings})
+            _put_in_place(tmp, target)
     except BaseException as e:
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -168,6 +143,47 @@ def save_state(run_dir: Path, *, step: int, model, optimizer, scheduler, metrics
         raise
     distributed.barrier()  # no rank goes on (or saves again) before the state is in place
     return target
+
+
+def _save_shards(folder: Path, model, optimizer, teacher) -> None:
+    """Every rank's shards of the weights and the optimiser (and of a moving teacher), written together with
+    ``torch.distributed.checkpoint``: readable at any world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    weights, optimizer_state = get_state_dict(model, optimizer)
+    shards = {"model": weights, "optimizer": optimizer_state}
+    if teacher is not None:
+        shards["teacher"] = get_model_state_dict(teacher)
+    dcp.save(shards, checkpoint_id=str(folder))
+
+
+def _write_state(tmp: Path, model, teacher, state: dict, step: dict) -> None:
+    """Rank 0's files in the new state folder ``tmp``: the trained weights and a moving teacher's (one process;
+    several write shards), the rest of the ``state``, and ``step`` as ``step.json``; owner-only modes."""
+    from safetensors.torch import save_file
+
+    os.chmod(tmp, DIR_MODE)
+    if model is not None:
+        save_file(trainable_weights(model), str(tmp / WEIGHTS_FILE))
+    if teacher is not None:
+        save_file({n: p.detach().contiguous() for n, p in teacher.named_parameters()}, str(tmp / TEACHER_FILE))
+    torch.save(state, tmp / STATE_FILE)
+    (tmp / STEP_FILE).write_text(json.dumps(step) + "\n", encoding="utf-8")
+    for path in tmp.rglob("*"):
+        os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
+
+
+def _put_in_place(tmp: Path, target: Path) -> None:
+    """The complete new state replaces the old one, which is kept (as ``state.old``) until the new one is in
+    place: a kill at any instant leaves one complete state."""
+    old = target.with_name(f"{target.name}.old")
+    if target.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def state_folder(run_dir: Path) -> Path | None:

@@ -22,7 +22,8 @@ from .config import (
     resume_config,
 )
 from .errors import Interrupted, OpcdError
-from .ui import UI, percent, print_json
+from .cli_tables import GAME_COLUMNS, show_distill_summary, show_eval_table, show_extract_summary
+from .ui import UI, print_json
 
 app = typer.Typer(
     name="opcd",
@@ -206,49 +207,6 @@ def distill_layers(recipe: str | None, toy_task: str | None, student: str | None
     return layers
 
 
-DISTILL_ROWS = [  # (label, EvalResult field)
-    ("student, no context", "accuracy"),
-    ("student, with context", "accuracy_with_context"),
-    ("teacher, with context", "teacher_accuracy_with_context"),
-    ("context harm", "context_harm"),
-    ("student, OOD (own contexts)", "ood_accuracy"),
-]
-DISTILL_GAME_ROWS = [  # (label, GameEvalResult field): --env
-    ("games won, no context", "success"),
-    ("games won, with context", "success_with_context"),
-    ("teacher games won, with context", "teacher_success_with_context"),
-    ("context harm", "context_harm"),
-    ("games won, OOD (own context)", "ood_success"),
-    ("invalid moves, no context", "invalid_rate"),
-]
-
-
-def show_distill_summary(ui: UI, summary: dict) -> None:
-    """The before/after table: one row per measured field of the two ``EvalResult``s."""
-    before, after = summary.get("before") or {}, summary.get("after") or {}
-    games = "success" in before or "success" in after
-    rows = [[label, percent(before[key]) if key in before else "", percent(after[key]) if key in after else ""]
-            for label, key in (DISTILL_GAME_ROWS if games else DISTILL_ROWS) if key in before or key in after]
-    if rows:
-        ui.table("games" if games else "accuracy", ["", "before", "after"], rows)
-    phases = summary.get("time_by_phase") or {}
-    if phases:
-        ui.table(f"time per step ({phases['step_seconds']:.2f} s)", ["", "seconds", "share"],
-                 [[name.replace("_", " "), f"{seconds:.3f}", percent(phases["shares"][name])]
-                  for name, seconds in phases["seconds"].items()])
-    for when, result in (("before", before), ("after", after)):
-        if result.get("out_of_window"):
-            from .games import window_warning
-
-            ui.info(window_warning(result["out_of_window"], f"of the evaluation {when} training"))
-    escape = summary.get("topk_mass_escape")
-    if escape:
-        from .escape import Escape
-
-        ui.info(f"[yellow]warning:[/] {Escape(**escape).message()}")
-    ui.info(f"{summary['steps']} steps in {summary['seconds']:.0f} s; student saved to {summary['output_dir']}")
-
-
 @app.command()
 def extract(
     model: Optional[str] = flag(None, help="Model that solves and extracts. Omit for the toy world.", panel=MODELS),
@@ -297,16 +255,7 @@ def extract(
 
     ui = UI()
     summary = run_extract(cfg, ui)
-    games = "env" in summary
-    ui.table("experience by round", ["round", "items", "new", "games won" if games else "attempts right",
-                                     "val games won" if games else "val accuracy"], [
-        ["none", "0", "", "", percent(summary["val_accuracy_without"])]
-    ] + [
-        [str(r["number"]), str(r["items"]), str(r["new_items"]), percent(r["solve_rate"]), percent(r["val_accuracy"])]
-        for r in summary["rounds"]
-    ])
-    ui.info(f"best: round {summary['best_round']} ({summary['items']} items, val {percent(summary['val_accuracy_best'])}) "
-            f"written to {summary['output']}")
+    show_extract_summary(ui, summary)
     if json_output:
         print_json(summary)
 
@@ -397,36 +346,6 @@ def plot(
     UI().info(f"{len(drawn)} run(s), {sum(len(rows) for _, rows in drawn)} steps drawn into {out}")
     if json_output:
         print_json({"output": str(out), "runs": [{"run": r, "steps": len(rows)} for r, (_, rows) in zip(runs, drawn)]})
-
-
-EVAL_COLUMNS = [  # (header, result key, format)
-    ("n", "n", str),
-    ("no context", "accuracy", percent),
-    ("with context", "accuracy_with_context", percent),
-    ("context harm", "context_harm", percent),
-    ("OOD", "ood_accuracy", percent),
-    ("tokens", "mean_response_tokens", lambda x: f"{x:.1f}"),
-    ("tokens with context", "mean_response_tokens_with_context", lambda x: f"{x:.1f}"),
-]
-
-
-GAME_COLUMNS = [  # (header, result key, format)
-    ("games", "games", str),
-    ("success", "success", percent),
-    ("with context", "success_with_context", percent),
-    ("context harm", "context_harm", percent),
-    ("turns", "mean_turns", lambda x: f"{x:.2f}"),
-    ("turns with context", "mean_turns_with_context", lambda x: f"{x:.2f}"),
-    ("invalid moves", "invalid_rate", percent),
-    ("invalid with context", "invalid_rate_with_context", percent),
-]
-
-
-def show_eval_table(ui: UI, results: list[dict], title: str = "evaluation", all_columns=EVAL_COLUMNS) -> None:
-    """One row per model; columns only for what was measured."""
-    columns = [c for c in all_columns if any(c[1] in r for r in results)]
-    rows = [[r["model"]] + [fmt(r[key]) if key in r else "-" for _, key, fmt in columns] for r in results]
-    ui.table(title, ["model"] + [header for header, _, _ in columns], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from opcd_cli.config import DistillConfig, EvalConfig, SamplingOptions, build_distill_config, read_recipe
@@ -101,3 +103,28 @@ def test_eval_config_rules():
         EvalConfig(models=("m",), data="d", sampling=SamplingOptions(temperature=0.0, n=2))
     with pytest.raises(OpcdError, match="at least one --model"):
         EvalConfig(models=(), data="d")
+
+
+def test_settings_in_groups_keep_their_flat_names(tmp_path):
+    """The settings live in groups (``cfg.loss.topk``) but flags, recipe keys and ``opcd_config.json`` name them
+    flat, as before the grouping: a recipe may put a key at the top or in its group's table, and a run folder
+    written before the grouping holds the same keys a run writes now."""
+    from pathlib import Path
+
+    from opcd_cli.config import LossOptions, OptimOptions, flatten_settings
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('student = "s"\ndata = "d"\n[loss]\ntopk = 64\n[optim]\nlr = 2e-6\n[lora]\nlora_rank = 4\n')
+    grouped = build_distill_config(read_recipe(recipe))
+    flat = build_distill_config({"student": "s", "data": "d", "topk": 64, "lr": 2e-6, "lora_rank": 4})
+    assert grouped == flat == DistillConfig(student="s", data="d", loss=LossOptions(topk=64),
+                                            optim=OptimOptions(lr=2e-6), lora_rank=4)
+    assert (grouped.loss.topk, grouped.optim.lr, grouped.lora.lora_rank, grouped.per_step) == (64, 2e-6, 4, 8)
+    old = json.loads((Path(__file__).parent / "fixtures/run-before-groups/run/opcd_config.json").read_text())
+    assert set(grouped.to_dict()) == set(old) and set(grouped.to_dict()["sampling"]) == set(old["sampling"])
+    assert build_distill_config(flatten_settings(grouped.to_dict())) == grouped  # what a run writes, read back
+    recipe.write_text("[loss]\ntemperature = 0.5\n")
+    with pytest.raises(OpcdError, match="unknown setting loss.temperature; known: anchor_weight, "):
+        read_recipe(recipe)
+    with pytest.raises(OpcdError, match="bad setting: DistillConfig got an unexpected keyword argument 'warmth'"):
+        build_distill_config({"warmth": 1})

@@ -70,6 +70,8 @@ path over them is ``fused_linear_triton.py``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -544,16 +546,25 @@ def _require_runnable(x: torch.Tensor) -> None:
         )
 
 
-def _launch_config(V: int, k: int, block_v: int | None, num_warps: int | None = None):
-    """(BLOCK_V, STREAM_V, BLOCK_K, BLOCK_C, FAST, warps): columns per block of the first pass and of the two
-    streaming passes (candidates, dense gradients: STREAM_FACTOR times wider, for more loads in flight per
-    thread), ids per block of the k-loops, candidate slots, whether the candidate filter applies (k no larger
-    than the padded k and the block), and warps per program."""
+class LaunchConfig(NamedTuple):
+    """How the kernels are launched for a vocabulary and a k."""
+
+    block_v: int  # columns per block of the first pass
+    stream_v: int  # of the two streaming passes (candidates, dense gradients): STREAM_FACTOR times wider
+    block_k: int  # ids per block of the k-loops
+    block_c: int  # candidate slots
+    fast: bool  # whether the candidate filter applies (k no larger than the padded k and the block)
+    warps: int  # warps per program
+
+
+def _launch_config(V: int, k: int, block_v: int | None, num_warps: int | None = None) -> LaunchConfig:
+    """The ``LaunchConfig`` for ``V`` columns and ``k`` (``block_v`` and ``num_warps`` when given)."""
     block_v = block_v or min(DEFAULT_BLOCK_V, triton.next_power_of_2(V))
     stream_v = max(block_v, min(block_v * STREAM_FACTOR, triton.next_power_of_2(V)))
     block_k = min(MAX_BLOCK_K, triton.next_power_of_2(k))
     fast = k <= block_k <= block_v
-    return block_v, stream_v, block_k, candidate_slots(k), fast, num_warps or (8 if block_v >= 2048 else 4)
+    return LaunchConfig(block_v, stream_v, block_k, candidate_slots(k), fast,
+                        num_warps or (8 if block_v >= 2048 else 4))
 
 
 def candidate_slots(k: int) -> int:
@@ -632,7 +643,8 @@ def topk_kl_backward(first_NV, second_NV, grad_loss_N, stats_N8, ids_Nk, renorm,
         return grad_first_NV, grad_second_NV
     ga_NV = first_NV if grad_first_NV is None else grad_first_NV  # an output not asked for is never written
     gb_NV = second_NV if grad_second_NV is None else grad_second_NV
-    _, stream_v, block_k, _, _, warps = _launch_config(V, k, block_v)
+    launch = _launch_config(V, k, block_v)
+    stream_v, block_k, warps = launch.stream_v, launch.block_k, launch.warps
     _topk_kl_bwd_kernel[(N,)](
         first_NV, first_NV.stride(0), second_NV, second_NV.stride(0), ga_NV, ga_NV.stride(0), gb_NV, gb_NV.stride(0),
         grad_loss_N, grad_loss_N.stride(0), stats_N8, ids_Nk, ids_Nk.stride(0), V, k,

@@ -69,6 +69,18 @@ def test_check_world_wants_a_global_batch_that_splits(prepared):
         check_world(cfg, SimpleNamespace(active=True, size=2))
 
 
+def check_roles(engines: dict, roles: dict, made_for) -> None:
+    """Each role's engine is None, the engine of the role ``roles`` names, or made for what ``roles`` says."""
+    for role, engine in engines.items():
+        expected = roles.get(role)
+        if expected is None:
+            assert engine is None, role
+        elif isinstance(expected, str):
+            assert engine is engines[expected], role
+        else:
+            assert made_for(engine) == expected, role
+
+
 class Engine:
     """A stand-in sampler that says which model and batch size it was made for."""
 
@@ -111,14 +123,7 @@ def test_one_function_decides_which_engine_serves_each_role(monkeypatch, setting
         if engines[role] is not None:
             assert isinstance(engines[role], SplitAcrossRanks)
             engines[role] = engines[role].sampler
-    for role, engine in engines.items():
-        expected = roles.get(role)
-        if expected is None:
-            assert engine is None, role
-        elif isinstance(expected, str):
-            assert engine is engines[expected], role
-        else:
-            assert (engine.which, engine.batch_size, engine.follows) == expected, role
+    check_roles(engines, roles, lambda engine: (engine.which, engine.batch_size, engine.follows))
     got.close()
     assert all(e.closed == 1 for e in engines.values() if e is not None)  # a shared engine is closed once
 
@@ -140,11 +145,4 @@ def test_a_separate_teachers_work_before_training_has_its_own_samplers(monkeypat
     got = samplers_module.open_samplers(SimpleNamespace(cfg=cfg, rollouts=None, eval_examples=[1]), "teacher")
     assert got.training is None and got.player is None
     engines = {role: getattr(got, role) and getattr(got, role).sampler for role in ("rollouts", "evaluation")}
-    for role, engine in engines.items():
-        expected = roles.get(role)
-        if expected is None:
-            assert engine is None, role
-        elif isinstance(expected, str):
-            assert engine is engines[expected], role
-        else:
-            assert (engine.which, engine.batch_size) == expected, role
+    check_roles(engines, roles, lambda engine: (engine.which, engine.batch_size))
