@@ -3,8 +3,9 @@
 Rows come from JSONL, JSON, CSV, Parquet, a saved ``datasets`` folder, or a built-in name (``toy:codes/test``,
 ``sources.py``). Each has ``prompt`` (a string) or ``messages`` (a chat: a list of ``{"role", "content"}``
 ending with the user's turn), and optionally ``context`` (its own context, which wins over ``--context``),
-``answer`` and ``verifier`` (which verifier scores it; see ``verifiers.py``). A run writes the rows it used
-back as JSONL (``jsonl_text``), in the same form.
+``answer`` and ``verifier`` (which verifier scores it; see ``verifiers.py``); rows in the formats of TRL,
+ms-swift, verl and plain ``question``/``answer`` columns are read into this form (``row_formats.py``). A run
+writes the rows it used back as JSONL (``jsonl_text``), in opcd's own form.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import sources
 from .errors import OpcdError, first_line
+from .row_formats import NATIVE, recognise
 from .verifiers import VERIFIERS
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -103,9 +106,10 @@ def read_text(file: Path, where: str) -> str:
         raise OpcdError(f"cannot read {where}: {e.strerror or e}") from None
 
 
-def load_examples(path: str, *, what: str = "data") -> list[Example]:
+def load_examples(path: str, *, what: str = "data", say: Callable[[str], None] | None = None) -> list[Example]:
     """Rows of a data file, a saved dataset or a built-in name, checked; raises ``OpcdError`` naming the first
-    bad row (by its line in a JSONL file)."""
+    bad row (by its line in a JSONL file). Rows in another tool's format (``row_formats.py``) are read into
+    opcd's own, and ``say`` is told which format, once."""
     if sources.is_builtin(path):
         numbered = list(enumerate(sources.rows(path), 1))
     else:
@@ -113,7 +117,11 @@ def load_examples(path: str, *, what: str = "data") -> list[Example]:
     if not numbered:
         raise OpcdError(f"{what} file {path} has no rows")
     line_of = "line" if str(path).endswith(".jsonl") else "row"
-    return [_to_example(record, number, str(path), line_of) for number, record in numbered]
+    form = recognise(numbered[0][1])
+    if form.name != NATIVE and say is not None:
+        say(form.describe(what, str(path)))
+    return [_to_example(form.read(record) if isinstance(record, dict) else record, number, str(path), line_of)
+            for number, record in numbered]
 
 
 def examples_from_records(records: list[dict], path: str, what: str = "data") -> list[Example]:

@@ -85,6 +85,10 @@ def session(timeout_minutes: float = 120.0) -> Iterator[World]:
     _WORLD = current
     try:
         yield current
+        # every rank's collectives finished (gloo runs them on worker threads, FSDP2 some asynchronously) before
+        # any rank tears its connections down: a rank torn down while a peer's work is still in flight can abort
+        # in gloo's teardown ("terminate called without an active exception")
+        torch.distributed.barrier()
     finally:
         _WORLD = World()
         if torch.distributed.is_initialized():

@@ -113,7 +113,7 @@ def _bad_inputs(tmp_path: Path, toy_files, tiny_student):
     """(name, how to change the arguments, expected message) for each kind of bad input."""
     broken = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": "a"}])
     broken.write_text(broken.read_text() + '{"prompt": "b"\n')
-    no_prompt = write_jsonl(tmp_path / "no_prompt.jsonl", [{"question": "a"}])
+    no_prompt = write_jsonl(tmp_path / "no_prompt.jsonl", [{"text": "a"}])  # a column no format reads as a prompt
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     binary = tmp_path / "binary.jsonl"

@@ -1,0 +1,109 @@
+"""Rows in the formats of the tools people come from (TRL, ms-swift, verl and the official OPCD code, plain
+question/answer columns) read into the same examples as opcd's own rows, from every file kind; the format is
+said once; and a toy run trains on a TRL-conversational and a verl-layout Parquet file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from opcd_cli.data import load_examples
+from opcd_cli.errors import OpcdError
+
+from conftest import write_jsonl
+
+ROWS = [  # opcd's own form: what every format below must read as
+    {"prompt": "What is 2 + 2?", "context": "Add carefully.", "answer": "4"},
+    {"prompt": "Name a colour.", "context": "Be brief.", "answer": "red"},
+]
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+FORMATS = {  # name: (rows in that format, the line said, the fields the plain equivalent has)
+    "TRL conversational": ([{"prompt": chat(r["prompt"]) + [{"role": "assistant", "content": "ref"}],
+                             "privileged_context": r["context"], "answer": r["answer"], "completion": "x"}
+                            for r in ROWS],
+                           "prompt (messages) without its last assistant turn, privileged_context -> context, "
+                           "completion ignored", ("prompt", "context", "answer")),
+    "TRL": ([{"prompt": r["prompt"], "privileged_context": r["context"], "answer": r["answer"]} for r in ROWS],
+            "prompt, privileged_context -> context", ("prompt", "context", "answer")),
+    "ms-swift": ([{"messages": chat(r["prompt"]) + [{"role": "assistant", "content": "ref"}],
+                   "teacher_prompt": r["context"], "answer": r["answer"]} for r in ROWS],
+                 "messages without its last assistant turn, teacher_prompt -> context", ("prompt", "context", "answer")),
+    "verl": ([{"prompt": chat(r["prompt"]), "reward_model": {"style": "rule", "ground_truth": r["answer"]},
+               "data_source": "toy", "answer": "ignored"} for r in ROWS],
+             "prompt (messages), reward_model.ground_truth -> answer", ("prompt", "answer")),
+    "verl (official, content)": ([{"content": chat(r["prompt"]), "data_source": "toy", "answer": r["answer"]}
+                                  for r in ROWS], "content (messages), answer -> answer", ("prompt", "answer")),
+    "plain columns": ([{"question": r["prompt"], "solution": r["answer"]} for r in ROWS],
+                      "question -> prompt, solution -> answer", ("prompt", "answer")),
+}
+
+
+def write(kind: str, folder, rows: list[dict]) -> str:
+    if kind == "jsonl":
+        return str(write_jsonl(folder / "rows.jsonl", rows))
+    if kind == "json":
+        (folder / "rows.json").write_text(json.dumps(rows))
+        return str(folder / "rows.json")
+    import datasets
+
+    table = datasets.Dataset.from_list(rows)
+    if kind == "parquet":
+        table.to_parquet(str(folder / "rows.parquet"))
+        return str(folder / "rows.parquet")
+    table.save_to_disk(str(folder / "saved"))
+    return str(folder / "saved")
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "saved"])
+def test_every_format_reads_as_its_plain_equivalent(tmp_path, kind):
+    for name, (rows, said, fields) in FORMATS.items():
+        folder = tmp_path / name.replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
+        folder.mkdir()
+        plain = load_examples(str(write_jsonl(folder / "plain.jsonl", [{k: r[k] for k in fields} for r in ROWS])))
+        heard = []
+        got = load_examples(write(kind, folder, rows), say=heard.append)
+        assert [(e.messages, e.context, e.answer) for e in got] == [(e.messages, e.context, e.answer) for e in plain], name
+        assert len(heard) == 1 and f"rows read as {name.split(' (')[0]}: {said}" in heard[0], (name, heard)
+
+
+def test_opcds_own_rows_are_read_as_they_are_and_nothing_is_said(tmp_path):
+    heard = []
+    got = load_examples(str(write_jsonl(tmp_path / "own.jsonl", ROWS)), say=heard.append)
+    assert heard == [] and got[0].prompt == "What is 2 + 2?" and got[0].context == "Add carefully."
+
+
+def test_a_row_that_does_not_fit_its_files_format_names_itself(tmp_path):
+    rows = [{"prompt": chat("fine"), "privileged_context": "c"}, {"prompt": [{"role": "user"}], "privileged_context": "c"}]
+    with pytest.raises(OpcdError, match=r"rows.jsonl line 2: every message needs a string `role` and `content`"):
+        load_examples(str(write_jsonl(tmp_path / "rows.jsonl", rows)))
+    verl = [{"prompt": chat("q"), "reward_model": {"ground_truth": ["a", "b"]}, "data_source": "d"}]
+    with pytest.raises(OpcdError, match=r"line 1: `answer` must be a string; got a list"):
+        load_examples(str(write_jsonl(tmp_path / "verl.jsonl", verl)))
+
+
+def test_distill_trains_on_trl_conversational_and_verl_parquet(cli, tmp_path):
+    import datasets
+
+    from opcd_cli import sources
+
+    rows, context = sources.rows("toy:codes/train")[:8], sources.text("toy:codes/context").strip("\n")
+    trl = [{"prompt": chat(r["prompt"]), "privileged_context": context} for r in rows]
+    verl = [{"prompt": chat(r["prompt"]), "reward_model": {"ground_truth": r.get("answer", "")},
+             "data_source": "toy"} for r in rows]
+    for name, table, extra in (("trl", trl, []), ("verl", verl, ["--context", "toy:codes/context"])):
+        datasets.Dataset.from_list(table).to_parquet(str(tmp_path / f"{name}.parquet"))
+        code, stdout, stderr = cli("distill", "--student", "toy:small", "--data", tmp_path / f"{name}.parquet", *extra,
+                                   "--steps", "1", "--batch-size", "2", "--topk", "4", "--max-new-tokens", "4",
+                                   "--show-prompts", "0", "-o", tmp_path / name, "--json")
+        assert code == 0, stderr
+        assert f"rows read as {'TRL conversational' if name == 'trl' else 'verl'}" in stderr
+        summary = json.loads(stdout)
+        assert summary["steps"] == 1 and summary["final_loss"] is not None
+        written = (tmp_path / name / "data" / "train.jsonl").read_text().splitlines()
+        assert len(written) == 8 and json.loads(written[0])["prompt"] == rows[0]["prompt"]  # opcd's own form
