@@ -81,3 +81,16 @@ AllowBinWeights = Annotated[Optional[bool], option(
 Overwrite = Annotated[Optional[bool], option("--overwrite", help="Replace an existing output.", panel=OUTPUT)]
 JsonOutput = Annotated[bool, option(
     "--json", help="Print one JSON object on stdout at the end (everything else goes to stderr).", panel=OUTPUT)]
+PromptField = Annotated[Optional[str], option(
+    help="The column holding the prompt, for rows in no format opcd knows (a dotted path: problem.text).", panel=DATA)]
+MessagesField = Annotated[Optional[str], option(
+    help="The column holding the chat (a list of {role, content}), as a dotted path.", panel=DATA)]
+ContextField = Annotated[Optional[str], option(help="The column holding each row's own context.", panel=DATA)]
+AnswerField = Annotated[Optional[str], option(
+    help="The column holding the answer (a dotted path: reward_model.ground_truth).", panel=DATA)]
+PromptTemplate = Annotated[Optional[str], option(
+    help="The prompt written from the row's columns, as a Python format string: '{question}\\nA) {opa}\\nB) {opb}'.",
+    panel=DATA)]
+AnswerTemplate = Annotated[Optional[str], option(
+    help="The answer written from the row's columns: '{answer}', or '{cop:letter}' (0 is A; :letter1, 1 is A).",
+    panel=DATA)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import sources
 from .errors import OpcdError, first_line
-from .row_formats import NATIVE, recognise
+from .row_formats import NATIVE, RowError, recognise
 from .verifiers import VERIFIERS
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -106,10 +106,11 @@ def read_text(file: Path, where: str) -> str:
         raise OpcdError(f"cannot read {where}: {e.strerror or e}") from None
 
 
-def load_examples(path: str, *, what: str = "data", say: Callable[[str], None] | None = None) -> list[Example]:
+def load_examples(path: str, *, what: str = "data", say: Callable[[str], None] | None = None,
+                  fields=None) -> list[Example]:
     """Rows of a data file, a saved dataset or a built-in name, checked; raises ``OpcdError`` naming the first
-    bad row (by its line in a JSONL file). Rows in another tool's format (``row_formats.py``) are read into
-    opcd's own, and ``say`` is told which format, once."""
+    bad row (by its line in a JSONL file). Rows in another tool's format (``row_formats.py``), or mapped by
+    ``fields`` (a ``FieldOptions``), are read into opcd's own, and ``say`` is told which format, once."""
     if sources.is_builtin(path):
         numbered = list(enumerate(sources.rows(path), 1))
     else:
@@ -117,11 +118,21 @@ def load_examples(path: str, *, what: str = "data", say: Callable[[str], None] |
     if not numbered:
         raise OpcdError(f"{what} file {path} has no rows")
     line_of = "line" if str(path).endswith(".jsonl") else "row"
-    form = recognise(numbered[0][1])
+    form = recognise(numbered[0][1], fields)
     if form.name != NATIVE and say is not None:
         say(form.describe(what, str(path)))
-    return [_to_example(form.read(record) if isinstance(record, dict) else record, number, str(path), line_of)
+    return [_to_example(_read(form, record, f"{path} {line_of} {number}"), number, str(path), line_of)
             for number, record in numbered]
+
+
+def _read(form, record, where: str):
+    """A record in opcd's own form, as its file's format reads it; a mapping that does not fit names the row."""
+    if not isinstance(record, dict):
+        return record
+    try:
+        return form.read(record)
+    except RowError as e:
+        raise OpcdError(f"{where}: {e}") from None
 
 
 def examples_from_records(records: list[dict], path: str, what: str = "data") -> list[Example]:

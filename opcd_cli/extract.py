@@ -201,7 +201,8 @@ def extract(cfg: ExtractConfig, ui: UI) -> dict:
         envs.reset(make_env(), EXTRACT_TRAIN_SEEDS, cfg.env)
         window = config_window(cfg.model, cfg.loading.trust_remote_code)
     else:
-        train, val = load_examples(cfg.data, say=ui.info), load_examples(cfg.val, what="validation data", say=ui.info)
+        train = load_examples(cfg.data, say=ui.info, fields=cfg.fields)
+        val = load_examples(cfg.val, what="validation data", say=ui.info, fields=cfg.fields)
         require_answers(train, cfg.data)
         require_answers(val, cfg.val)
     template = read_template(cfg.template)

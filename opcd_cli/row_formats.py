@@ -15,10 +15,14 @@ same way (a row that does not fit names itself, as opcd's own rows do).
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .errors import OpcdError
+
 NATIVE = "opcd's own"
+MAPPED = "your mapping"
 
 
 @dataclass(frozen=True)
@@ -33,13 +37,17 @@ class RowFormat:
         return f"{what} {path}: rows read as {self.name}: {self.mapping}"
 
 
-def recognise(record: Any) -> RowFormat:
-    """The format of a file whose first row is ``record`` (opcd's own when nothing else fits)."""
+def recognise(record: Any, fields=None) -> RowFormat:
+    """The format of a file whose first row is ``record`` (opcd's own when nothing else fits); the user's
+    mapping (``fields``, a ``FieldOptions``) when one is given."""
+    if fields is not None and fields.given:
+        return mapped(fields)
     if not isinstance(record, dict):
         return RowFormat(NATIVE, _same, "")
     keys = set(record)
     if "teacher_prompt" in keys and "messages" in keys:
-        return RowFormat("ms-swift", _ms_swift, "messages" + _dropped(record["messages"]) + ", teacher_prompt -> context")
+        return RowFormat("ms-swift", _ms_swift,
+                         "messages" + _dropped(record["messages"]) + ", teacher_prompt -> context")
     prompt_key = next((k for k in ("prompt", "content") if _is_chat(record.get(k))), None)
     if prompt_key is not None and keys & {"reward_model", "data_source"}:
         answer = "reward_model.ground_truth" if isinstance(record.get("reward_model"), dict) else "answer"
@@ -113,3 +121,76 @@ def _plain(record: dict, prompt: str, answer: str | None) -> dict:
     if record.get("context") is not None:
         read["context"] = record["context"]
     return read | ({"verifier": record["verifier"]} if "verifier" in record else {})
+
+
+# --- the user's own mapping: --prompt-field, --prompt-template, ... ---------------------------------------
+
+def mapped(fields) -> RowFormat:
+    """The rows as ``fields`` (a ``FieldOptions``) says: each setting given replaces what opcd's own keys say."""
+    said = [f"{one_line(value)} -> {name.split('_')[0]}" for name, value in vars(fields).items() if value is not None]
+    return RowFormat(MAPPED, lambda record: _mapped(record, fields), ", ".join(said))
+
+
+def one_line(text: str) -> str:
+    return text.replace("\n", "\\n")
+
+
+def _mapped(record: dict, fields) -> dict:
+    read = {key: record[key] for key in ("prompt", "messages", "context", "answer", "verifier") if key in record}
+    if fields.prompt_template is not None:
+        read.pop("messages", None)
+        read["prompt"] = fill(fields.prompt_template, record, "--prompt-template")
+    elif fields.prompt_field is not None:
+        read.pop("messages", None)
+        read["prompt"] = dotted(record, fields.prompt_field, "--prompt-field")
+    elif fields.messages_field is not None:
+        read.pop("prompt", None)
+        read["messages"] = _chat(dotted(record, fields.messages_field, "--messages-field"))
+    if fields.context_field is not None:
+        read["context"] = dotted(record, fields.context_field, "--context-field")
+    if fields.answer_template is not None:
+        read["answer"] = fill(fields.answer_template, record, "--answer-template")
+    elif fields.answer_field is not None:
+        read["answer"] = dotted(record, fields.answer_field, "--answer-field")
+    return read
+
+
+class RowError(OpcdError):
+    """A mapping that does not fit a row: the caller adds which row."""
+
+
+def dotted(record: dict, path: str, flag: str) -> Any:
+    """The value at ``path`` (``reward_model.ground_truth``); a path that leads nowhere says where it stopped."""
+    value: Any = record
+    for depth, part in enumerate(path.split(".")):
+        if not isinstance(value, dict) or part not in value:
+            where = ".".join(path.split(".")[:depth]) or "the row"
+            has = (f"its keys: {', '.join(map(str, value))}" if isinstance(value, dict)
+                   else f"it is {type(value).__name__}")
+            raise RowError(f"{flag} {path}: {where} has no {part!r} ({has})")
+        value = value[part]
+    return value
+
+
+class _Columns(string.Formatter):
+    """``str.format`` over a row's columns, with ``:letter`` (0 -> A) and ``:letter1`` (1 -> A)."""
+
+    def format_field(self, value: Any, spec: str) -> str:
+        if spec in ("letter", "letter1"):
+            index = int(value) - (spec == "letter1")
+            if not 0 <= index < 26:
+                raise ValueError(f"{value!r} is not a choice number for :{spec}")
+            return chr(ord("A") + index)
+        return super().format_field(value, spec)
+
+
+def fill(template: str, record: dict, flag: str) -> str:
+    """``template`` with the row's columns put in; a column the row lacks names the row's columns."""
+    try:
+        return _Columns().vformat(template, (), record)
+    except KeyError as e:
+        raise RowError(f"{flag} names the column {e.args[0]!r}, which the row does not have (its columns: "
+                       f"{', '.join(map(str, record))})") from None
+    except (ValueError, IndexError, TypeError, AttributeError) as e:
+        raise RowError(f"{flag} {template!r} cannot be filled from the row: {e}") from None
+

@@ -246,6 +246,21 @@ CASES = [
     Case("wandb online without a network", distill("--report-to", "wandb"), "cannot be reached",
          env={"WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"},
          seconds=20, fresh=False),
+    # rows mapped by the user: a column the row lacks, a path that leads nowhere, two sources of one field
+    Case("prompt template names a missing column", ("eval", "--model", "{student}", "--data", "{mcq}",
+                                                    "--prompt-template", "{{questoin}}", "--answer-template", "{{cop}}"),
+         "line 1: --prompt-template names the column 'questoin', which the row does not have (its columns: question, "),
+    Case("dotted path leads nowhere", ("eval", "--model", "{student}", "--data", "{verl}", "--answer-field",
+                                       "reward_model.truth"), "line 1: --answer-field reward_model.truth: "
+         "reward_model has no 'truth' (its keys: ground_truth)"),
+    Case("choice number past the letters", ("eval", "--model", "{student}", "--data", "{mcq}", "--prompt-template",
+                                            "{{question}}", "--answer-template", "{{opa:letter}}"),
+         "--answer-template '{opa:letter}' cannot be filled from the row"),
+    Case("prompt from a column and a template", ("eval", "--model", "{student}", "--data", "{mcq}", "--prompt-field",
+                                                 "question", "--prompt-template", "{{question}}"),
+         "--prompt-field and --prompt-template both say where the prompt comes from; give one"),
+    Case("a verl chat that is not one", ("eval", "--model", "{student}", "--data", "{verl_bad}"),
+         "line 1: every message needs a string `role` and `content`"),
 ]
 
 
@@ -319,6 +334,11 @@ def inputs(tmp_path_factory, tiny_student, toy_files_module):
     files["mixed_types"] = write_jsonl(folder / "mixed.jsonl", [{"prompt": "a"}, {"prompt": 5}])
     files["list_prompt"] = write_jsonl(folder / "list.jsonl", [{"prompt": ["a", "b"]}])
     files["empty_prompt"] = write_jsonl(folder / "empty-prompt.jsonl", [{"prompt": "  "}])
+    files["mcq"] = write_jsonl(folder / "mcq.jsonl", [{"question": "q", "opa": "x", "opb": "y", "cop": 1}])
+    files["verl"] = write_jsonl(folder / "verl.jsonl", [{"prompt": [{"role": "user", "content": "q"}],
+                                                         "reward_model": {"ground_truth": "a"}, "data_source": "d"}])
+    files["verl_bad"] = write_jsonl(folder / "verl-bad.jsonl", [{"prompt": [{"role": "user", "content": 5}],
+                                                                 "reward_model": {"ground_truth": "a"}}])
     files["late_bad_row"] = folder / "late-bad.jsonl"
     files["late_bad_row"].write_text('{"prompt": "a"}\n\n\n{"question": "b"}\n')
     files["empty_list"] = folder / "empty.json"

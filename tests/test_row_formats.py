@@ -107,3 +107,29 @@ def test_distill_trains_on_trl_conversational_and_verl_parquet(cli, tmp_path):
         assert summary["steps"] == 1 and summary["final_loss"] is not None
         written = (tmp_path / name / "data" / "train.jsonl").read_text().splitlines()
         assert len(written) == 8 and json.loads(written[0])["prompt"] == rows[0]["prompt"]  # opcd's own form
+
+
+def test_eval_reads_rows_through_the_users_mapping(cli, tmp_path):
+    """A multiple-choice set in its own columns (MedMCQA's layout), written into prompts by a template and its
+    answer by a choice letter, from the flags and from a recipe."""
+    rows = [{"question": f"Which is {i}?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": i % 4,
+             "meta": {"subject": "toy"}} for i in range(3)]
+    data = write_jsonl(tmp_path / "mcq.jsonl", rows)
+    template = "{question}\nA) {opa}\nB) {opb}\nC) {opc}\nD) {opd}"
+    code, stdout, stderr = cli("eval", "--model", "toy:small", "--data", data, "--prompt-template", template,
+                               "--answer-template", "{cop:letter}", "--max-new-tokens", "2", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["n"] == 3
+    assert "rows read as your mapping: {question}\\nA) {opa}" in stderr and "{cop:letter} -> answer" in stderr
+    recipe = tmp_path / "mcq.toml"
+    recipe.write_text(f"prompt_template = {json.dumps(template)}\nanswer_field = \"meta.subject\"\n")
+    code, stdout, stderr = cli("eval", "--model", "toy:small", "--data", data, "--recipe", recipe,
+                               "--max-new-tokens", "2", "--json")
+    assert code == 0 and "meta.subject -> answer" in stderr, stderr
+
+    from opcd_cli.config import FieldOptions
+
+    got = load_examples(str(data), fields=FieldOptions(prompt_template=template, answer_template="{cop:letter}"))
+    assert [e.answer for e in got] == ["A", "B", "C"] and got[1].prompt.startswith("Which is 1?\nA) a\nB) b")
+    assert load_examples(str(data), fields=FieldOptions(prompt_field="question", answer_field="meta.subject"))[0] \
+        .messages == (("user", "Which is 0?"),)

@@ -15,7 +15,7 @@ from .layers import (PERMISSIONS, RESUMABLE, Resumed, build_config, build_distil
                      flatten_settings, is_python_env, parse_json_object, read_recipe, resume_config)
 from .options import (CONTEXT_AS, DISTILL_MODES, DTYPES, KERNELS, OFF_POLICY_LOSSES, REPORT_TO, SAMPLERS, SCHEDULES,
                       TEACHER_KINDS, TEACHER_SHARDING, TOPK_SUPPORTS, VERIFIERS, EngineOptions, EvalOptions,
-                      GameOptions, LoraOptions, LossOptions, ModelOptions, OptimOptions, OutputOptions,
+                      FieldOptions, GameOptions, LoraOptions, LossOptions, ModelOptions, OptimOptions, OutputOptions,
                       SamplingOptions, lora_target_names)
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
     "flat_settings", "PERMISSIONS", "RESUMABLE", "Resumed", "build_config", "build_distill_config",
     "build_extract_config", "flatten_settings", "is_python_env", "parse_json_object", "read_recipe", "resume_config",
     "CONTEXT_AS", "DISTILL_MODES", "DTYPES", "KERNELS", "OFF_POLICY_LOSSES", "REPORT_TO", "SAMPLERS", "SCHEDULES",
-    "TEACHER_KINDS", "TEACHER_SHARDING", "TOPK_SUPPORTS", "VERIFIERS", "EngineOptions", "EvalOptions", "GameOptions",
-    "LoraOptions", "LossOptions", "ModelOptions", "OptimOptions", "OutputOptions", "SamplingOptions",
+    "TEACHER_KINDS", "TEACHER_SHARDING", "TOPK_SUPPORTS", "VERIFIERS", "EngineOptions", "EvalOptions", "FieldOptions",
+    "GameOptions", "LoraOptions", "LossOptions", "ModelOptions", "OptimOptions", "OutputOptions", "SamplingOptions",
     "lora_target_names",
 ]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ..errors import OpcdError
 from .checks import at_least, check_seed, check_types, choice, fraction
-from .options import CONTEXT_AS, SAMPLERS, VERIFIERS, ModelOptions, SamplingOptions
+from .options import CONTEXT_AS, SAMPLERS, VERIFIERS, FieldOptions, ModelOptions, SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class EvalConfig:
     max_turns: int = 10
     sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(temperature=0.0))
     loading: ModelOptions = field(default_factory=ModelOptions)
+    fields: FieldOptions = field(default_factory=FieldOptions)  # which columns are the prompt, the answer, ...
 
     def __post_init__(self):
         check_types(self)
@@ -88,6 +89,7 @@ class ExtractConfig:
     train_games: int = 32
     val_games: int = 32
     loading: ModelOptions = field(default_factory=ModelOptions)
+    fields: FieldOptions = field(default_factory=FieldOptions)  # which columns are the prompt, the answer, ...
 
     def __post_init__(self):
         check_types(self)

@@ -12,10 +12,10 @@ from typing import Any
 from ..errors import OpcdError
 from .checks import check_seed, check_types, choice
 from .names import route
-from .options import (CONTEXT_AS, DISTILL_MODES, TEACHER_KINDS, EngineOptions, EvalOptions, GameOptions, LoraOptions,
-                      LossOptions, ModelOptions, OptimOptions, OutputOptions, SamplingOptions)
+from .options import (CONTEXT_AS, DISTILL_MODES, TEACHER_KINDS, EngineOptions, EvalOptions, FieldOptions, GameOptions,
+                      LoraOptions, LossOptions, ModelOptions, OptimOptions, OutputOptions, SamplingOptions)
 
-FLAT_GROUPS = ("games", "loss", "optim", "evaluation", "output", "engine", "lora")  # groups whose settings are
+FLAT_GROUPS = ("fields", "games", "loss", "optim", "evaluation", "output", "engine", "lora")  # groups whose settings are
 # written flat, as flags and recipe keys (``--topk``, ``topk = 4``); ``sampling`` and ``loading`` are tables too
 
 
@@ -37,6 +37,7 @@ class DistillConfig:
     rollouts: str | None = None  # off-policy: a folder of saved teacher rollouts to reuse (written if missing)
     seed: int = 0
     # the settings, in groups
+    fields: FieldOptions = field(default_factory=FieldOptions)  # which columns are the prompt, the answer, ...
     games: GameOptions = field(default_factory=GameOptions)
     loss: LossOptions = field(default_factory=LossOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)

@@ -259,3 +259,35 @@ def lora_target_names(targets: str) -> str | list[str]:
     if targets.strip() == "all-linear":
         return "all-linear"
     return [name.strip() for name in targets.split(",") if name.strip()]
+
+
+@dataclass(frozen=True)
+class FieldOptions:
+    """Which columns of a row are its prompt, chat, context and answer, for rows in no format opcd recognises:
+    dotted paths into nested objects (``reward_model.ground_truth``), or templates over the row's columns
+    (``{question}\nA) {opa}``; ``{cop:letter}`` writes 0 as A, ``{cop:letter1}`` writes 1 as A)."""
+
+    prompt_field: str | None = None
+    messages_field: str | None = None
+    context_field: str | None = None
+    answer_field: str | None = None
+    prompt_template: str | None = None
+    answer_template: str | None = None
+
+    def __post_init__(self):
+        check_types(self)
+        for name in ("prompt_field", "messages_field", "context_field", "answer_field"):
+            value = getattr(self, name)
+            if value is not None and (not value.strip() or any(not part for part in value.split("."))):
+                raise OpcdError(f"--{name.replace('_', '-')} {value!r} is not a column name or a dotted path "
+                                "such as reward_model.ground_truth")
+        for a, b in (("prompt_field", "prompt_template"), ("answer_field", "answer_template"),
+                     ("prompt_field", "messages_field"), ("prompt_template", "messages_field")):
+            if getattr(self, a) is not None and getattr(self, b) is not None:
+                raise OpcdError(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} both say where the "
+                                f"{a.split('_')[0]} comes from; give one")
+
+    @property
+    def given(self) -> bool:
+        return any(value is not None for value in vars(self).values())
+
