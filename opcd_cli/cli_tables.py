@@ -90,3 +90,19 @@ def show_eval_table(ui: UI, results: list[dict], title: str = "evaluation", all_
     columns = [c for c in all_columns if any(c[1] in r for r in results)]
     rows = [[r["model"]] + [fmt(r[key]) if key in r else "-" for _, key, fmt in columns] for r in results]
     ui.table(title, ["model"] + [header for header, _, _ in columns], rows)
+
+
+def show_preview(ui: UI, result: dict) -> None:
+    """``opcd data preview``: a row per row shown, a column per field read."""
+    read_as = result["format"] + (f" ({result['mapping']})" if result["mapping"] else "")
+    columns = ["row", "prompt or chat", "context", "answer", "verifier"] + (
+        ["rendered"] if any("rendered" in r for r in result["shown"]) else [])
+    rows = [[str(r["row"]), r.get("prompt") or chat_text(r.get("messages", [])), r.get("context") or "",
+             r.get("answer") or "", r.get("verifier") or ""] + ([r["rendered"]] if "rendered" in r else [])
+            for r in result["shown"]]
+    ui.table(f"{result['data']}: {result['rows']} rows, read as {read_as}", columns, rows)
+
+
+def chat_text(messages: list[dict]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import sources
 from .errors import OpcdError, first_line
-from .row_formats import NATIVE, RowError, recognise
+from .row_formats import NATIVE, RowError, RowFormat, recognise
 from .verifiers import VERIFIERS
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -106,11 +106,24 @@ def read_text(file: Path, where: str) -> str:
         raise OpcdError(f"cannot read {where}: {e.strerror or e}") from None
 
 
+@dataclass(frozen=True)
+class Rows:
+    """A source's rows as opcd reads them, and the format they were read as."""
+
+    form: RowFormat
+    examples: list[Example]
+
+
 def load_examples(path: str, *, what: str = "data", say: Callable[[str], None] | None = None,
                   fields=None) -> list[Example]:
     """Rows of a data file, a saved dataset or a built-in name, checked; raises ``OpcdError`` naming the first
     bad row (by its line in a JSONL file). Rows in another tool's format (``row_formats.py``), or mapped by
     ``fields`` (a ``FieldOptions``), are read into opcd's own, and ``say`` is told which format, once."""
+    return load_rows(path, what=what, say=say, fields=fields).examples
+
+
+def load_rows(path: str, *, what: str = "data", say: Callable[[str], None] | None = None, fields=None) -> Rows:
+    """``load_examples``, keeping the format the rows were read as."""
     if sources.is_builtin(path):
         numbered = list(enumerate(sources.rows(path), 1))
     else:
@@ -121,8 +134,8 @@ def load_examples(path: str, *, what: str = "data", say: Callable[[str], None] |
     form = recognise(numbered[0][1], fields)
     if form.name != NATIVE and say is not None:
         say(form.describe(what, str(path)))
-    return [_to_example(_read(form, record, f"{path} {line_of} {number}"), number, str(path), line_of)
-            for number, record in numbered]
+    return Rows(form, [_to_example(_read(form, record, f"{path} {line_of} {number}"), number, str(path), line_of)
+                       for number, record in numbered])
 
 
 def _read(form, record, where: str):

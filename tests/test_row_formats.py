@@ -133,3 +133,20 @@ def test_eval_reads_rows_through_the_users_mapping(cli, tmp_path):
     assert [e.answer for e in got] == ["A", "B", "C"] and got[1].prompt.startswith("Which is 1?\nA) a\nB) b")
     assert load_examples(str(data), fields=FieldOptions(prompt_field="question", answer_field="meta.subject"))[0] \
         .messages == (("user", "Which is 0?"),)
+
+
+def test_data_preview_shows_how_rows_are_read_and_rendered(cli, tmp_path):
+    rows, said, _ = FORMATS["TRL conversational"]
+    data = write("parquet", tmp_path, rows)
+    code, stdout, stderr = cli("data", "preview", data, "--rows", "1", "--model", "toy:small", "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["format"] == "TRL conversational" and result["mapping"].startswith(said) and result["rows"] == 2
+    shown = result["shown"]
+    assert len(shown) == 1 and shown[0]["prompt"] == ROWS[0]["prompt"] and shown[0]["context"] == ROWS[0]["context"]
+    assert ROWS[0]["context"] in shown[0]["rendered"] and ROWS[0]["prompt"] in shown[0]["rendered"]
+    assert "read as TRL conversational" in stderr and "What is 2 + 2?" in stderr  # the table, on stderr
+    code, _, stderr = cli("data", "preview", data, "--rows", "0")
+    assert code == 2 and stderr.strip().splitlines() == ["opcd: error: --rows must be at least 1; got 0"]
+    code, _, stderr = cli("data", "preview", data, "--prompt-template", "{question}")
+    assert code == 2 and "--prompt-template names the column 'question'" in stderr and "Traceback" not in stderr
