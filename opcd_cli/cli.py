@@ -391,12 +391,13 @@ def data_preview(
     """How the first rows of a data source are read: the format recognised, each row's prompt or chat, context,
     answer and verifier (with --model, the prompt its chat template renders)."""
     from .config import CONTEXT_AS, FieldOptions, ModelOptions, build_config
+    from .config.checks import choice
     from .data import read_context
 
     if rows < 1:
         raise OpcdError(f"--rows must be at least 1; got {rows}")
-    if context_as is not None and context_as not in CONTEXT_AS:
-        raise OpcdError(f"context_as must be one of {', '.join(CONTEXT_AS)}; got {context_as!r}")
+    if context_as is not None:
+        choice("context_as", context_as, CONTEXT_AS)
     fields = build_config(FieldOptions, {"prompt_field": prompt_field, "messages_field": messages_field,
                                          "context_field": context_field, "answer_field": answer_field,
                                          "prompt_template": prompt_template, "answer_template": answer_template})

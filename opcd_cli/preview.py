@@ -4,7 +4,6 @@ chat, the context, the answer, the verifier), and, with ``--model``, the prompt 
 from __future__ import annotations
 
 from .data import load_rows
-from .row_formats import NATIVE
 
 
 def preview(path: str, *, rows: int, fields=None, model: str | None = None, context: str | None = None,
@@ -23,5 +22,5 @@ def preview(path: str, *, rows: int, fields=None, model: str | None = None, cont
         for record, example in zip(shown, read.examples):
             chat = with_context(example.messages, example.context or context, context_as)
             record["rendered"] = renderer.show(renderer.prompt_ids(chat))
-    return {"data": str(path), "format": read.form.name, "mapping": read.form.mapping if read.form.name != NATIVE else "",
-            "rows": len(read.examples), "shown": shown}
+    return {"data": str(path), "format": read.form.name, "mapping": read.form.mapping, "rows": len(read.examples),
+            "shown": shown}

@@ -36,12 +36,18 @@ def reusable_rollouts(cfg: DistillConfig, context, examples, views, vocab: int) 
     return None
 
 
+def rollouts_folder(cfg: DistillConfig, out: Path) -> Path:
+    """Where a run's teacher rollouts are kept: ``--rollouts``, else the run's own ``rollouts/``."""
+    return Path(cfg.rollouts) if cfg.rollouts else out / "rollouts"
+
+
 def saved_rollouts(run: Run, out: Path):
-    """Off-policy, a resumed run's teacher rollouts: those it saved (or ``--rollouts``), else None."""
+    """Off-policy, a resumed run's teacher rollouts: those it saved (or ``--rollouts``, already read by
+    ``setup.prepare``), else None."""
     cfg = run.cfg
-    folder = Path(cfg.rollouts) if cfg.rollouts else out / "rollouts"
-    if cfg.on_policy or not (folder / rollout_store.META).is_file():
-        return None
+    folder = rollouts_folder(cfg, out)
+    if run.rollouts is not None or cfg.on_policy or not (folder / rollout_store.META).is_file():
+        return run.rollouts
     return rollout_store.load(folder, rollouts_fingerprint(cfg, run.context, run.examples, run.views), run.loss.vocab)
 
 
@@ -57,7 +63,7 @@ def make_rollouts(run: Run, ui: UI, out: Path, sampler) -> rollout_store.Rollout
                                       models.pad_id(run.tokenizer), cfg.optim.batch_size,
                                       rollouts_fingerprint(cfg, run.context, run.examples, run.views), advance)
     if distributed.world().main:
-        rollout_store.save(Path(cfg.rollouts) if cfg.rollouts else out / "rollouts", made)
+        rollout_store.save(rollouts_folder(cfg, out), made)
     distributed.barrier()
     return made
 
