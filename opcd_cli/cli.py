@@ -59,7 +59,8 @@ def distill(
     allow_bin_weights: o.AllowBinWeights = None,
     chat_template_kwargs: o.ChatTemplateKwargs = None,
     # data and context
-    data: Optional[str] = flag(None, help="Prompts: JSONL, JSON, CSV, Parquet or a saved dataset folder.", panel=DATA),
+    data: Optional[str] = flag(None, help="Prompts: JSONL, JSON, CSV, Parquet, a saved dataset folder or hf:ORG/NAME[:CONFIG] (datasets.load_dataset, offline from its cache).", panel=DATA),
+    split: o.Split = None,
     context: o.Context = None,
     context_as: o.ContextAs = None,
     prompt_field: o.PromptField = None,
@@ -110,6 +111,7 @@ def distill(
     vllm_eager: o.VllmEager = None,
     # evaluation
     eval_data: Optional[str] = flag(None, help="Rows with answers, scored before and after training.", panel=EVALUATION),
+    eval_split: o.EvalSplit = None,
     ood_data: Optional[str] = flag(None, help="Out-of-distribution rows with answers (and their own contexts).", panel=EVALUATION),
     eval_max_new_tokens: Optional[int] = flag(None, help="Longest response when evaluating.", panel=EVALUATION),
     eval_before: Optional[bool] = flag(None, "--eval-before/--no-eval-before", help="Also score the student before training.", panel=EVALUATION),
@@ -222,6 +224,8 @@ def extract(
     chat_template_kwargs: o.ChatTemplateKwargs = None,
     data: Optional[str] = flag(None, help="Training problems with answers.", panel=DATA),
     val: Optional[str] = flag(None, help="Validation problems with answers (selects the best round).", panel=DATA),
+    split: o.Split = None,
+    eval_split: Optional[str] = flag(None, help="The split of --val when it is hf:ORG/NAME (default test, else validation, else its only one).", panel=DATA),
     prompt_field: o.PromptField = None,
     messages_field: o.MessagesField = None,
     context_field: o.ContextField = None,
@@ -279,7 +283,8 @@ def eval_command(
     trust_remote_code: o.TrustRemoteCode = None,
     allow_bin_weights: o.AllowBinWeights = None,
     chat_template_kwargs: o.ChatTemplateKwargs = None,
-    data: Optional[str] = flag(None, help="Rows with answers: JSONL, JSON, CSV, Parquet or a saved dataset folder.", panel=DATA),
+    data: Optional[str] = flag(None, help="Rows with answers: JSONL, JSON, CSV, Parquet, a saved dataset folder or hf:ORG/NAME[:CONFIG].", panel=DATA),
+    split: o.Split = None,
     context: o.Context = None,
     context_as: o.ContextAs = None,
     ood_data: Optional[str] = flag(None, help="Out-of-distribution rows with answers (each with its own context).", panel=DATA),
@@ -373,7 +378,8 @@ app.add_typer(data_app)
 
 @data_app.command("preview")
 def data_preview(
-    data: str = typer.Argument(..., help="Rows: JSONL, JSON, CSV, Parquet, a saved dataset folder or a built-in name."),
+    data: str = typer.Argument(..., help="Rows: JSONL, JSON, CSV, Parquet, a saved dataset folder, hf:ORG/NAME[:CONFIG] or a built-in name."),
+    split: o.Split = None,
     rows: int = flag(5, help="How many rows to show.", panel=DATA),
     model: Optional[str] = flag(None, help="Also render each prompt through this model's chat template.", panel=MODELS),
     context: o.Context = None,
@@ -400,7 +406,9 @@ def data_preview(
         choice("context_as", context_as, CONTEXT_AS)
     fields = build_config(FieldOptions, {"prompt_field": prompt_field, "messages_field": messages_field,
                                          "context_field": context_field, "answer_field": answer_field,
-                                         "prompt_template": prompt_template, "answer_template": answer_template})
+                                         "prompt_template": prompt_template, "answer_template": answer_template,
+                                         "split": split})
+    fields.check_splits({"split": {"DATA": data}})
     loading = ModelOptions(trust_remote_code=bool(trust_remote_code),
                            chat_template_kwargs=parse_json_object(chat_template_kwargs) or {})
     from .preview import preview

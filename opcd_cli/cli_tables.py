@@ -100,7 +100,8 @@ def show_preview(ui: UI, result: dict) -> None:
     rows = [[str(r["row"]), r.get("prompt") or chat_text(r.get("messages", [])), r.get("context") or "",
              r.get("answer") or "", r.get("verifier") or ""] + ([r["rendered"]] if "rendered" in r else [])
             for r in result["shown"]]
-    ui.table(f"{result['data']}: {result['rows']} rows, read as {read_as}", columns, rows)
+    split = f" (split {result['split']})" if result.get("split") else ""
+    ui.table(f"{result['data']}{split}: {result['rows']} rows, read as {read_as}", columns, rows)
 
 
 def chat_text(messages: list[dict]) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import sources
+from . import hub_data, sources
 from .errors import OpcdError, first_line
 from .row_formats import NATIVE, RowError, RowFormat, recognise
 from .verifiers import VERIFIERS
@@ -112,20 +112,34 @@ class Rows:
 
     form: RowFormat
     examples: list[Example]
+    split: str | None = None  # the split read, for a dataset by name
+
+
+# what rows are for -> (the FieldOptions setting naming an hf: dataset's split, its flag, the usual split's role)
+SPLIT_OF = {"train": ("split", "--split", "train"), "eval": ("eval_split", "--eval-split", "eval"),
+            "scored": ("split", "--split", "eval")}  # scored: opcd eval's own --data
 
 
 def load_examples(path: str, *, what: str = "data", say: Callable[[str], None] | None = None,
-                  fields=None) -> list[Example]:
-    """Rows of a data file, a saved dataset or a built-in name, checked; raises ``OpcdError`` naming the first
-    bad row (by its line in a JSONL file). Rows in another tool's format (``row_formats.py``), or mapped by
-    ``fields`` (a ``FieldOptions``), are read into opcd's own, and ``say`` is told which format, once."""
-    return load_rows(path, what=what, say=say, fields=fields).examples
+                  fields=None, role: str = "train") -> list[Example]:
+    """Rows of a data file, a saved dataset, a dataset by name (``hf:``, ``hub_data.py``) or a built-in name,
+    checked; raises ``OpcdError`` naming the first bad row (by its line in a JSONL file). Rows in another tool's
+    format (``row_formats.py``), or mapped by ``fields`` (a ``FieldOptions``), are read into opcd's own, and
+    ``say`` is told which format, once. ``role`` (``SPLIT_OF``) says which split of an ``hf:`` dataset to read."""
+    return load_rows(path, what=what, say=say, fields=fields, role=role).examples
 
 
-def load_rows(path: str, *, what: str = "data", say: Callable[[str], None] | None = None, fields=None) -> Rows:
+def load_rows(path: str, *, what: str = "data", say: Callable[[str], None] | None = None, fields=None,
+              role: str = "train") -> Rows:
     """``load_examples``, keeping the format the rows were read as."""
+    split = None
     if sources.is_builtin(path):
         numbered = list(enumerate(sources.rows(path), 1))
+    elif hub_data.is_hub_name(path):
+        setting, flag, usual = SPLIT_OF[role]
+        records, split = hub_data.read(path, what=what, split=getattr(fields, setting, None), role=usual,
+                                       split_flag=flag, say=say)
+        numbered = list(enumerate(records, 1))
     else:
         numbered = _read_records(path, what)
     if not numbered:
@@ -135,7 +149,7 @@ def load_rows(path: str, *, what: str = "data", say: Callable[[str], None] | Non
     if form.name != NATIVE and say is not None:
         say(form.describe(what, str(path)))
     return Rows(form, [_to_example(_read(form, record, f"{path} {line_of} {number}"), number, str(path), line_of)
-                       for number, record in numbered])
+                       for number, record in numbered], split)
 
 
 def _read(form, record, where: str):

@@ -155,11 +155,11 @@ def evaluate(cfg: EvalConfig, progress=None) -> list[dict]:
     if cfg.env is not None:
         return evaluate_env(cfg, progress)
     say = getattr(progress, "info", None)  # which format the rows were read as, once
-    examples = load_examples(cfg.data, say=say, fields=cfg.fields)
+    examples = load_examples(cfg.data, say=say, fields=cfg.fields, role="scored")
     if cfg.limit:
         examples = examples[: cfg.limit]
     require_answers(examples, cfg.data)
-    ood = load_examples(cfg.ood_data, what="OOD data", say=say, fields=cfg.fields) if cfg.ood_data else None
+    ood = load_examples(cfg.ood_data, what="OOD data", say=say, fields=cfg.fields, role="scored") if cfg.ood_data else None
     if ood:
         require_answers(ood, cfg.ood_data)
     context = read_context(cfg.context)

@@ -202,7 +202,7 @@ def extract(cfg: ExtractConfig, ui: UI) -> dict:
         window = config_window(cfg.model, cfg.loading.trust_remote_code)
     else:
         train = load_examples(cfg.data, say=ui.info, fields=cfg.fields)
-        val = load_examples(cfg.val, what="validation data", say=ui.info, fields=cfg.fields)
+        val = load_examples(cfg.val, what="validation data", say=ui.info, fields=cfg.fields, role="eval")
         require_answers(train, cfg.data)
         require_answers(val, cfg.val)
     template = read_template(cfg.template)

@@ -192,7 +192,7 @@ def longest_prompt(cfg: DistillConfig) -> int:
         observation = envs.reset(envs.environment_factory(cfg.games.env, cfg.games.env_options)(), 0, cfg.games.env)
         first = len(renderer.prompt_ids([{"role": "user", "content": observation}]))
         return first * cfg.games.max_turns + (cfg.games.max_turns - 1) * cfg.sampling.max_new_tokens
-    examples, context = load_examples(cfg.data), read_context(cfg.context)
+    examples, context = load_examples(cfg.data, fields=cfg.fields), read_context(cfg.context)
     views = build_views(examples, context, cfg.context_as, renderer, renderer)
     return max(len(v.student_ids) for v in views)
 

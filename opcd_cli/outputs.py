@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .errors import OpcdError
+from .hub_data import is_hub_name, local_folder
 from .sources import is_builtin
 
 RUN_MARKER = "opcd_config.json"
@@ -114,6 +115,8 @@ def check_apart(target: Path, inputs: dict[str, str | None], what: str = "--outp
     out = target.resolve()
     outputs = [out, out.with_name(out.name + ".partial")] if what == "--output-dir" else [out]
     for flag, source in inputs.items():
+        if source and is_hub_name(source):
+            source = local_folder(source)  # a dataset by name reads a folder only when it names one
         if not source or source == "-" or is_builtin(source):
             continue
         if flag in MODEL_FLAGS and not Path(source).expanduser().exists():

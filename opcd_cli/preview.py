@@ -22,5 +22,5 @@ def preview(path: str, *, rows: int, fields=None, model: str | None = None, cont
         for record, example in zip(shown, read.examples):
             chat = with_context(example.messages, example.context or context, context_as)
             record["rendered"] = renderer.show(renderer.prompt_ids(chat))
-    return {"data": str(path), "format": read.form.name, "mapping": read.form.mapping, "rows": len(read.examples),
+    return {"data": str(path), "split": read.split, "format": read.form.name, "mapping": read.form.mapping, "rows": len(read.examples),
             "shown": shown}

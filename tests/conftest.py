@@ -74,6 +74,47 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def cached_dataset(cache: Path, repo_id: str, splits: dict[str, list[dict]], config: str = "default") -> str:
+    """``repo_id`` (``ORG/NAME``) in a Hugging Face datasets cache at ``cache``, as ``load_dataset`` keeps a hub
+    dataset it has downloaded (``ORG___NAME/CONFIG/0.0.0/HASH/NAME-SPLIT.arrow`` with its ``dataset_info.json``):
+    made by ``load_dataset`` from local Parquet files, then filed under the hub's name. Returns ``hf:ORG/NAME``."""
+    import shutil
+    import tempfile
+
+    import datasets
+
+    with tempfile.TemporaryDirectory() as scratch:
+        files = {}
+        for split, rows in splits.items():
+            files[split] = f"{scratch}/{split}.parquet"
+            datasets.Dataset.from_list(rows).to_parquet(files[split])
+        datasets.load_dataset("parquet", data_files=files, cache_dir=f"{scratch}/built")
+        built = next(p for p in Path(scratch, "built", "parquet").glob("*/0.0.0/*") if p.is_dir())
+        org, name = repo_id.split("/")
+        name = datasets.naming.camelcase_to_snakecase(name)  # as the cache spells names
+        target = cache / f"{org}___{name}" / config / "0.0.0" / "0123456789abcdef"
+        shutil.copytree(built, target)
+    for arrow in target.glob("parquet-*.arrow"):
+        arrow.rename(target / arrow.name.replace("parquet-", f"{name}-", 1))
+    info = json.loads((target / "dataset_info.json").read_text())
+    (target / "dataset_info.json").write_text(json.dumps(info | {"config_name": config, "dataset_name": name}))
+    return f"hf:{repo_id}"
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """A datasets cache of this test's own, read offline (``HF_DATASETS_OFFLINE=1``, set in this process); add
+    datasets to it with ``cached_dataset``."""
+    import datasets.config
+
+    cache = tmp_path / "datasets-cache"
+    cache.mkdir()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    return cache
+
+
 def write_small_eval(folder: Path, test: int, ood: int) -> Path:
     """``test.jsonl`` and ``ood.jsonl`` of the toy's codes task in ``folder``, few rows each, so that end-to-end
     runs spend their time training."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_model, tree, write_jsonl
+from conftest import cached_dataset, make_tiny_model, tree, write_jsonl
 from warm_cli import WarmCLI, run_fresh
 
 @dataclass(frozen=True)
@@ -261,6 +261,20 @@ CASES = [
          "--prompt-field and --prompt-template both say where the prompt comes from; give one"),
     Case("a verl chat that is not one", ("eval", "--model", "{student}", "--data", "{verl_bad}"),
          "line 1: every message needs a string `role` and `content`"),
+    # datasets by name (hf:): a malformed name, a split it does not have, a broken cache, not cached
+    Case("dataset name malformed", distill(data="hf:acme/rows/extra"), "hf:acme/rows/extra is not a dataset name: "
+         "write hf:ORG/NAME, hf:ORG/NAME:CONFIG or hf:FOLDER"),
+    Case("dataset split unknown", distill("--split", "dev", data="hf:acme/rows"),
+         "data hf:acme/rows has no split 'dev'; its splits are train, test: give one with --split",
+         env={"HF_DATASETS_CACHE": "{hub_cache}", "HF_DATASETS_OFFLINE": "1"}),
+    Case("dataset cache broken", ("eval", "--model", "{student}", "--data", "hf:acme/rows"),
+         "cannot read data hf:acme/rows: ", env={"HF_DATASETS_CACHE": "{broken_hub_cache}", "HF_DATASETS_OFFLINE": "1"}),
+    Case("dataset not cached, offline", distill(data="hf:acme/missing"), "hf:acme/missing is not in the Hugging Face "
+         "datasets cache", env={"HF_DATASETS_CACHE": "{hub_cache}", "HF_DATASETS_OFFLINE": "1"}, seconds=20),
+    Case("dataset not cached, no network", distill(data="hf:acme/missing"), "and the hub cannot be reached",
+         env={"HF_DATASETS_CACHE": "{hub_cache}", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": None,
+              "HF_ENDPOINT": "http://127.0.0.1:9"}, seconds=20),
+    Case("split of a file", distill("--split", "test"), "--split test chooses the split of a dataset by name"),
 ]
 
 
@@ -337,6 +351,12 @@ def inputs(tmp_path_factory, tiny_student, toy_files_module):
     files["mcq"] = write_jsonl(folder / "mcq.jsonl", [{"question": "q", "opa": "x", "opb": "y", "cop": 1}])
     files["verl"] = write_jsonl(folder / "verl.jsonl", [{"prompt": [{"role": "user", "content": "q"}],
                                                          "reward_model": {"ground_truth": "a"}, "data_source": "d"}])
+    caches = tmp_path_factory.mktemp("datasets-caches")  # beside the inputs: datasets writes its locks there
+    toy = [{"prompt": "q", "answer": "a"}] * 2
+    files["hub_cache"], files["broken_hub_cache"] = caches / "cache", caches / "broken"
+    for cache in (files["hub_cache"], files["broken_hub_cache"]):
+        cached_dataset(cache, "acme/rows", {"train": toy, "test": toy})
+    next(files["broken_hub_cache"].glob("acme___rows/*/*/*/rows-train.arrow")).write_bytes(b"not arrow")
     files["verl_bad"] = write_jsonl(folder / "verl-bad.jsonl", [{"prompt": [{"role": "user", "content": 5}],
                                                                  "reward_model": {"ground_truth": "a"}}])
     files["late_bad_row"] = folder / "late-bad.jsonl"
@@ -435,6 +455,9 @@ def run_case(case: Case, inputs: dict, work: Path, warm) -> dict:
             env.pop(key, None)
         else:
             env[key] = value
+    for key, value in case.env.items():  # {placeholders} name files of the `inputs` fixture
+        if value is not None:
+            env[key] = value.format(**{k: str(v) for k, v in inputs.items()})
     args = [a.format(**{k: str(v) for k, v in inputs.items()}) for a in case.args]
     before = tree(work)
     fresh = bool(case.env) if case.fresh is None else case.fresh  # a changed environment may matter at import

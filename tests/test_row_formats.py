@@ -11,7 +11,7 @@ import pytest
 from opcd_cli.data import load_examples
 from opcd_cli.errors import OpcdError
 
-from conftest import write_jsonl
+from conftest import cached_dataset, write_jsonl
 
 ROWS = [  # opcd's own form: what every format below must read as
     {"prompt": "What is 2 + 2?", "context": "Add carefully.", "answer": "4"},
@@ -44,7 +44,7 @@ FORMATS = {  # name: (rows in that format, the line said, the fields the plain e
 }
 
 
-def write(kind: str, folder, rows: list[dict]) -> str:
+def write(kind: str, folder, rows: list[dict], cache=None) -> str:
     if kind == "jsonl":
         return str(write_jsonl(folder / "rows.jsonl", rows))
     if kind == "json":
@@ -56,20 +56,24 @@ def write(kind: str, folder, rows: list[dict]) -> str:
     if kind == "parquet":
         table.to_parquet(str(folder / "rows.parquet"))
         return str(folder / "rows.parquet")
+    if kind == "hub":  # a dataset by name, in the datasets cache
+        return cached_dataset(cache, f"acme/{folder.name}", {"train": rows})
     table.save_to_disk(str(folder / "saved"))
     return str(folder / "saved")
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "saved"])
-def test_every_format_reads_as_its_plain_equivalent(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "saved", "hub"])
+def test_every_format_reads_as_its_plain_equivalent(tmp_path, kind, request):
+    cache = request.getfixturevalue("offline_hub") if kind == "hub" else None
     for name, (rows, said, fields) in FORMATS.items():
         folder = tmp_path / name.replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
         folder.mkdir()
         plain = load_examples(str(write_jsonl(folder / "plain.jsonl", [{k: r[k] for k in fields} for r in ROWS])))
         heard = []
-        got = load_examples(write(kind, folder, rows), say=heard.append)
+        got = load_examples(write(kind, folder, rows, cache), say=heard.append)
         assert [(e.messages, e.context, e.answer) for e in got] == [(e.messages, e.context, e.answer) for e in plain], name
-        assert len(heard) == 1 and f"rows read as {name.split(' (')[0]}: {said}" in heard[0], (name, heard)
+        assert f"rows read as {name.split(' (')[0]}: {said}" in heard[-1], (name, heard)
+        assert len(heard) == (2 if kind == "hub" else 1), heard  # and, by name, the split read
 
 
 def test_opcds_own_rows_are_read_as_they_are_and_nothing_is_said(tmp_path):

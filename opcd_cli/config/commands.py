@@ -55,6 +55,7 @@ class EvalConfig:
         fraction("vllm_memory", self.vllm_memory)
         if self.sampling.temperature == 0 and self.sampling.n > 1:
             raise OpcdError("greedy decoding (temperature 0) gives one answer; set --temperature above 0 to draw several samples")
+        self.fields.check_splits({"split": {"--data": self.data, "--ood-data": self.ood_data}})
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,4 @@ class ExtractConfig:
         fraction("vllm_memory", self.vllm_memory)
         for name in ("rounds", "attempts", "traces_per_prompt", "token_budget", "batch_size", "extract_max_new_tokens"):
             at_least(name, getattr(self, name), 1)
+        self.fields.check_splits({"split": {"--data": self.data}, "eval_split": {"--val": self.val}})

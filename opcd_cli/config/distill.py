@@ -130,6 +130,8 @@ def _check_sources(cfg: DistillConfig) -> None:
         if cfg.evaluation.eval_data is not None or cfg.evaluation.ood_data is not None:
             raise OpcdError("with --env the evaluation plays games: use --eval-games and --ood-env-options, "
                             "not --eval-data or --ood-data")
+    cfg.fields.check_splits({"split": {"--data": cfg.data},
+                             "eval_split": {"--eval-data": cfg.evaluation.eval_data, "--ood-data": cfg.evaluation.ood_data}})
 
 
 def _check_on_policy_only(cfg: DistillConfig) -> None:

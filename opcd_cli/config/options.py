@@ -265,7 +265,8 @@ def lora_target_names(targets: str) -> str | list[str]:
 class FieldOptions:
     """Which columns of a row are its prompt, chat, context and answer, for rows in no format opcd recognises:
     dotted paths into nested objects (``reward_model.ground_truth``), or templates over the row's columns
-    (``{question}\nA) {opa}``; ``{cop:letter}`` writes 0 as A, ``{cop:letter1}`` writes 1 as A)."""
+    (``{question}\nA) {opa}``; ``{cop:letter}`` writes 0 as A, ``{cop:letter1}`` writes 1 as A); and which split of
+    a dataset by name (``hf:ORG/NAME``) is read."""
 
     prompt_field: str | None = None
     messages_field: str | None = None
@@ -273,9 +274,15 @@ class FieldOptions:
     answer_field: str | None = None
     prompt_template: str | None = None
     answer_template: str | None = None
+    split: str | None = None  # the split of an hf: dataset (hub_data.py): --data's, and opcd eval's --ood-data's
+    eval_split: str | None = None  # opcd distill's --eval-data and --ood-data, opcd extract's --val
 
     def __post_init__(self):
         check_types(self)
+        for name in ("split", "eval_split"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise OpcdError(f"--{name.replace('_', '-')} is empty; give a split's name, such as train or test")
         for name in ("prompt_field", "messages_field", "context_field", "answer_field"):
             value = getattr(self, name)
             if value is not None and (not value.strip() or any(not part for part in value.split("."))):
@@ -289,5 +296,23 @@ class FieldOptions:
 
     @property
     def given(self) -> bool:
-        return any(value is not None for value in vars(self).values())
+        """Whether a column mapping is given (the splits choose rows, not columns)."""
+        return any(value is not None for key, value in vars(self).items() if key not in ("split", "eval_split"))
+
+    def check_splits(self, sources: dict[str, dict[str, str | None]]) -> None:
+        """A split names a split of a dataset by name: ``sources`` maps ``split`` and ``eval_split`` to the flags
+        (and their values) each applies to in this command; a split for none of them is one line."""
+        from ..hub_data import is_hub_name
+
+        for name in ("split", "eval_split"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            flag = "--" + name.replace("_", "-")
+            applies = sources.get(name)
+            if applies is None:
+                raise OpcdError(f"{flag} does not apply to this command; use --split")
+            if not any(is_hub_name(source) for source in applies.values()):
+                raise OpcdError(f"{flag} {value} chooses the split of a dataset by name ({' or '.join(applies)} "
+                                "hf:ORG/NAME); a file or folder has no splits: drop it")
 

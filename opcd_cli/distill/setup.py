@@ -40,8 +40,8 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     evaluation = cfg.evaluation
     read = dict(say=ui.info, fields=cfg.fields)
     examples, context = load_examples(cfg.data, **read), read_context(cfg.context)
-    eval_examples = load_examples(evaluation.eval_data, what="eval data", **read) if evaluation.eval_data else None
-    ood_examples = load_examples(evaluation.ood_data, what="OOD data", **read) if evaluation.ood_data else None
+    eval_examples = load_examples(evaluation.eval_data, what="eval data", role="eval", **read) if evaluation.eval_data else None
+    ood_examples = load_examples(evaluation.ood_data, what="OOD data", role="eval", **read) if evaluation.ood_data else None
     for rows, path in ((eval_examples, cfg.evaluation.eval_data), (ood_examples, cfg.evaluation.ood_data)):
         if rows is not None:
             require_answers(rows, path)
