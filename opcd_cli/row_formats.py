@@ -6,7 +6,7 @@ read into opcd's own row (``prompt`` or ``messages``, optional ``context``, ``an
 | opcd's own, TRL standard | ``prompt`` (a string) or ``messages`` | as it is; TRL's ``privileged_context`` is the row's context |
 | TRL conversational | ``prompt`` holding a list of messages | the messages (a trailing assistant turn dropped); ``privileged_context`` the context |
 | ms-swift | ``messages`` with ``teacher_prompt`` | the messages (a trailing assistant turn dropped); ``teacher_prompt`` the context |
-| verl, the official OPCD code | ``reward_model`` or ``data_source`` beside ``prompt``/``content`` messages | the messages; ``reward_model.ground_truth`` (else ``answer``) the answer |
+| verl, the official OPCD code | ``content`` messages, or ``prompt`` messages beside ``reward_model`` or ``data_source`` | the messages; ``reward_model.ground_truth`` (else ``answer``) the answer |
 | plain columns | ``question`` or ``problem``, no ``prompt`` or ``messages`` | the prompt; ``answer`` or ``solution`` the answer |
 
 A file's format is recognised from its first row and said once, in one line; every row is then read the
@@ -49,7 +49,7 @@ def recognise(record: Any, fields=None) -> RowFormat:
         return RowFormat("ms-swift", _ms_swift,
                          "messages" + _dropped(record["messages"]) + ", teacher_prompt -> context")
     prompt_key = next((k for k in ("prompt", "content") if _is_chat(record.get(k))), None)
-    if prompt_key is not None and keys & {"reward_model", "data_source"}:
+    if prompt_key == "content" or prompt_key is not None and keys & {"reward_model", "data_source"}:
         answer = "reward_model.ground_truth" if isinstance(record.get("reward_model"), dict) else "answer"
         return RowFormat("verl", lambda r: _verl(r, prompt_key),
                          f"{prompt_key} (messages){_dropped(record[prompt_key])}, {answer} -> answer")

@@ -61,6 +61,7 @@ def last_boxed(text: str) -> str | None:
 
 
 CHOICE_PATTERNS = [
+    re.compile(r"<answer>\s*\(?([A-J])\)?[^<]*</answer>", re.IGNORECASE),  # <answer>(B)</answer>, the official code's
     re.compile(r"answer\s*(?:is|:)?\s*\(?([A-J])\)?\b", re.IGNORECASE),
     re.compile(r"\\boxed\{\(?([A-J])\)?\}"),
     re.compile(r"^\(?([A-J])\)?(?:[.):]|$)", re.MULTILINE),
@@ -68,7 +69,8 @@ CHOICE_PATTERNS = [
 
 
 def choice_letter(text: str) -> str | None:
-    """The option letter a response settles on: its last "answer: X", boxed letter, or line starting with one."""
+    """The option letter a response settles on: its last ``<answer>X</answer>``, "answer: X", boxed letter, or line
+    starting with one."""
     for pattern in CHOICE_PATTERNS:
         found = pattern.findall(text)
         if found:

@@ -39,6 +39,8 @@ FORMATS = {  # name: (rows in that format, the line said, the fields the plain e
              "prompt (messages), reward_model.ground_truth -> answer", ("prompt", "answer")),
     "verl (official, content)": ([{"content": chat(r["prompt"]), "data_source": "toy", "answer": r["answer"]}
                                   for r in ROWS], "content (messages), answer -> answer", ("prompt", "answer")),
+    "verl (official system-prompt rows)": ([{"content": chat(r["prompt"]), "answer": r["answer"]} for r in ROWS],
+                                           "content (messages), answer -> answer", ("prompt", "answer")),
     "plain columns": ([{"question": r["prompt"], "solution": r["answer"]} for r in ROWS],
                       "question -> prompt, solution -> answer", ("prompt", "answer")),
 }

@@ -39,7 +39,9 @@ def test_last_boxed_balances_braces():
 
 @pytest.mark.parametrize(
     "response, letter",
-    [("The answer is C.", "C"), ("Answer: (b)", "B"), ("\\boxed{D}", "D"), ("A) because\nB. no", "B"), ("unsure", None)],
+    [("The answer is C.", "C"), ("Answer: (b)", "B"), ("\\boxed{D}", "D"), ("A) because\nB. no", "B"), ("unsure", None),
+     ("Rationale... <answer>(C)</answer> since A is wrong", "C"), ("<answer>b</answer>", "B"),  # the official tags
+     ("<answer>(A)</answer> then <answer>D. Both</answer>", "D")],
 )
 def test_choice_letter(response, letter):
     assert choice_letter(response) == letter
