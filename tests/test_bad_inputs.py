@@ -275,6 +275,11 @@ CASES = [
          env={"HF_DATASETS_CACHE": "{hub_cache}", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": None,
               "HF_ENDPOINT": "http://127.0.0.1:9"}, seconds=20),
     Case("split of a file", distill("--split", "test"), "--split test chooses the split of a dataset by name"),
+    # TextArena games: an id it does not have (the close single-player ones named), a game for two players
+    Case("textarena id unknown", ("eval", "--model", "{student}", "--env", "textarena:FrozenLak-v0"),
+         "TextArena has no game 'FrozenLak-v0'; close single-player ids: FrozenLake-v0"),
+    Case("textarena two-player game", games("--env", "textarena:TicTacToe-v0"),
+         "textarena:TicTacToe-v0 is a game for several players; opcd plays single-player games"),
 ]
 
 

@@ -9,8 +9,9 @@ An environment is any object with two methods (gymnasium's shape, in text)::
 ``{"invalid": True}`` when the reply held no move the environment could read (a failed turn). A game is won
 when its rewards add up to more than 0.
 
-``--env NAME`` names a built-in (``BUILTIN``) or ``package.module:Class`` (a class of the user's, built with
-the ``--env-options`` JSON object as keyword arguments); each game gets its own instance.
+``--env NAME`` names a built-in (``BUILTIN``), ``textarena:ID`` (a TextArena single-player game, ``textarena.py``)
+or ``package.module:Class`` (a class of the user's, built with the ``--env-options`` JSON object as keyword
+arguments); each game gets its own instance.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def environment_factory(spec: str, options: dict[str, Any] | None = None) -> Cal
     """A function that makes a fresh environment for one game; raises ``OpcdError`` on a name that is not
     found, a class that lacks the interface, or options it refuses."""
     options = dict(options or {})
+    if spec.startswith("textarena:"):  # TextArena's single-player games (envs/textarena.py)
+        from .textarena import factory_for
+
+        cls, game = factory_for(spec.removeprefix("textarena:"), options)
+        check_options(spec, cls, options)
+        return game
     target = BUILTIN.get(spec.lower(), spec)
     if ":" not in target:
         raise OpcdError(f"--env {spec}: no such environment; give one of {', '.join(sorted(BUILTIN))} or "
