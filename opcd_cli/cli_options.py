@@ -53,8 +53,8 @@ ContextAs = Annotated[Optional[str], option(
 Verifier = Annotated[Optional[str], option(
     help="How an answer is checked (auto: the row's own `verifier`, else exact).", panel=EVALUATION, choices=VERIFIERS)]
 Env = Annotated[Optional[str], option(
-    help="Instead of data, a game played turn by turn: frozenlake, doors, or package.module:Class (see the README's "
-         "Games).", panel=GAMES)]
+    help="Instead of data, a game played turn by turn: frozenlake, doors, textarena:ID (a TextArena single-player "
+         "game, such as textarena:FrozenLake-v0-raw) or package.module:Class (see the README's Games).", panel=GAMES)]
 EnvOptions = Annotated[Optional[str], option(help='The game\'s options, as JSON, e.g. \'{"size": 4}\'.', panel=GAMES)]
 MaxTurns = Annotated[Optional[int], option(help="With --env: most replies a game gets (default 10).", panel=GAMES)]
 Temperature = Annotated[Optional[float], option(help="Sampling temperature (0: greedy).", panel=SAMPLING)]

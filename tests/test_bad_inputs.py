@@ -144,7 +144,7 @@ CASES = [
          "the in-context anchor scores the student's own rollouts"),
     # games
     Case("unknown environment", ("eval", "--model", "{student}", "--env", "chess"),
-         "--env chess: no such environment; give one of doors, frozenlake or package.module:Class"),
+         "--env chess: no such environment; give one of doors, frozenlake, textarena:ID (a TextArena single-player game) or package.module:Class"),
     Case("distill: unknown environment", games("--env", "chess"), "--env chess: no such environment"),
     Case("distill: environment class without the interface", games("--env", "collections:OrderedDict"),
          "OrderedDict does not implement the environment interface"),

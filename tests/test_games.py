@@ -151,7 +151,8 @@ def test_environments_load_by_name_or_class_and_bad_ones_are_refused():
     assert isinstance(envs.environment_factory("FrozenLake")(), FrozenLake)
     assert envs.environment_factory("test_games:Corridor", {"bonus": 2.0})().bonus == 2.0
     for spec, options, message in (
-        ("chess", {}, "no such environment; give one of doors, frozenlake or package.module:Class"),
+        ("chess", {}, r"no such environment; give one of doors, frozenlake, textarena:ID \(a TextArena single-player game\) or "
+                    "package.module:Class"),
         ("no_such_module_here:Game", {}, "cannot import no_such_module_here"),
         ("collections:OrderedDict", {}, "OrderedDict does not implement the environment interface"),
         ("frozenlake", {"size": 1}, "size must be a whole number of at least 2"),

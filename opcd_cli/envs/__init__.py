@@ -56,8 +56,8 @@ def environment_factory(spec: str, options: dict[str, Any] | None = None) -> Cal
         return game
     target = BUILTIN.get(spec.lower(), spec)
     if ":" not in target:
-        raise OpcdError(f"--env {spec}: no such environment; give one of {', '.join(sorted(BUILTIN))} or "
-                        "package.module:Class")
+        raise OpcdError(f"--env {spec}: no such environment; give one of {', '.join(sorted(BUILTIN))}, "
+                        "textarena:ID (a TextArena single-player game) or package.module:Class")
     module_name, _, class_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)
