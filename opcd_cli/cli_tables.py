@@ -90,6 +90,11 @@ def show_eval_table(ui: UI, results: list[dict], title: str = "evaluation", all_
     columns = [c for c in all_columns if any(c[1] in r for r in results)]
     rows = [[r["model"]] + [fmt(r[key]) if key in r else "-" for _, key, fmt in columns] for r in results]
     ui.table(title, ["model"] + [header for header, _, _ in columns], rows)
+    by_source = [[r["model"], source, percent(accuracy),
+                  percent(r["accuracy_with_context_by_source"][source]) if "accuracy_with_context_by_source" in r else "-"]
+                 for r in results for source, accuracy in r.get("accuracy_by_source", {}).items()]
+    if by_source:  # rows with a data_source (verl, the official code)
+        ui.table("accuracy by data_source", ["model", "data_source", "no context", "with context"], by_source)
 
 
 def show_preview(ui: UI, result: dict) -> None:

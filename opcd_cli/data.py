@@ -3,7 +3,8 @@
 Rows come from JSONL, JSON, CSV, Parquet, a saved ``datasets`` folder, or a built-in name (``toy:codes/test``,
 ``sources.py``). Each has ``prompt`` (a string) or ``messages`` (a chat: a list of ``{"role", "content"}``
 ending with the user's turn), and optionally ``context`` (its own context, which wins over ``--context``),
-``answer`` and ``verifier`` (which verifier scores it; see ``verifiers.py``); rows in the formats of TRL,
+``answer``, ``verifier`` (which verifier scores it; see ``verifiers.py``) and ``data_source`` (where the row
+comes from: accuracy is reported by it too); rows in the formats of TRL,
 ms-swift, verl and plain ``question``/``answer`` columns are read into this form (``row_formats.py``). A run
 writes the rows it used back as JSONL (``jsonl_text``), in opcd's own form.
 """
@@ -32,6 +33,7 @@ class Example:
     context: str | None = None
     answer: str | None = None
     verifier: str | None = None
+    source: str | None = None  # the row's data_source (verl, the official code): accuracy is also reported by it
 
     @property
     def prompt(self) -> str:
@@ -46,6 +48,8 @@ class Example:
         for key in ("context", "answer", "verifier"):
             if getattr(self, key) is not None:
                 record[key] = getattr(self, key)
+        if self.source is not None:
+            record["data_source"] = self.source
         return record
 
 
@@ -273,6 +277,7 @@ def _to_example(record: dict, row: int, path: str, line_of: str) -> Example:
         context=_optional_text(record, "context", where) or None,
         answer=_optional_text(record, "answer", where),
         verifier=verifier,
+        source=_optional_text(record, "data_source", where),
     )
 
 

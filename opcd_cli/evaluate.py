@@ -43,6 +43,15 @@ class Scores:
     def mean_response_tokens(self) -> float:
         return sum(self.response_tokens) / len(self.response_tokens)
 
+    def by_source(self, examples: list[Example]) -> dict[str, float] | None:
+        """Accuracy per ``data_source`` (rows without one under ``-``); None when no row has one."""
+        if all(e.source is None for e in examples):
+            return None
+        right: dict[str, list[bool]] = {}
+        for i, correct in enumerate(self.correct):
+            right.setdefault(examples[i // self.n].source or "-", []).append(correct)
+        return {source: sum(marks) / len(marks) for source, marks in sorted(right.items())}
+
     def solved(self) -> list[bool]:
         """Per example: solved by the majority of its responses (by its only response when n = 1)."""
         return [sum(self.correct[i : i + self.n]) * 2 > self.n for i in range(0, len(self.correct), self.n)]
@@ -67,6 +76,8 @@ class EvalResult:
     mean_response_tokens_with_context: float | None = None
     ood_accuracy: float | None = None  # out-of-distribution rows, each with its own context
     teacher_accuracy_with_context: float | None = None  # the teacher of a distillation run, with the context
+    accuracy_by_source: dict[str, float] | None = None  # rows with a data_source: accuracy per source
+    accuracy_with_context_by_source: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -115,12 +126,14 @@ def evaluate_model(
     with it, and the context harm; with ``ood``, accuracy there too (each OOD row with its own context)."""
     kw = dict(context_as=context_as, sampling=sampling, verifier=verifier, advance=advance)
     without = score(sampler, renderer, strip_contexts(examples), context=None, **kw)
-    result = EvalResult(len(examples), sampling.n, without.accuracy, without.mean_response_tokens)
+    result = EvalResult(len(examples), sampling.n, without.accuracy, without.mean_response_tokens,
+                        accuracy_by_source=without.by_source(examples))
     if has_context(examples, context):
         with_ctx = score(sampler, renderer, examples, context=context, **kw)
         result = dataclasses.replace(result, accuracy_with_context=with_ctx.accuracy,
                                      context_harm=context_harm(without, with_ctx),
-                                     mean_response_tokens_with_context=with_ctx.mean_response_tokens)
+                                     mean_response_tokens_with_context=with_ctx.mean_response_tokens,
+                                     accuracy_with_context_by_source=with_ctx.by_source(examples))
     if ood:
         result = dataclasses.replace(result, ood_accuracy=score(sampler, renderer, ood, context=None, **kw).accuracy)
     return result

@@ -81,8 +81,8 @@ def _same(record: dict) -> dict:
 
 
 def _own_keys(record: dict, drop: tuple[str, ...]) -> dict:
-    """What the record says in opcd's own keys (``answer``, ``verifier``), ``drop`` left out."""
-    return {key: record[key] for key in ("answer", "verifier") if key in record and key not in drop}
+    """What the record says in opcd's own keys (``answer``, ``verifier``, ``data_source``), ``drop`` left out."""
+    return {key: record[key] for key in ("answer", "verifier", "data_source") if key in record and key not in drop}
 
 
 def _chat(messages: Any) -> Any:
@@ -120,14 +120,15 @@ def _plain(record: dict, prompt: str, answer: str | None) -> dict:
         read["answer"] = record[answer]
     if record.get("context") is not None:
         read["context"] = record["context"]
-    return read | ({"verifier": record["verifier"]} if "verifier" in record else {})
+    return read | {key: record[key] for key in ("verifier", "data_source") if key in record}
 
 
 # --- the user's own mapping: --prompt-field, --prompt-template, ... ---------------------------------------
 
 def mapped(fields) -> RowFormat:
     """The rows as ``fields`` (a ``FieldOptions``) says: each setting given replaces what opcd's own keys say."""
-    said = [f"{one_line(value)} -> {name.split('_')[0]}" for name, value in vars(fields).items() if value is not None]
+    said = [f"{one_line(value)} -> {name.split('_')[0]}" for name, value in vars(fields).items()
+            if value is not None and name not in ("split", "eval_split")]
     return RowFormat(MAPPED, lambda record: _mapped(record, fields), ", ".join(said))
 
 
@@ -136,7 +137,8 @@ def one_line(text: str) -> str:
 
 
 def _mapped(record: dict, fields) -> dict:
-    read = {key: record[key] for key in ("prompt", "messages", "context", "answer", "verifier") if key in record}
+    read = {key: record[key] for key in ("prompt", "messages", "context", "answer", "verifier", "data_source")
+            if key in record}
     if fields.prompt_template is not None:
         read.pop("messages", None)
         read["prompt"] = fill(fields.prompt_template, record, "--prompt-template")

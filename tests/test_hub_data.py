@@ -163,3 +163,23 @@ def test_data_preview_says_the_split_it_read(cli, offline_hub):
     assert "hf:acme/arith (split test): 1 rows, read as plain columns" in " ".join(stderr.split())
     code, _, stderr = cli("data", "preview", name, "--split", "dev")
     assert code == 2 and "has no split 'dev'; its splits are train, test: give one with --split" in stderr
+
+
+def test_accuracy_is_also_reported_by_data_source(cli, tmp_path):
+    """verl rows keep their ``data_source``: it is written back with the row and ``opcd eval`` reports accuracy
+    per source beside the overall one."""
+    from opcd_cli import sources
+
+    rows = [dict(r, data_source="easy" if i < 4 else "hard") for i, r in enumerate(sources.rows("toy:codes/test")[:6])]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    examples = load_examples(str(data))
+    assert [e.source for e in examples] == ["easy"] * 4 + ["hard"] * 2
+    assert examples[0].to_record()["data_source"] == "easy"
+    code, stdout, stderr = cli("eval", "--model", "toy:small", "--data", data, "--context", "toy:codes/context", "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    by_source, with_context = result["accuracy_by_source"], result["accuracy_with_context_by_source"]
+    assert set(by_source) == set(with_context) == {"easy", "hard"}
+    assert (4 * by_source["easy"] + 2 * by_source["hard"]) / 6 == pytest.approx(result["accuracy"])
+    assert (4 * with_context["easy"] + 2 * with_context["hard"]) / 6 == pytest.approx(result["accuracy_with_context"])
+    assert "accuracy by data_source" in stderr
