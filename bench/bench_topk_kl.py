@@ -7,7 +7,9 @@ Commands (from the repository root):
     python bench/bench_topk_kl.py --smoke --out /tmp/topk_kl_smoke.json    # tiny shapes, a few seconds
     python bench/bench_topk_kl.py --cpu-memory --out bench/topk_kl_cpu_memory.json
 
-Providers, timed alternately within one run (student hidden h_s [N, H], weight W_s [V, H]; teacher h_t [N, M],
+The research companion of ``opcd bench loss``: the same shipped providers (``opcd_cli/benchmarks/loss_providers.py``:
+eager, torch_chunked, liger_jsd_full, triton, matmul_floor), plus ``liger_topk`` and ``triton_c512``, the device
+checks, the launch-configuration sweep and the CPU memory study. Providers, timed alternately within one run (student hidden h_s [N, H], weight W_s [V, H]; teacher h_t [N, M],
 W_t [V, M]; loss = mean over tokens of sum_{i in top-k of z} p_i (log p_i - log q_i)):
 
 * ``eager``: full materialisation: z = h_s W_s^T and t = h_t W_t^T for all tokens, float32 log_softmax of
@@ -61,7 +63,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from opcd_cli.kernels.torch_chunked import TORCH_CHUNK_BYTES, fused_linear_topk_kl_torch  # noqa: E402
+from opcd_cli.benchmarks import loss_providers as shipped  # noqa: E402  (the providers opcd bench loss runs)
+from opcd_cli.benchmarks.loss_providers import make_inputs  # noqa: E402
+from opcd_cli.kernels.torch_chunked import fused_linear_topk_kl_torch  # noqa: E402
 
 PROVIDERS = ("eager", "torch_chunked", "liger_topk", "liger_jsd_full", "triton", "triton_c512", "matmul_floor")
 GPU_DEFAULT_PROVIDERS = ("eager", "torch_chunked", "liger_jsd_full", "triton", "triton_c512", "matmul_floor")
@@ -77,21 +81,6 @@ CPU_MEMORY_SHAPES = [dict(N=4096, V=151936, H=h, M=512, k=256) for h in (256, 51
 # ----------------------------------------------------------------------------------------------- inputs
 
 
-def make_inputs(shape: dict, device: str, dtype: torch.dtype, seed: int = 0):
-    gen = torch.Generator(device=device).manual_seed(seed)
-    N, V, H, M = shape["N"], shape["V"], shape["H"], shape["M"]
-
-    def randn(*size, scale=1.0):
-        out = torch.empty(size, device=device, dtype=dtype)
-        return out.normal_(0.0, scale, generator=gen)  # in place: no float32 temporary for low-precision inputs
-
-    hs = randn(N, H).requires_grad_()
-    ws = randn(V, H, scale=H**-0.5).requires_grad_()
-    ht = randn(N, M)
-    wt = randn(V, M, scale=M**-0.5)
-    return hs, ws, ht, wt
-
-
 def matmul_flops(shape: dict) -> float:
     return 2.0 * shape["N"] * shape["V"] * (3 * shape["H"] + shape["M"])
 
@@ -99,27 +88,11 @@ def matmul_flops(shape: dict) -> float:
 # -------------------------------------------------------------------------------------------- providers
 
 
-def eager_step(hs, ws, ht, wt, k):
-    z = hs @ ws.T
-    with torch.no_grad():
-        t = ht @ wt.T
-    logp = F.log_softmax(z.float(), dim=-1)
-    logq = F.log_softmax(t.float(), dim=-1)
-    ids = torch.topk(z.detach(), k, dim=-1).indices
-    lp, lq = logp.gather(1, ids), logq.gather(1, ids)
-    loss = (lp.exp() * (lp - lq)).sum(-1).mean()
-    loss.backward()
-
-
-def torch_chunked_step(hs, ws, ht, wt, k):
-    fused_linear_topk_kl_torch(hs, ws, ht, wt, k=k).backward()
-
-
 def triton_step(hs, ws, ht, wt, k, chunk_bytes=None):
+    """The Triton path with another chunk budget than the shipped provider's default."""
     from opcd_cli.kernels.fused_linear_triton import TRITON_CHUNK_BYTES, fused_linear_topk_kl_triton
 
-    loss = fused_linear_topk_kl_triton(hs, ws, ht, wt, k=k, chunk_bytes=chunk_bytes or TRITON_CHUNK_BYTES)
-    loss.backward()
+    fused_linear_topk_kl_triton(hs, ws, ht, wt, k=k, chunk_bytes=chunk_bytes or TRITON_CHUNK_BYTES).backward()
 
 
 def liger_topk_function():
@@ -161,47 +134,15 @@ def make_liger_topk_step():
     return step
 
 
-def make_liger_jsd_step():
-    from liger_kernel.transformers import LigerFusedLinearJSD
-
-    loss_fn = LigerFusedLinearJSD(jsd_beta=1.0)
-
-    def step(hs, ws, ht, wt, k):
-        loss_fn(hs, ws, ht, wt, None).backward()
-
-    return step
-
-
-def matmul_floor_step(hs, ws, ht, wt, k):
-    """The four matmuls in the chunks the fused paths use, with nothing in between."""
-    if hs.is_cuda:  # the Triton path's chunks and float32 weight-gradient accumulation
-        from opcd_cli.kernels.fused_linear_triton import chunk_rows
-        from opcd_cli.kernels.linear import accumulate_weight_grad
-
-        rows = chunk_rows(ws.shape[0], k, hs.dtype, ht.dtype)
-    else:  # the torch path's chunks; CPU inputs are float32
-        rows = max(1, TORCH_CHUNK_BYTES // (5 * 4 * ws.shape[0]))
-        accumulate_weight_grad = lambda grad, g, h: grad.addmm_(g.T, h)  # noqa: E731
-    with torch.no_grad():
-        grad_h = torch.empty_like(hs)
-        grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device)
-        for s in range(0, hs.shape[0], rows):
-            g = hs[s : s + rows] @ ws.T
-            ht[s : s + rows] @ wt.T
-            torch.mm(g, ws, out=grad_h[s : s + rows])
-            accumulate_weight_grad(grad_w, g, hs[s : s + rows])
-        hs.grad, ws.grad = grad_h, grad_w.to(ws.dtype)
-
-
 def make_step(provider: str):
     return {
-        "eager": lambda: eager_step,
-        "torch_chunked": lambda: torch_chunked_step,
+        "eager": lambda: shipped.eager,
+        "torch_chunked": lambda: shipped.torch_chunked,
         "liger_topk": make_liger_topk_step,
-        "liger_jsd_full": make_liger_jsd_step,
-        "triton": lambda: triton_step,
+        "liger_jsd_full": lambda: shipped.liger_jsd,
+        "triton": lambda: shipped.triton,
         "triton_c512": lambda: lambda *a: triton_step(*a, chunk_bytes=512 * 2**20),
-        "matmul_floor": lambda: matmul_floor_step,
+        "matmul_floor": lambda: shipped.matmul_floor,
     }[provider]()
 
 

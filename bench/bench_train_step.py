@@ -1,5 +1,8 @@
 """Benchmark: one OPCD training step at the paper's model sizes, phase by phase, with each loss implementation.
 
+The research companion of ``opcd bench step`` (its shape presets and model building), which it extends with
+timed rollouts and a rollout profile.
+
 Commands (from the repository root):
 
     python bench/bench_train_step.py --out bench/train_step_gpu.json        # a GPU: 1.7B-shaped student, 8B teacher
@@ -40,6 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from opcd_cli.benchmarks import step_bench  # noqa: E402
 from opcd_cli.config import SamplingOptions  # noqa: E402
 from opcd_cli.sampling import make_sampler  # noqa: E402
 from opcd_cli.forward import with_head  # noqa: E402
@@ -47,27 +51,16 @@ from opcd_cli.loss import head_topk_kl
 from opcd_cli.micro_batches import pack
 from opcd_cli.timing import StepTimer  # noqa: E402
 
-def qwen3(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, tied: bool) -> dict:
-    """A Qwen3 config's shape."""
-    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, head_dim=head_dim, tie_word_embeddings=tied)
-
-
-SIZES = {
-    "1.7b-8b": dict(student=qwen3(2048, 6144, 28, 16, 8, 128, True), teacher=qwen3(4096, 12288, 36, 32, 8, 128, False),
-                    vocab=151936),
-    "tiny": dict(student=qwen3(64, 128, 2, 4, 2, 16, True), teacher=qwen3(96, 192, 2, 4, 2, 24, False), vocab=1024),
+SIZES = {  # (student, teacher): opcd bench step's shape presets (opcd_cli/benchmarks/step_bench.py)
+    "1.7b-8b": ("qwen3-1.7b", "qwen3-8b"),
+    "tiny": ("tiny", "tiny-teacher"),
 }
 PHASES = ("teacher_forward", "student_forward", "loss", "backward", "optimizer")
 
 
-def build(shape: dict, vocab: int, dtype: torch.dtype, device: torch.device):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(vocab_size=vocab, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, **shape)
-    with torch.device(device):
-        model = Qwen3ForCausalLM(config)
-    return model.to(dtype)
+def build(name: str, dtype: torch.dtype, device: torch.device):
+    """A random-weight model of a shape preset, as ``opcd bench step`` builds it."""
+    return step_bench.build(step_bench.model_config(name), dtype, device.type)
 
 
 def autocast(device: torch.device):
@@ -140,15 +133,15 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = args.size or ("1.7b-8b" if device.type == "cuda" else "tiny")
-    spec = SIZES[size]
-    vocab = spec["vocab"]
+    student_name, teacher_name = SIZES[size]
+    vocab = min(step_bench.model_config(student_name).vocab_size, step_bench.model_config(teacher_name).vocab_size)
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     if device.type == "cpu":
         kernels = [k for k in kernels if k != "triton"] or ["torch"]  # the Triton path needs a GPU
     torch.manual_seed(0)
     started = time.perf_counter()
-    student = build(spec["student"], vocab, torch.float32, device).train()  # float32 master weights
-    teacher = build(spec["teacher"], vocab, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+    student = build(student_name, torch.float32, device).train()  # float32 master weights
+    teacher = build(teacher_name, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
     teacher.requires_grad_(False).eval()
     build_s = time.perf_counter() - started
     info = {

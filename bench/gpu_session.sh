@@ -6,8 +6,10 @@
 #
 # 1. versions, the GPU, whether vLLM imports;
 # 2. the Triton kernels against the PyTorch reference on the device (bench_topk_kl.py --check);
-# 3. the loss providers at the target shapes (bench_topk_kl.py);
-# 4. one training step, 1.7B-shaped student and 8B-shaped teacher, Triton and PyTorch loss (bench_train_step.py);
+# 3. `opcd bench loss --preset paper`: the loss providers at the paper's shapes, written as the GPU's baseline
+#    ($OUT/baseline-loss.json: commit it as bench/baselines/h100.json or h200.json);
+# 4. `opcd bench step`: one training step, 1.7B-shaped student and 8B-shaped teacher, Triton and PyTorch loss
+#    (bench_train_step.py, the research script, adds timed rollouts: PARTS="train-step");
 # 5. `opcd distill` itself on the GPU: the toy world's default run, 30 steps, its --json summary;
 # 6. the forward kernel alone at several launch configurations (bench_topk_kl.py --sweep).
 # Each part has its own time limit, so a part that fails or hangs leaves the others' results. Liger-Kernel is
@@ -31,7 +33,7 @@ fi
 } >"$OUT/versions.txt" 2>&1
 cat "$OUT/versions.txt"
 
-PARTS=${PARTS:-checks kernels train-step toy-distill sweep}
+PARTS=${PARTS:-checks bench-loss bench-step toy-distill sweep}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log everything, report the exit status
@@ -46,8 +48,10 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log everything,
 }
 
 part checks 100 $PY bench/bench_topk_kl.py --check --no-shapes --out "$OUT/topk_kl_checks.json"
+part bench-loss 200 $PY -m opcd_cli bench loss --preset paper --save-baseline "$OUT/baseline-loss.json" --json
+part bench-step 150 $PY -m opcd_cli bench step --save-baseline "$OUT/baseline-step.json" --json
 part kernels 180 $PY bench/bench_topk_kl.py --reps 10 --out "$OUT/topk_kl_gpu.json"
 part train-step 140 $PY bench/bench_train_step.py $TRAIN_ARGS --out "$OUT/train_step_gpu.json"
 part toy-distill 75 $PY -m opcd_cli distill --steps 30 --json --output-dir /tmp/opcd-toy-gpu
 part sweep 50 $PY bench/bench_topk_kl.py --sweep --no-shapes --out "$OUT/topk_kl_sweep.json"
-grep -E "check |FAILED|floor|rollouts|step [0-9]|torch / triton|sweep|Error|error|student_no_context|===" "$LOG" | tail -70
+grep -E "check |FAILED|floor|rollouts|step [0-9]|torch / triton|sweep|Error|error|student_no_context|regression|===|│" "$LOG" | tail -90

@@ -37,6 +37,15 @@ app = typer.Typer(
 TOY_TASKS = ("codes", "shift", "recall", "game")
 
 
+def _add_bench() -> None:
+    from .cli_bench import bench_app
+
+    app.add_typer(bench_app)
+
+
+_add_bench()
+
+
 def recipe_layers(recipe: str | None, model_key: str, model_flag: str | None, toy_recipe: str, cls=None):
     """The settings layers under the flags: ``--recipe``, on top of the built-in ``toy_recipe`` when no model is
     given anywhere (neither by flag nor by the recipe)."""

@@ -24,9 +24,20 @@ def test_readme_has_exactly_two_setup_commands():
         assert torch_step < first_project_install, command
 
 
-def test_ci_runs_the_readme_test_command():
+def readme_gate() -> str:
+    """The benchmark gate the README's "Benchmarks in CI" shows this project's CI running."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    gates = [line.strip() for block in blocks for line in block.splitlines()
+             if line.startswith("opcd bench loss") and "--baseline bench/baselines/" in line]
+    assert len(gates) == 1, gates
+    return gates[0]
+
+
+def test_ci_runs_the_readme_test_command_and_the_benchmark_gate():
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     commands = [line for line in ci_lines if line and not line.startswith("#")]
-    test_command = readme_commands()[1]
-    assert test_command in commands
-    assert all(line == test_command or line.startswith(("set ", "cd ")) for line in commands), commands
+    test_command, gate = readme_commands()[1], readme_gate()
+    assert commands.index(test_command) < commands.index(gate)  # the gate runs in the venv the tests made
+    assert all(line in (test_command, gate) or line.startswith(("set ", "cd ")) for line in commands), commands
+    baseline = gate.split("--baseline ")[1].split()[0]
+    assert (ROOT / baseline).is_file()
