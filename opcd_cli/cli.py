@@ -22,6 +22,7 @@ from .config import (
     resume_config,
 )
 from .errors import Interrupted, OpcdError
+from .cli_bench import bench_app
 from .cli_tables import GAME_COLUMNS, show_distill_summary, show_eval_table, show_extract_summary, show_preview
 from .ui import UI, print_json
 
@@ -36,14 +37,7 @@ app = typer.Typer(
 
 TOY_TASKS = ("codes", "shift", "recall", "game")
 
-
-def _add_bench() -> None:
-    from .cli_bench import bench_app
-
-    app.add_typer(bench_app)
-
-
-_add_bench()
+app.add_typer(bench_app)  # opcd bench loss | step | run (cli_bench.py)
 
 
 def recipe_layers(recipe: str | None, model_key: str, model_flag: str | None, toy_recipe: str, cls=None):
