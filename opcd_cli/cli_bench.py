@@ -126,7 +126,8 @@ def show_loss(ui: UI, result: dict) -> None:
              f"{r['over_opcd']:.2f}x" if r.get("over_opcd") else "-",
              f"{r['peak_mb']:.1f}" if r.get("peak_mb") is not None else "-", err(r),
              {True: "yes", False: "NO"}.get(r.get("ok"), "-")] for r in result["rows"]]
-    ui.table(f"opcd bench loss ({result['dtype']}, {result['machine']['device_kind']}, {result['repeats']} runs each)",
+    ui.table(f"opcd bench loss ({result['dtype']}, {result['machine']['device_kind']}, {result['repeats']} runs each, "
+             f"{result['clock']})",
              ["provider", "shape", "median ms", "spread", "x floor", f"x {result['opcd_provider']}", "peak MiB",
               "max rel err", "ok"], rows)
     for skipped in result["skipped"]:

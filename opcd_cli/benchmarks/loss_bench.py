@@ -54,18 +54,21 @@ def choose_providers(names: list[str] | None, dev: str) -> tuple[list[str], list
 
 def time_providers(names: list[str], shape: dict, dev: str, dtype, repeats: int, warmup: int,
                    advance: Callable[[], None] | None = None) -> dict[str, list[float]]:
-    """Milliseconds of forward + backward per provider, the providers taking turns in each round."""
+    """Milliseconds of forward + backward per provider, the providers taking turns in each round: on a GPU wall
+    time (synchronised), on a CPU the process's CPU time (``time.process_time``: what the work cost, not how long
+    other processes on the machine kept it waiting)."""
+    clock = time.perf_counter if dev == "cuda" else time.process_time
     inputs = make_inputs(shape, dev, dtype)
     times: dict[str, list[float]] = {n: [] for n in names}
     for round_ in range(warmup + repeats):
         for name in names:
             inputs[0].grad = inputs[1].grad = None
             sync(dev)
-            start = time.perf_counter()
+            start = clock()
             PROVIDERS[name].step(*inputs, shape["k"])
             sync(dev)
             if round_ >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append((clock() - start) * 1e3)
         if advance:
             advance()
     return times
@@ -89,7 +92,7 @@ def memory_of(names: list[str], shape: dict, dev: str, dtype_name: str) -> dict[
 
 def round_ratio(times: list[float], over: list[float]) -> float:
     """The median over rounds of one provider's time over another's in the same round: a slow moment of the
-    machine slows both and cancels out (five runs on a shared 2-core CPU agree within 8%, bench/RESULTS.md)."""
+    machine slows both and cancels out (bench/RESULTS.md: how far five runs move)."""
     return statistics.median(a / b for a, b in zip(times, over))
 
 
@@ -131,6 +134,7 @@ def _bench_loss(shapes, providers, dtype, repeats, warmup, progress, preset, dev
                                                                                                 torch_dtype)}
             rows.append(row)
     return {"bench": "loss", "preset": preset, "dtype": dtype_name, "repeats": repeats, "opcd_provider": opcd,
+            "clock": "wall" if dev == "cuda" else "cpu time",
             "machine": machine_info(dev), "rows": rows, "skipped": skipped, "gated": GATED}
 
 
