@@ -128,5 +128,7 @@ def test_bench_run_reports_a_toy_runs_numbers_and_its_baseline_holds(cli, tmp_pa
     (row,) = json.loads(stdout)["rows"]
     assert row["name"] == "toy-codes" and row["loss_first"] > 0 and 0 < row["topk_mass_last"] <= 1
     assert 0 <= row["accuracy_after"] <= 1 and row["step_over_calibration"] > 0 and row["peak_mb"] > 0
-    code, _, stderr = cli("bench", "run", "--steps", "3", "--baseline", baseline)
-    assert code == 0 and "every number holds" in stderr, stderr  # the same seed: the same losses and accuracies
+    # the same seed: the same losses, top-k mass and accuracies (its wall-clock ratio is left loose here, where
+    # the suite's other process shares the CPU)
+    code, _, stderr = cli("bench", "run", "--steps", "3", "--baseline", baseline, "--max-slowdown", "3")
+    assert code == 0 and "every number holds" in stderr, stderr
