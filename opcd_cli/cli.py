@@ -23,7 +23,8 @@ from .config import (
 )
 from .errors import Interrupted, OpcdError
 from .cli_bench import bench_app
-from .cli_tables import GAME_COLUMNS, show_distill_summary, show_eval_table, show_extract_summary, show_preview
+from .cli_data import data_app
+from .cli_tables import GAME_COLUMNS, show_distill_summary, show_eval_table, show_extract_summary
 from .ui import UI, print_json
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ app = typer.Typer(
 TOY_TASKS = ("codes", "shift", "recall", "game")
 
 app.add_typer(bench_app)  # opcd bench loss | step | run (cli_bench.py)
+app.add_typer(data_app)  # opcd data preview (cli_data.py)
 
 
 def recipe_layers(recipe: str | None, model_key: str, model_flag: str | None, toy_recipe: str, cls=None):
@@ -372,55 +374,6 @@ def plot(
     UI().info(f"{len(drawn)} run(s), {sum(len(rows) for _, rows in drawn)} steps drawn into {out}")
     if json_output:
         print_json({"output": str(out), "runs": [{"run": r, "steps": len(rows)} for r, (_, rows) in zip(runs, drawn)]})
-
-
-data_app = typer.Typer(name="data", help="Look at data as opcd reads it.", no_args_is_help=True,
-                       rich_markup_mode="rich")
-app.add_typer(data_app)
-
-
-@data_app.command("preview")
-def data_preview(
-    data: str = typer.Argument(..., help="Rows: JSONL, JSON, CSV, Parquet, a saved dataset folder, hf:ORG/NAME[:CONFIG] or a built-in name."),
-    split: o.Split = None,
-    rows: int = flag(5, help="How many rows to show.", panel=DATA),
-    model: Optional[str] = flag(None, help="Also render each prompt through this model's chat template.", panel=MODELS),
-    context: o.Context = None,
-    context_as: o.ContextAs = None,
-    prompt_field: o.PromptField = None,
-    messages_field: o.MessagesField = None,
-    context_field: o.ContextField = None,
-    answer_field: o.AnswerField = None,
-    prompt_template: o.PromptTemplate = None,
-    answer_template: o.AnswerTemplate = None,
-    trust_remote_code: o.TrustRemoteCode = None,
-    chat_template_kwargs: o.ChatTemplateKwargs = None,
-    json_output: o.JsonOutput = False,
-) -> None:
-    """How the first rows of a data source are read: the format recognised, each row's prompt or chat, context,
-    answer and verifier (with --model, the prompt its chat template renders)."""
-    from .config import CONTEXT_AS, FieldOptions, ModelOptions, build_config
-    from .config.checks import choice
-    from .data import read_context
-
-    if rows < 1:
-        raise OpcdError(f"--rows must be at least 1; got {rows}")
-    if context_as is not None:
-        choice("context_as", context_as, CONTEXT_AS)
-    fields = build_config(FieldOptions, {"prompt_field": prompt_field, "messages_field": messages_field,
-                                         "context_field": context_field, "answer_field": answer_field,
-                                         "prompt_template": prompt_template, "answer_template": answer_template,
-                                         "split": split})
-    fields.check_splits({"split": {"DATA": data}})
-    loading = ModelOptions(trust_remote_code=bool(trust_remote_code),
-                           chat_template_kwargs=parse_json_object(chat_template_kwargs) or {})
-    from .preview import preview
-
-    result = preview(data, rows=rows, fields=fields, model=model, context=read_context(context),
-                     context_as=context_as or "system", loading=loading)
-    show_preview(UI(), result)
-    if json_output:
-        print_json(result)
 
 
 def main(argv: list[str] | None = None) -> int:
