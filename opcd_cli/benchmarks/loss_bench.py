@@ -53,25 +53,27 @@ def choose_providers(names: list[str] | None, dev: str) -> tuple[list[str], list
 
 
 def time_providers(names: list[str], shape: dict, dev: str, dtype, repeats: int, warmup: int,
-                   advance: Callable[[], None] | None = None) -> dict[str, list[float]]:
+                   advance: Callable[[], None] | None = None) -> tuple[dict[str, list[float]], dict]:
     """Milliseconds of forward + backward per provider, the providers taking turns in each round: on a GPU wall
     time (synchronised), on a CPU the process's CPU time (``time.process_time``: what the work cost, not how long
-    other processes on the machine kept it waiting)."""
+    other processes on the machine kept it waiting); and each provider's loss on these inputs (None: no loss)."""
     clock = time.perf_counter if dev == "cuda" else time.process_time
     inputs = make_inputs(shape, dev, dtype)
     times: dict[str, list[float]] = {n: [] for n in names}
+    losses: dict = {}
     for round_ in range(warmup + repeats):
         for name in names:
             inputs[0].grad = inputs[1].grad = None
             sync(dev)
             start = clock()
-            PROVIDERS[name].step(*inputs, shape["k"])
+            loss = PROVIDERS[name].step(*inputs, shape["k"])
             sync(dev)
             if round_ >= warmup:
                 times[name].append((clock() - start) * 1e3)
+            losses[name] = None if loss is None else loss.item()  # outside the timed span
         if advance:
             advance()
-    return times
+    return times, losses
 
 
 def memory_of(names: list[str], shape: dict, dev: str, dtype_name: str) -> dict[str, float | None]:
@@ -121,7 +123,7 @@ def _bench_loss(shapes, providers, dtype, repeats, warmup, progress, preset, dev
     rows = []
     for shape in shapes:
         advance = progress.task(f"loss {shape_name(shape)}", warmup + repeats) if progress else None
-        times = time_providers(names, shape, dev, torch_dtype, repeats, warmup, advance)
+        times, losses = time_providers(names, shape, dev, torch_dtype, repeats, warmup, advance)
         stats = {name: summary(times[name]) for name in names}
         peaks = memory_of(names, shape, dev, dtype_name)
         for name in names:
@@ -130,17 +132,11 @@ def _bench_loss(shapes, providers, dtype, repeats, warmup, progress, preset, dev
                    "over_opcd": round_ratio(times[name], times[opcd]) if opcd in times else None,
                    "peak_mb": peaks[name]}
             if PROVIDERS[name].reference is not None:
-                row |= check(PROVIDERS[name], shape, dev, torch_dtype) | {"loss": _loss_value(name, shape, dev,
-                                                                                                torch_dtype)}
+                row |= check(PROVIDERS[name], shape, dev, torch_dtype) | {"loss": losses[name]}
             rows.append(row)
     return {"bench": "loss", "preset": preset, "dtype": dtype_name, "repeats": repeats, "opcd_provider": opcd,
             "clock": "wall" if dev == "cuda" else "cpu time",
             "machine": machine_info(dev), "rows": rows, "skipped": skipped, "gated": GATED}
-
-
-def _loss_value(name: str, shape: dict, dev: str, dtype) -> float:
-    """The provider's loss on the shape's seeded inputs (all tokens): a number a baseline keeps."""
-    return PROVIDERS[name].step(*make_inputs(shape, dev, dtype), shape["k"]).item()
 
 
 def parse_shape(tokens: int, vocab: int, hidden: int, teacher_hidden: int | None, topk: int) -> dict:

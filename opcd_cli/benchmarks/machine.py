@@ -1,7 +1,6 @@
 """What a benchmark needs from the machine: which device kind it ran on (a baseline is only compared on the same
 kind), the versions that make its numbers, times as a median with their spread, and peak memory beyond what
-existed before a piece of work (CUDA's allocator; on a CPU the process's peak resident size, its mark reset
-first)."""
+existed before a piece of work (CUDA's allocator; on a CPU, ``cpu_memory.py``)."""
 
 from __future__ import annotations
 
@@ -70,38 +69,24 @@ def summary(times_ms: list[float]) -> dict:
             "min_ms": min(times_ms)}
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
 @contextmanager
 def peak_memory(dev: str):
-    """Measures the peak memory of the block above what was in use when it began, in MiB: yields a dict whose
-    ``peak_mb`` is filled when the block ends (``None`` where the CPU's peak mark cannot be reset)."""
-    gc.collect()
+    """Measures the peak memory of the block above what was in use when it began, in MiB, from CUDA's allocator:
+    yields a dict whose ``peak_mb`` is filled when the block ends, and stays ``None`` on a CPU (whose resident
+    peak depends on what the allocator kept from earlier work; ``cpu_memory.py`` measures the loss providers
+    there in a fresh process)."""
     found: dict = {"peak_mb": None}
-    if dev == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        yield found
-        torch.cuda.synchronize()
-        found["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # the peak resident mark (VmHWM) set to the resident size now
-        base = _status_mb("VmRSS")
-    except OSError:
+    if dev != "cuda":
         yield found
         return
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     yield found
-    found["peak_mb"] = max(0.0, _status_mb("VmHWM") - base)
+    torch.cuda.synchronize()
+    found["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def calibration_ms(dev: str, repeats: int = 5) -> float:
