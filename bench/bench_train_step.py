@@ -46,8 +46,6 @@ if ROOT not in sys.path:
 from opcd_cli.benchmarks import step_bench  # noqa: E402
 from opcd_cli.config import SamplingOptions  # noqa: E402
 from opcd_cli.sampling import make_sampler  # noqa: E402
-from opcd_cli.forward import with_head  # noqa: E402
-from opcd_cli.loss import head_topk_kl
 from opcd_cli.micro_batches import pack
 from opcd_cli.timing import StepTimer  # noqa: E402
 
@@ -68,21 +66,10 @@ def autocast(device: torch.device):
 
 
 def one_step(student, teacher, optimizer, student_in, teacher_in, n_tokens: int, vocab: int, topk: int,
-             timer: StepTimer, device) -> float:
-    with autocast(device):
-        with timer.phase("teacher_forward"), torch.no_grad():
-            teacher_head = with_head(teacher, teacher_in, True, lambda head: head)
-        with timer.phase("student_forward"):  # the head as the loss reads it, but the loss timed apart
-            student_head = with_head(student, student_in, True, lambda head: head)
-        with timer.phase("loss"):
-            loss, _ = head_topk_kl(student_head, teacher_head, topk, False, vocab)
-    with timer.phase("backward"):
-        (loss / n_tokens).backward()
-    with timer.phase("optimizer"):
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+             timer: StepTimer, device) -> torch.Tensor:
+    """``opcd bench step``'s step (``step_bench.train_step``)."""
+    return step_bench.train_step(student, teacher, optimizer, student_in, teacher_in, n_tokens, vocab, topk, timer,
+                                 device.type)
 
 
 def timed_generate(sampler, prompts, new_tokens: int, device) -> tuple[list[list[int]], float]:

@@ -74,12 +74,33 @@ def build(config, dtype: torch.dtype, device: str):
     return model.to(dtype)
 
 
+def train_step(student, teacher, optimizer, student_in, teacher_in, n_tokens: int, vocab: int, topk: int, timer,
+               dev: str) -> torch.Tensor:
+    """One step as ``opcd distill`` takes it, each phase in ``timer``: the summed loss, detached (under bf16
+    autocast on a GPU)."""
+    from ..forward import with_head
+    from ..loss import head_topk_kl
+
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+        with timer.phase("teacher_forward"), torch.no_grad():
+            teacher_head = with_head(teacher, teacher_in, True, lambda head: head)
+        with timer.phase("student_forward"):  # the head as the loss reads it, but the loss timed apart
+            student_head = with_head(student, student_in, True, lambda head: head)
+        with timer.phase("loss"):
+            loss, _ = head_topk_kl(student_head, teacher_head, topk, False, vocab)
+    with timer.phase("backward"):
+        (loss / n_tokens).backward()
+    with timer.phase("optimizer"):
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def bench_step(student: str, teacher: str, kernels: list[str], *, prompts: int = 4, prompt_tokens: int = 128,
                response_tokens: int = 256, context_tokens: int = 256, topk: int = 256, steps: int = 3,
                micro_batch_tokens: int = 0, progress=None) -> dict:
     """One warm-up and ``steps`` timed steps per loss implementation: one result row each."""
-    from ..forward import with_head
-    from ..loss import head_topk_kl
     from ..micro_batches import into_rows, pack, pack_rows
     from ..timing import StepTimer
 
@@ -105,23 +126,9 @@ def bench_step(student: str, teacher: str, kernels: list[str], *, prompts: int =
         s_in, t_in = pack(user, responses, 0, dev), pack([context + p for p in user], responses, 0, dev)
     n_tokens = prompts * response_tokens
     optimizer = torch.optim.AdamW(s_model.parameters(), lr=1e-6, weight_decay=0.0)
-    autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
 
     def one_step(timer: StepTimer) -> float:
-        with autocast:
-            with timer.phase("teacher_forward"), torch.no_grad():
-                t_head = with_head(t_model, t_in, True, lambda head: head)
-            with timer.phase("student_forward"):
-                s_head = with_head(s_model, s_in, True, lambda head: head)
-            with timer.phase("loss"):
-                loss, _ = head_topk_kl(s_head, t_head, topk, False, vocab)
-        with timer.phase("backward"):
-            (loss / n_tokens).backward()
-        with timer.phase("optimizer"):
-            torch.nn.utils.clip_grad_norm_(s_model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()) / n_tokens
+        return float(train_step(s_model, t_model, optimizer, s_in, t_in, n_tokens, vocab, topk, timer, dev)) / n_tokens
 
     rows = []
     for kernel in kernels:
@@ -150,7 +157,7 @@ def bench_step(student: str, teacher: str, kernels: list[str], *, prompts: int =
         forward = median["student_forward"]
         rows.append({"name": kernel, "shape": f"{student} <- {teacher}", **median,
                      "loss_over_forward": median["loss"] / forward, "step_over_forward": median["step_s"] / forward,
-                     "first_loss": first_loss, "peak_mb": peak["peak_mb"] if dev == "cuda" else None, "tokens": n_tokens})
+                     "first_loss": first_loss, "peak_mb": peak["peak_mb"], "tokens": n_tokens})
     return {"bench": "step", "student": student, "teacher": teacher, "kernels": kernels, "steps": steps,
             "prompts": prompts, "prompt_tokens": prompt_tokens, "response_tokens": response_tokens,
             "context_tokens": context_tokens, "topk": topk, "micro_batch_tokens": micro_batch_tokens,
