@@ -17,7 +17,8 @@ import typer
 from . import cli_options as o
 from .cli_options import DATA, EVALUATION, GAMES, LORA, LOSS, MODELS, OUTPUT, SAMPLING, SCALING, TRAINING, WORK, flag
 from .config import (
-    DISTILL_MODES, KERNELS, OFF_POLICY_LOSSES, REPORT_TO, SCHEDULES, TEACHER_KINDS, TEACHER_SHARDING, TOPK_SUPPORTS,
+    DISTILL_MODES, KERNELS, OBJECTIVES, OFF_POLICY_LOSSES, REPORT_TO, SCHEDULES, TEACHER_KINDS, TEACHER_SHARDING,
+    TOPK_SUPPORTS,
     EvalConfig, ExtractConfig, build_config, build_distill_config, build_extract_config, parse_json_object, read_recipe,
     resume_config,
 )
@@ -85,6 +86,10 @@ def distill(
     mode: Optional[str] = flag(None, help="on-policy (OPCD: the student's own responses) or off-policy (the teacher's).", panel=LOSS, choices=DISTILL_MODES),
     off_policy_loss: Optional[str] = flag(None, help="Off-policy loss: forward-kl (the teacher's top-k) or sft.", panel=LOSS, choices=OFF_POLICY_LOSSES),
     rollouts: Optional[str] = flag(None, help="Off-policy: folder of saved teacher rollouts to reuse (made if missing).", panel=LOSS),
+    objective: Optional[str] = flag(None, help="The on-policy distillation term: topk-reverse-kl (the paper's: KL(student || teacher) over the student's top-k), sampled-token (the reverse KL on the sampled tokens only, a policy-gradient step: the cheapest), topk-forward-kl (KL(teacher || student) over the teacher's top-k) or jsd (the generalised JSD over the full vocabulary, --jsd-beta).", panel=LOSS, choices=OBJECTIVES),
+    jsd_beta: Optional[float] = flag(None, help="With --objective jsd: the teacher's share of the mixture, as TRL's GKD defines it (0: forward KL, 1: reverse KL; default 0.5).", panel=LOSS),
+    reward_weight: Optional[float] = flag(None, help="Weight of the verifier's reward on the student's samples, as a policy-gradient term with the group's mean reward removed (GRPO-style; needs --samples-per-prompt 2 or more and rows with answers; 0: off).", panel=LOSS),
+    reward_std: Optional[bool] = flag(None, "--reward-std", help="With --reward-weight: also divide each advantage by its group's standard deviation (GRPO's form).", panel=LOSS),
     topk: Optional[int] = flag(None, help="Size of the student's top-k support of the KL (paper: 256).", panel=LOSS),
     topk_renorm: Optional[bool] = flag(None, "--topk-renorm", help="Renormalise both distributions within the top-k.", panel=LOSS),
     topk_tail: Optional[bool] = flag(None, "--topk-tail", help="Add the mass outside the top-k as one more bucket of both distributions (a true KL on k + 1 buckets).", panel=LOSS),
@@ -100,6 +105,7 @@ def distill(
     steps: Optional[int] = flag(None, help="Optimiser steps.", panel=TRAINING),
     batch_size: Optional[int] = flag(None, help="Prompts per micro-batch.", panel=TRAINING),
     grad_accum: Optional[int] = flag(None, help="Micro-batches per optimiser step.", panel=TRAINING),
+    samples_per_prompt: Optional[int] = flag(None, help="On-policy: the student's responses to each prompt of a step (default 1, the paper's); each step trains on batch-size x grad-accum x N sequences.", panel=TRAINING),
     micro_batch_tokens: Optional[int] = flag(None, help="Regroup each step's batch-size x grad-accum sequences into micro-batches of one row of at most N positions each, packed without padding (0, the default: batch-size prompts per micro-batch in padded rows). SDPA and eager attention read a whole row: one to two times the longest sequence is fastest there.", panel=TRAINING),
     lr: Optional[float] = flag(None, help="Learning rate (paper: 1e-6 to 5e-6).", panel=TRAINING),
     lr_schedule: Optional[str] = flag(None, help="The learning rate after the warmup.", panel=TRAINING, choices=SCHEDULES),

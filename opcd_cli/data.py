@@ -53,10 +53,10 @@ class Example:
         return record
 
 
-def require_answers(examples: list[Example], path: str) -> None:
+def require_answers(examples: list[Example], path: str, why: str = "evaluation needs an answer for every row") -> None:
     missing = next((e for e in examples if e.answer is None), None)
     if missing is not None:
-        raise OpcdError(f"{path} row {missing.row} has no `answer`; evaluation needs an answer for every row")
+        raise OpcdError(f"{path} row {missing.row} has no `answer`; {why}")
 
 
 def has_context(examples: list[Example], context: str | None) -> bool:

@@ -21,7 +21,8 @@ from typing import Protocol
 from .errors import OpcdError, first_line
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-LOGGED = ("loss", "distill_loss", "consistency_loss", "anchor_loss", "topk_mass", "student_entropy", "teacher_entropy",
+LOGGED = ("loss", "distill_loss", "consistency_loss", "anchor_loss", "reward", "reward_loss", "topk_mass",
+          "student_entropy", "teacher_entropy",
           "distinct_tokens", "response_tokens", "truncated", "lr", "grad_norm", "tokens_per_s")
 
 

@@ -142,6 +142,30 @@ CASES = [
     Case("top-k mass threshold of 1.5", distill("--min-topk-mass", "1.5"), "min_topk_mass must be a fraction in [0, 1)"),
     Case("anchor off-policy", distill("--anchor-weight", "1", "--mode", "off-policy"),
          "the in-context anchor scores the student's own rollouts"),
+    # the objectives, several samples per prompt, the reward
+    Case("unknown objective", distill("--objective", "kl"), "objective must be one of topk-reverse-kl, sampled-token"),
+    Case("jsd beta without jsd", distill("--jsd-beta", "0.2"), "--jsd-beta sets the mixture of --objective jsd"),
+    Case("jsd beta of 1.5", distill("--objective", "jsd", "--jsd-beta", "1.5"), "jsd_beta must be in [0, 1]"),
+    Case("union with sampled-token", distill("--objective", "sampled-token", "--topk-support", "union"),
+         "--topk-support union shapes or watches the top-k reverse KL over the student's top-k, and --objective "
+         "sampled-token reads only the sampled token"),
+    Case("tail with jsd", distill("--objective", "jsd", "--topk-tail"),
+         "--topk-tail shapes or watches the top-k reverse KL over the student's top-k, and --objective jsd is over "
+         "the full vocabulary"),
+    Case("renorm with forward kl", distill("--objective", "topk-forward-kl", "--topk-renorm"), "drop --topk-renorm"),
+    Case("escape guard with sampled-token", distill("--objective", "sampled-token", "--stop-on-escape"),
+         "drop --stop-on-escape or use --objective topk-reverse-kl"),
+    Case("objective off-policy", distill("--objective", "jsd", "--mode", "off-policy"),
+         "--objective jsd is an on-policy objective"),
+    Case("samples per prompt off-policy", distill("--samples-per-prompt", "4", "--mode", "off-policy"),
+         "--samples-per-prompt samples the student several times per prompt"),
+    Case("no samples per prompt", distill("--samples-per-prompt", "0"), "samples_per_prompt must be a number of at least 1"),
+    Case("reward off-policy", distill("--reward-weight", "1", "--mode", "off-policy"),
+         "--reward-weight rewards the student's own samples"),
+    Case("reward without a group", distill("--reward-weight", "1"), "give --samples-per-prompt 2 or more"),
+    Case("reward std without reward", distill("--reward-std"), "--reward-std scales the reward's advantage"),
+    Case("reward without answers", distill("--reward-weight", "1", "--samples-per-prompt", "2", data="{unanswered}"),
+         "has no `answer`; --reward-weight scores every sample with the verifier"),
     # games
     Case("unknown environment", ("eval", "--model", "{student}", "--env", "chess"),
          "--env chess: no such environment; give one of doors, frozenlake, textarena:ID (a TextArena single-player game) or package.module:Class"),
@@ -343,6 +367,7 @@ def inputs(tmp_path_factory, tiny_student, toy_files_module):
     files["no_traces"] = folder / "template.txt"
     files["no_traces"].write_text("Lessons, please.\n")
     files["answered"] = write_jsonl(folder / "answered.jsonl", [{"prompt": "a", "answer": "a"}] * 3)
+    files["unanswered"] = write_jsonl(folder / "unanswered.jsonl", [{"prompt": "a"}] * 3)
     files["bad_verifier"] = write_jsonl(folder / "bad-verifier.jsonl", [{"prompt": "a", "answer": "a", "verifier": "regex"}])
     files["tool_role"] = write_jsonl(folder / "tool.jsonl", [{"messages": [{"role": "tool", "content": "x"},
                                                                             {"role": "user", "content": "y"}]}])

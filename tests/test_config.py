@@ -125,7 +125,8 @@ def test_settings_in_groups_keep_their_flat_names(tmp_path):
 
     from opcd_cli.config import FieldOptions
 
-    added = {f.name for f in fields(FieldOptions)}  # the row mapping, which came after that folder
+    added = {f.name for f in fields(FieldOptions)}  # the row mapping, which came after that folder, and the
+    added |= {"objective", "jsd_beta", "reward_weight", "reward_std", "samples_per_prompt"}  # objectives beside OPCD's
     assert set(grouped.to_dict()) == set(old) | added and set(grouped.to_dict()["sampling"]) == set(old["sampling"])
     assert build_distill_config(flatten_settings(grouped.to_dict())) == grouped  # what a run writes, read back
     recipe.write_text("[loss]\ntemperature = 0.5\n")

@@ -166,6 +166,26 @@ def test_two_nodes_over_a_loopback_rendezvous_make_the_same_steps(folder, refere
     assert all(r["padding_share"] == 0 for r in got) and all(r["padding_share"] > 0 for r in padded)
 
 
+@pytest.mark.slow  # a 2-process run and a 1-process run, side by side (about 40 s)
+def test_an_objective_over_the_full_vocabulary_makes_the_same_steps_sharded(folder):
+    """``--objective jsd`` reads the teacher's whole output layer: with the student and the teacher sharded over
+    two processes, its steps (and its logged entropies) are those of one process."""
+    jsd = ["--steps", "2", *RUN, "--save-every", "0", "--objective", "jsd", "--jsd-beta", "0.3"]
+    one = launch(["distill", "-o", "jsd-one", *jsd], folder)
+    two = launch(["distill", "-o", "jsd-two", *jsd, "--teacher-sharding", "shard"], folder,
+                 ["--standalone", "--nproc-per-node", "2"])
+    for proc in (one, two):
+        code, out, err = finish(proc)
+        assert code == 0, err[-3000:]
+    got, expected = per_step(folder / "jsd-two"), per_step(folder / "jsd-one")
+    assert all(r["topk_mass"] is None for r in got + expected)
+    for a, b in zip(got, expected):
+        assert a["distinct_tokens"] == b["distinct_tokens"]
+        for key in ("loss", "grad_norm", "student_entropy", "teacher_entropy"):
+            assert a[key] == pytest.approx(b[key], rel=TOLERANCE, abs=1e-7), (a["step"], key)
+    assert_weights_match(folder / "jsd-two", folder / "jsd-one")
+
+
 @pytest.mark.slow  # an EMA-teacher run as one process, and as two resumed as one (about 60 s)
 def test_an_ema_teacher_follows_the_sharded_student_as_it_follows_the_whole_one(folder):
     """The average is taken shard by shard on each rank and saved with the sharded state: two processes make the

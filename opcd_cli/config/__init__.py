@@ -13,7 +13,7 @@ from .commands import EvalConfig, ExtractConfig
 from .distill import FLAT_GROUPS, DistillConfig, flat_defaults, flat_settings
 from .layers import (PERMISSIONS, RESUMABLE, Resumed, build_config, build_distill_config, build_extract_config,
                      flatten_settings, is_python_env, parse_json_object, read_recipe, resume_config)
-from .options import (CONTEXT_AS, DISTILL_MODES, DTYPES, KERNELS, OFF_POLICY_LOSSES, REPORT_TO, SAMPLERS, SCHEDULES,
+from .options import (CONTEXT_AS, DISTILL_MODES, DTYPES, KERNELS, OBJECTIVES, OFF_POLICY_LOSSES, REPORT_TO, SAMPLERS, SCHEDULES,
                       TEACHER_KINDS, TEACHER_SHARDING, TOPK_SUPPORTS, VERIFIERS, EngineOptions, EvalOptions,
                       FieldOptions, GameOptions, LoraOptions, LossOptions, ModelOptions, OptimOptions, OutputOptions,
                       SamplingOptions, lora_target_names)
@@ -22,7 +22,7 @@ __all__ = [
     "SEED_LIMIT", "check_value", "EvalConfig", "ExtractConfig", "FLAT_GROUPS", "DistillConfig", "flat_defaults",
     "flat_settings", "PERMISSIONS", "RESUMABLE", "Resumed", "build_config", "build_distill_config",
     "build_extract_config", "flatten_settings", "is_python_env", "parse_json_object", "read_recipe", "resume_config",
-    "CONTEXT_AS", "DISTILL_MODES", "DTYPES", "KERNELS", "OFF_POLICY_LOSSES", "REPORT_TO", "SAMPLERS", "SCHEDULES",
+    "CONTEXT_AS", "DISTILL_MODES", "DTYPES", "KERNELS", "OBJECTIVES", "OFF_POLICY_LOSSES", "REPORT_TO", "SAMPLERS", "SCHEDULES",
     "TEACHER_KINDS", "TEACHER_SHARDING", "TOPK_SUPPORTS", "VERIFIERS", "EngineOptions", "EvalOptions", "FieldOptions",
     "GameOptions", "LoraOptions", "LossOptions", "ModelOptions", "OptimOptions", "OutputOptions", "SamplingOptions",
     "lora_target_names",

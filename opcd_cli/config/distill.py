@@ -65,6 +65,7 @@ class DistillConfig:
         _check_sources(self)
         _check_on_policy_only(self)
         _check_teacher_kind(self)
+        _check_reward(self)
         _check_dependent(self)
         if self.output.save_every > self.optim.steps:
             steps = self.optim.steps
@@ -142,6 +143,15 @@ def _check_on_policy_only(cfg: DistillConfig) -> None:
             raise OpcdError("--stop-on-escape watches the student's own top-k mass on-policy; it needs --mode on-policy "
                             "and a --min-topk-mass above 0")
         return
+    if loss.objective != "topk-reverse-kl":
+        raise OpcdError(f"--objective {loss.objective} is an on-policy objective; off-policy the loss is "
+                        "--off-policy-loss (forward-kl or sft): drop --objective or use --mode on-policy")
+    if loss.reward_weight > 0:
+        raise OpcdError("--reward-weight rewards the student's own samples; off-policy the responses are the teacher's: "
+                        "drop it or use --mode on-policy")
+    if cfg.optim.samples_per_prompt != 1:
+        raise OpcdError("--samples-per-prompt samples the student several times per prompt; off-policy the responses "
+                        "are the teacher's: drop it or use --mode on-policy")
     if loss.consistency_weight > 0:
         raise OpcdError("the consistency regulariser needs on-policy rollouts; drop --consistency-weight or use --mode on-policy")
     if loss.anchor_weight > 0:
@@ -167,6 +177,13 @@ def _check_teacher_kind(cfg: DistillConfig) -> None:
     if cfg.teacher_kind == "ema" and cfg.lora.lora_rank is not None:
         raise OpcdError("--teacher-kind ema averages the student's full weights; with --lora-rank use "
                         "--teacher-kind live or frozen")
+
+
+def _check_reward(cfg: DistillConfig) -> None:
+    """The reward term's advantage is a group's: several samples of each prompt (on-policy, checked above)."""
+    if cfg.loss.reward_weight > 0 and cfg.on_policy and cfg.optim.samples_per_prompt < 2:
+        raise OpcdError("--reward-weight takes each reward less its group's mean, which needs several samples of each "
+                        "prompt; give --samples-per-prompt 2 or more (4 to 8 is usual)")
 
 
 def flat_settings(cfg) -> dict[str, Any]:

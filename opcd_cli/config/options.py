@@ -21,6 +21,9 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 TEACHER_SHARDING = ("replicate", "shard")  # several processes: a whole teacher on each rank, or sharded
 DISTILL_MODES = ("on-policy", "off-policy")
 OFF_POLICY_LOSSES = ("forward-kl", "sft")
+# the on-policy objective (loss.py): the paper's top-k reverse KL over the student's top-k; the reverse KL on the
+# sampled tokens only (a policy-gradient step); the forward KL over the teacher's top-k; the generalised JSD
+OBJECTIVES = ("topk-reverse-kl", "sampled-token", "topk-forward-kl", "jsd")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class LossOptions:
     """The objective: the top-k KL's support and shape, its implementation, the off-policy loss, the
     regularisers, and the mass-escape guard that watches it."""
 
+    objective: str = "topk-reverse-kl"  # the on-policy distillation term (OBJECTIVES)
+    jsd_beta: float = 0.5  # objective jsd: the teacher's share of the mixture (0: forward KL, 1: reverse KL)
     topk: int = 256
     topk_renorm: bool = False
     topk_tail: bool = False  # the mass outside the top-k as one more bucket of both distributions
@@ -91,6 +96,9 @@ class LossOptions:
     consistency_start: int = 1  # the regulariser's first step (1: from the start, the paper's form)
     consistency_warmup: int = 0  # steps over which its weight rises linearly from 0, from consistency_start
     anchor_weight: float = 0.0  # in-context anchor: the student with the context kept at the teacher (0: off)
+    # the verifier's reward on the student's samples, as a policy-gradient term beside the distillation term
+    reward_weight: float = 0.0  # 0: off
+    reward_std: bool = False  # the advantage over the group's standard deviation too (GRPO), not only less its mean
     # the mass-escape guard (on-policy): the student's mean probability inside its own top-k, watched every step
     min_topk_mass: float = 0.8  # below it: a warning, once (0: never)
     stop_on_escape: bool = False  # below it: stop, keeping the weights of the last step above it
@@ -107,12 +115,39 @@ class LossOptions:
         at_least("anchor_weight", self.anchor_weight, 0.0)
         choice("kernel", self.kernel, KERNELS)
         choice("topk_support", self.topk_support, TOPK_SUPPORTS)
+        self._check_objective()
+        at_least("reward_weight", self.reward_weight, 0.0)
+        if self.reward_std and not self.reward_weight > 0:
+            raise OpcdError("--reward-std scales the reward's advantage; give --reward-weight too")
         if self.topk < 1:
             raise OpcdError(f"topk must be at least 1; got {self.topk}")
         if self.topk_renorm and self.topk_tail:
             raise OpcdError("--topk-renorm and --topk-tail each make the top-k a whole distribution; choose one")
         if not 0 <= self.min_topk_mass < 1:
             raise OpcdError(f"min_topk_mass must be a fraction in [0, 1) (0: no guard); got {self.min_topk_mass!r}")
+
+    def _check_objective(self) -> None:
+        """What shapes one objective is refused with another, in one line."""
+        choice("objective", self.objective, OBJECTIVES)
+        if isinstance(self.jsd_beta, bool) or not 0.0 <= self.jsd_beta <= 1.0:
+            raise OpcdError(f"jsd_beta must be in [0, 1] (0: the forward KL, 1: the reverse KL); got {self.jsd_beta!r}")
+        if self.jsd_beta != 0.5 and self.objective != "jsd":
+            raise OpcdError("--jsd-beta sets the mixture of --objective jsd; give --objective jsd too, or drop --jsd-beta")
+        if self.objective == "topk-reverse-kl":
+            return
+        what = {"sampled-token": "reads only the sampled token", "jsd": "is over the full vocabulary",
+                "topk-forward-kl": "is over the teacher's top-k"}[self.objective]
+        for flag, given in (("--topk-support union", self.topk_support != "student"), ("--topk-tail", self.topk_tail),
+                            ("--topk-renorm", self.topk_renorm), ("--stop-on-escape", self.stop_on_escape),
+                            ("--min-topk-mass", self.min_topk_mass != 0.8)):
+            if given:
+                raise OpcdError(f"{flag} shapes or watches the top-k reverse KL over the student's top-k, and --objective "
+                                f"{self.objective} {what}; drop {flag.split()[0]} or use --objective topk-reverse-kl")
+
+    @property
+    def watches_topk_mass(self) -> bool:
+        """Whether the escape guard watches the student's mass inside its own top-k (the top-k reverse KL's)."""
+        return self.objective == "topk-reverse-kl"
 
     def consistency_weight_at(self, step: int) -> float:
         """The regulariser's weight at ``step`` (from 1): 0 before ``consistency_start``, then rising linearly to
@@ -140,6 +175,7 @@ class OptimOptions:
     # 0: a micro-batch is batch_size prompts in padded rows; N: the step's batch_size x grad_accum sequences are
     # regrouped into micro-batches of one row of at most N positions in every pass, packed without padding
     micro_batch_tokens: int = 0
+    samples_per_prompt: int = 1  # on-policy: the student's responses to each prompt of a step (a group)
     lr: float = 1e-6
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -150,6 +186,7 @@ class OptimOptions:
         check_types(self)
         choice("lr_schedule", self.lr_schedule, SCHEDULES)
         for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("micro_batch_tokens", 0),
+                          ("samples_per_prompt", 1),
                           ("warmup_steps", 0), ("weight_decay", 0.0)):
             at_least(name, getattr(self, name), low)
         positive("lr", self.lr)

@@ -155,7 +155,8 @@ def loop(run: Run, training: Training, samplers: Samplers, rollouts, out: Path, 
     tracker = trackers.open_tracker(cfg.output.report_to if world.main else "none", out, run.out.final.name,
                                     cfg.to_dict())
     timer = StepTimer(models.device())  # one host synchronisation a step, at its end
-    guard = EscapeGuard(cfg.loss.min_topk_mass if cfg.on_policy else 0.0, cfg.loss.stop_on_escape, student.parameters())
+    watched = cfg.on_policy and cfg.loss.watches_topk_mass  # the student's own top-k mass, which the guard reads
+    guard = EscapeGuard(cfg.loss.min_topk_mass if watched else 0.0, cfg.loss.stop_on_escape, student.parameters())
     # the signals are the loop's before metrics.jsonl exists: a signal once it does stops after a step
     with stop_signals() as stop, ui.progress(), metrics_log(out, world) as log, contextlib.closing(tracker):
         advance = ui.task(f"distill ({cfg.mode})", cfg.optim.steps)
@@ -169,7 +170,8 @@ def loop(run: Run, training: Training, samplers: Samplers, rollouts, out: Path, 
             log.flush()
             tracker.log(step, record)
             escaped = " [yellow](below --min-topk-mass)[/]" if training.escape is not None else ""
-            advance(1, status=f"loss {record['loss']:.4f} top-k mass {record['topk_mass']:.3f}{escaped}")
+            mass = "" if record["topk_mass"] is None else f" top-k mass {record['topk_mass']:.3f}"
+            advance(1, status=f"loss {record['loss']:.4f}{mass}{escaped}")
             if training.escape is not None and training.escape.stopped:  # the last good weights back, this step
                 training.optimizer.zero_grad(set_to_none=True)  # not applied
                 guard.restore()

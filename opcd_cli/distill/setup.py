@@ -45,6 +45,9 @@ def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     for rows, path in ((eval_examples, cfg.evaluation.eval_data), (ood_examples, cfg.evaluation.ood_data)):
         if rows is not None:
             require_answers(rows, path)
+    if cfg.loss.reward_weight > 0:
+        require_answers(examples, cfg.data, "--reward-weight scores every sample with the verifier, which needs the "
+                                            "answer of every row (map a column with --answer-field, or drop --reward-weight)")
     if not has_context(examples, context):
         raise OpcdError("nothing to distil: give --context FILE (or -) or rows with a `context` field")
     if cfg.per_step > len(examples):
@@ -103,7 +106,8 @@ def assemble(cfg: DistillConfig, out: RunDir, m: Models, context: str | None, vi
     the rest of the run (its rows, evaluation rows, saved rollouts or games)."""
     loss = DistillLoss(m.student, m.teacher, m.vocab, topk=cfg.loss.topk, renorm=cfg.loss.topk_renorm,
                        consistency_weight=cfg.loss.consistency_weight, backend=cfg.loss.kernel, tail=cfg.loss.topk_tail,
-                       anchor_weight=cfg.loss.anchor_weight, union=cfg.loss.topk_support == "union")
+                       anchor_weight=cfg.loss.anchor_weight, union=cfg.loss.topk_support == "union",
+                       objective=cfg.loss.objective, jsd_beta=cfg.loss.jsd_beta, reward_weight=cfg.loss.reward_weight)
     prefix = teacher_prefix(cfg, views, m.teacher)
     packer = make_packer(cfg, views, m.student, m.teacher, m.teacher_name, prefix, models.pad_id(m.tokenizer))
     torch.manual_seed(cfg.seed)

@@ -1,10 +1,11 @@
 """One training step: the step's sequences, the passes and the loss micro-batch by micro-batch, the gradient,
 the optimiser step, and the step's numbers.
 
-On-policy (the default) the student answers the step's prompts without the context; the teacher scores the
-same tokens with the context; the student descends the mean over response tokens of the top-k reverse KL
-(plus the regulariser and the anchor when asked). Off-policy the responses and the targets are the teacher's.
-With ``--env`` the step's sequences are the replies of games played to their end.
+On-policy (the default) the student answers the step's prompts without the context (``--samples-per-prompt``
+times each); the teacher scores the same tokens with the context; the student descends the mean over response
+tokens of the objective (the top-k reverse KL by default; plus the reward's policy-gradient term, the
+regulariser and the anchor when asked). Off-policy the responses and the targets are the teacher's. With
+``--env`` the step's sequences are the replies of games played to their end.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..escape import EscapeGuard
 from ..games import Game, game_seeds, play, turn_views, window_warning
 from ..outputs import RunDir
 from ..prompts import Views
+from ..verifiers import is_correct
 from ..sampling import Sampler
 from ..timing import StepTimer
 from ..ui import UI
@@ -40,6 +42,8 @@ class Sequences:
     responses: list[list[int]]
     rows: list[int] | None = None  # dataset rows (off-policy: where their saved targets are)
     games: list[Game] | None = None  # --env: the games the replies come from
+    rewards: list[float] | None = None  # --reward-weight: each sequence's reward (its game's, with --env)
+    advantages: list[float] | None = None  # ...and its advantage within its group
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class StepCounts:
     responses: int
     won: int  # games won
     out_of_window: int  # games ended for want of room in the window
+    reward: float  # the samples' rewards (with --reward-weight; a game's once)
+    samples: int  # the samples rewarded: responses to rows, or games
 
 
 def new_training(run: Run) -> Training:
@@ -70,6 +76,8 @@ def take_step(run: Run, training: Training, samplers: Samplers, rollouts, step: 
     # context (or, off-policy, the teacher's); with --env, the replies of games played to the end
     with timer.phase("rollouts"):
         seqs = step_sequences(run, samplers.player or samplers.training, rollouts, step)
+        if cfg.loss.reward_weight > 0:  # the verifier's reward on each sample, and its advantage in its group
+            seqs.rewards, seqs.advantages = rewards_and_advantages(run, seqs)
     counts = step_counts(run, seqs)
     distinct = distinct_tokens(seqs.responses, run.loss.vocab, models.device())
     # 2-3. the teacher scores the same tokens with the context; the loss, micro-batch by micro-batch
@@ -79,7 +87,8 @@ def take_step(run: Run, training: Training, samplers: Samplers, rollouts, step: 
     with timer.phase("optimizer"):
         grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm))
     values = step_values(step, counts.tokens, sums, grad_norm, run.out)  # the step's one host sync
-    escape = guard.check(step, values["topk_mass"])  # the same mass on every rank: the same decision
+    # the same mass on every rank: the same decision
+    escape = guard.check(step, values["topk_mass"]) if values["topk_mass"] is not None else None
     if escape is not None:
         training.escape = escape
         ui.info(f"[yellow]warning:[/] {escape.message()}")
@@ -97,8 +106,12 @@ def take_step(run: Run, training: Training, samplers: Samplers, rollouts, step: 
     record["distinct_tokens"] = round(distinct / counts.tokens, 4) if counts.tokens else None
     if cfg.loss.consistency_weight > 0:  # the regulariser's weight this step (scheduled or not)
         record["consistency_weight"] = run.loss.consistency_weight
+    if cfg.loss.reward_weight > 0:  # the samples' mean reward and the reward's term of the loss
+        record |= {"reward": counts.reward / counts.samples if counts.samples else None,
+                   "reward_loss": values["reward_loss"]}
     if cfg.plays_games:  # how the step's games went (on-policy: the student's, without the context)
-        record |= {"games_won": counts.won / cfg.per_step, "turns": counts.responses / cfg.per_step,
+        games = cfg.per_step * cfg.optim.samples_per_prompt
+        record |= {"games_won": counts.won / games, "turns": counts.responses / games,
                    "games_out_of_window": counts.out_of_window}
         if counts.out_of_window and not any(m.get("games_out_of_window") for m in training.metrics):
             ui.info(window_warning(counts.out_of_window, f"of step {step}"))
@@ -108,9 +121,10 @@ def take_step(run: Run, training: Training, samplers: Samplers, rollouts, step: 
 def step_sequences(run: Run, sampler: Sampler, rollouts, step: int) -> Sequences:
     """This rank's share of the step's prompts and their responses (all of them, as one process)."""
     cfg, world = run.cfg, distributed.world()
+    repeat = lambda ids: [i for i in ids for _ in range(cfg.optim.samples_per_prompt)]  # noqa: E731 (a group each)
     if cfg.plays_games:
-        return play_games(run, sampler, distributed.local_share(game_seeds(step, cfg.per_step), world))
-    batch = distributed.local_share(step_prompts(len(run.examples), cfg.seed, step, cfg.per_step), world)
+        return play_games(run, sampler, repeat(distributed.local_share(game_seeds(step, cfg.per_step), world)))
+    batch = repeat(distributed.local_share(step_prompts(len(run.examples), cfg.seed, step, cfg.per_step), world))
     if rollouts is not None:
         return Sequences([run.views[i] for i in batch], [rollouts.responses[i] for i in batch], batch)
     with models.autocast(cfg.loading.dtype):
@@ -142,15 +156,38 @@ def play_games(run: Run, sampler: Sampler, seeds: list[int]) -> Sequences:
     return Sequences(views, responses, games=games)
 
 
+def rewards_and_advantages(run: Run, seqs: Sequences) -> tuple[list[float], list[float]]:
+    """Each sequence's reward (the verifier's on its response to a row, as ``opcd eval`` scores it; with
+    ``--env``, its game's reward) and its advantage: the reward less its group's mean (the
+    ``--samples-per-prompt`` samples of one prompt or game seed), over the group's standard deviation too with
+    ``--reward-std``."""
+    cfg, n = run.cfg, run.cfg.optim.samples_per_prompt
+    if seqs.games is not None:
+        per_sample = [g.reward for g in seqs.games]
+        turns = [len(g.replies) for g in seqs.games]
+    else:
+        decode = run.tokenizer.decode
+        per_sample = [float(is_correct(decode(r, skip_special_tokens=True), run.examples[row].answer,
+                                       run.examples[row].verifier, cfg.evaluation.verifier))
+                      for r, row in zip(seqs.responses, seqs.rows)]
+        turns = [1] * len(per_sample)
+    rewards = torch.tensor(per_sample, dtype=torch.float64).view(-1, n)
+    advantages = rewards - rewards.mean(1, keepdim=True)
+    if cfg.loss.reward_std:  # as TRL's GRPO: the groups' unbiased standard deviation, and a small floor
+        advantages = advantages / (rewards.std(1, keepdim=True) + 1e-4)
+    spread = lambda values: [v for v, t in zip(values, turns) for _ in range(t)]  # noqa: E731 (a game's turns)
+    return spread(per_sample), spread(advantages.flatten().tolist())
+
+
 def step_counts(run: Run, seqs: Sequences) -> StepCounts:
     """The step's ``StepCounts``, summed over every rank."""
     responses, games = seqs.responses, seqs.games or []
+    rewards = [g.reward for g in games] if games else (seqs.rewards or [])
     counts = [sum(map(len, responses)), sum(finished(r, run.stop_ids) for r in responses), len(responses),
-              sum(g.won for g in games), sum(g.out_of_window for g in games)]
+              sum(g.won for g in games), sum(g.out_of_window for g in games), sum(rewards), len(rewards)]
     if distributed.world().active:
-        summed = distributed.all_sum(torch.tensor(counts, dtype=torch.float64, device=models.device())).tolist()
-        counts = [int(c) for c in summed]
-    return StepCounts(*counts)
+        counts = distributed.all_sum(torch.tensor(counts, dtype=torch.float64, device=models.device())).tolist()
+    return StepCounts(*(int(c) for c in counts[:5]), float(counts[5]), int(counts[6]))
 
 
 def distinct_tokens(responses: list[list[int]], vocab: int, device) -> int:
@@ -168,13 +205,13 @@ def distinct_tokens(responses: list[list[int]], vocab: int, device) -> int:
 def forward_loss_backward(run: Run, seqs: Sequences, rollouts, n_tokens: int, timer: StepTimer) -> torch.Tensor:
     """Score this rank's responses micro-batch by micro-batch (the passes forward, the loss) and accumulate the
     gradient of the mean loss over the step's ``n_tokens`` response tokens (every rank's); returns the sums over
-    every rank of (loss, distillation term, consistency term, anchor term, top-k mass, student entropy, teacher
-    entropy, and the tokens each entropy was measured on) over response tokens, then of the padding positions
-    and all positions the passes read."""
+    every rank of (loss, distillation term, consistency term, anchor term, reward term, top-k mass, student
+    entropy, teacher entropy) over response tokens, then the tokens the mass and each entropy were measured on,
+    the padding positions and all positions the passes read."""
     device = models.device()
     scale = distributed.world().size / n_tokens  # FSDP averages the ranks' gradients: the sum over ranks is wanted
-    sums, zero = torch.zeros(7, device=device), torch.zeros((), device=device)
-    counts = [0, 0, 0, 0]  # tokens with the student's entropy, with the teacher's, padding positions, positions
+    sums, zero = torch.zeros(8, device=device), torch.zeros((), device=device)
+    counts = [0, 0, 0, 0, 0]  # tokens with the mass, the student's entropy, the teacher's; padding; positions
     for micro_batch, weight in micro_batches(run, seqs.views, seqs.responses):
         parts, inputs, answers = micro_batch_loss(run, seqs, micro_batch, rollouts, timer)
         with timer.phase("backward"):
@@ -183,13 +220,16 @@ def forward_loss_backward(run: Run, seqs: Sequences, rollouts, n_tokens: int, ti
             continue
         n = sum(map(len, answers))
         student_h, teacher_h = parts.entropies or (None, None)
-        sums += torch.stack([parts.total.detach(), parts.distill, parts.consistency, parts.anchor,
-                             parts.topk_mass * n, zero if student_h is None else student_h * n,
-                             zero if teacher_h is None else teacher_h * n])
-        counts[0] += n if student_h is not None else 0
-        counts[1] += n if teacher_h is not None else 0
-        counts[2] += sum(p.padding for p in inputs)
-        counts[3] += sum(p.positions for p in inputs)
+        optional = lambda x: zero if x is None else x * n  # noqa: E731
+        reward = zero if parts.reward is None else parts.reward
+        # the loss reported is the sum of the terms' values (a policy-gradient surrogate's own value means little)
+        sums += torch.stack([parts.distill + parts.consistency + parts.anchor + reward, parts.distill,
+                             parts.consistency, parts.anchor, reward, optional(parts.topk_mass),
+                             optional(student_h), optional(teacher_h)])
+        for i, value in enumerate((parts.topk_mass, student_h, teacher_h)):
+            counts[i] += n if value is not None else 0
+        counts[3] += sum(p.padding for p in inputs)
+        counts[4] += sum(p.positions for p in inputs)
     return distributed.all_sum(torch.cat([sums, torch.tensor(counts, dtype=sums.dtype, device=device)]))
 
 
@@ -206,7 +246,11 @@ def micro_batch_loss(run: Run, seqs: Sequences, micro_batch, rollouts, timer: St
             context_in = (run.packer([v.student_context_ids for v in these], answers, rows)
                           if run.loss.reads_context else None)
             inputs += [teacher_in] + ([context_in] if context_in is not None else [])
-            return run.loss.on_policy(student_in, teacher_in, context_in, timer), inputs, answers
+            device = student_in.input_ids_BT.device  # the tokens in the order the passes predict them
+            ids_N = torch.tensor([t for a in answers for t in a], dtype=torch.long, device=device)
+            advantages_N = None if seqs.advantages is None else torch.tensor(
+                [seqs.advantages[i] for i, a in zip(order, answers) for _ in a], dtype=torch.float32, device=device)
+            return run.loss.on_policy(student_in, teacher_in, context_in, timer, ids_N, advantages_N), inputs, answers
         if rollouts is not None:
             rows = [seqs.rows[i] for i in order]
             ids_Nk, logprobs_Nk = rollouts.targets(rows, cfg.loss.off_policy_loss, models.device())
@@ -222,14 +266,15 @@ def step_values(step: int, n_tokens: int, sums: torch.Tensor, grad_norm: torch.T
     """The step's loss terms and gradient norm as numbers; a non-finite one stops the run before the step is
     applied (so the model is never broken and nothing samples from it)."""
     numbers = torch.cat([sums, grad_norm.reshape(1)]).tolist()
-    loss, distill_loss, consistency_loss, anchor_loss, mass = (x / n_tokens for x in numbers[:5])
-    student_h, teacher_h, student_tokens, teacher_tokens, padding, positions, norm = numbers[5:]
+    loss, distill_loss, consistency_loss, anchor_loss, reward_loss = (x / n_tokens for x in numbers[:5])
+    mass, student_h, teacher_h, mass_tokens, student_tokens, teacher_tokens, padding, positions, norm = numbers[5:]
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise OpcdError(f"step {step}: the loss is {loss} and the gradient norm {norm}: training diverged and stopped "
                         f"before this step was applied; the metrics and checkpoints so far are in {out.partial} "
                         "(try a lower --lr)")
     return {"loss": loss, "distill_loss": distill_loss, "consistency_loss": consistency_loss,
-            "anchor_loss": anchor_loss, "topk_mass": mass,
+            "anchor_loss": anchor_loss, "reward_loss": reward_loss,
+            "topk_mass": mass / mass_tokens if mass_tokens else None,
             "student_entropy": student_h / student_tokens if student_tokens else None,
             "teacher_entropy": teacher_h / teacher_tokens if teacher_tokens else None,
             "grad_norm": norm, "padding_share": padding / positions if positions else 0.0}

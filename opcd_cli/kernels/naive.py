@@ -99,3 +99,32 @@ def naive_sparse_target_kl(target_ids_Nk, target_logprobs_Nk, logits_NV, mask=No
     q_Nk = lq_Nk.exp()
     loss_N = torch.where(q_Nk > 0, q_Nk * (lq_Nk - logp_Nk), torch.zeros_like(q_Nk)).sum(-1)
     return reduce_loss(loss_N, mask, reduction)
+
+
+def naive_sampled_token_loss(ids_N, logits_NV, teacher_logprobs_N=None, advantages_N=None, mask_N=None):
+    """sum_n -c_n log p_n (``sampled_token.py``) with autograd on the full log-softmax: c_n = the advantage, less
+    (log p_n - log q_n) without gradient when the teacher's log-probabilities are given."""
+    logp_N = torch.log_softmax(logits_NV.float(), dim=-1).gather(1, ids_N.long()[:, None])[:, 0]
+    coef_N = torch.zeros_like(logp_N)
+    if advantages_N is not None:
+        coef_N = coef_N + advantages_N.float()
+    if teacher_logprobs_N is not None:
+        coef_N = coef_N - (logp_N.detach() - teacher_logprobs_N.float())
+    if mask_N is not None:
+        coef_N = coef_N * mask_N.float()
+    return -(coef_N * logp_N).sum()
+
+
+def naive_jsd(student_logits_NV, teacher_logits_NV, beta=0.5, mask_N=None):
+    """sum over tokens of the generalised JSD (``jsd.py``) as TRL's ``generalized_jsd_loss`` writes it: the
+    forward KL at beta 0, the reverse KL at beta 1, the mixture in between."""
+    x = torch.log_softmax(student_logits_NV.float(), dim=-1)
+    y = torch.log_softmax(teacher_logits_NV.float(), dim=-1)
+    if beta == 0:
+        loss_N = (y.exp() * (y - x)).sum(-1)
+    elif beta == 1:
+        loss_N = (x.exp() * (x - y)).sum(-1)
+    else:
+        m = torch.logsumexp(torch.stack([x + torch.log(torch.tensor(1 - beta)), y + torch.log(torch.tensor(beta))]), 0)
+        loss_N = beta * (y.exp() * (y - m)).sum(-1) + (1 - beta) * (x.exp() * (x - m)).sum(-1)
+    return reduce_loss(loss_N, mask_N, "sum")
