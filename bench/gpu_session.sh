@@ -8,7 +8,8 @@
 # 2. the Triton kernels against the PyTorch reference on the device (bench_topk_kl.py --check);
 # 3. `opcd bench loss --preset paper`: the loss providers at the paper's shapes, written as the GPU's baseline
 #    ($OUT/baseline-loss.json: commit it as bench/baselines/h100.json or h200.json);
-# 4. `opcd bench step`: one training step, 1.7B-shaped student and 8B-shaped teacher, Triton and PyTorch loss
+# 4. `opcd bench step`: one training step, 1.7B-shaped student and 8B-shaped teacher, Triton and PyTorch loss;
+#    then each objective (--objective, with and without the reward's term) beside the top-k reverse KL;
 #    (bench_train_step.py, the research script, adds timed rollouts: PARTS="train-step");
 # 5. `opcd distill` itself on the GPU: the toy world's default run, 30 steps, its --json summary;
 # 6. the forward kernel alone at several launch configurations (bench_topk_kl.py --sweep).
@@ -33,7 +34,7 @@ fi
 } >"$OUT/versions.txt" 2>&1
 cat "$OUT/versions.txt"
 
-PARTS=${PARTS:-checks bench-loss bench-step toy-distill sweep}
+PARTS=${PARTS:-checks bench-loss bench-step bench-objectives toy-distill sweep}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log everything, report the exit status
@@ -50,6 +51,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log everything,
 part checks 100 $PY bench/bench_topk_kl.py --check --no-shapes --out "$OUT/topk_kl_checks.json"
 part bench-loss 200 $PY -m opcd_cli bench loss --preset paper --save-baseline "$OUT/baseline-loss.json" --json
 part bench-step 150 $PY -m opcd_cli bench step --save-baseline "$OUT/baseline-step.json" --json
+part bench-objectives 150 $PY -m opcd_cli bench step --kernel triton --steps 2 --objective topk-reverse-kl,sampled-token,topk-forward-kl,jsd --reward --json
 part kernels 180 $PY bench/bench_topk_kl.py --reps 10 --out "$OUT/topk_kl_gpu.json"
 part train-step 140 $PY bench/bench_train_step.py $TRAIN_ARGS --out "$OUT/train_step_gpu.json"
 part toy-distill 75 $PY -m opcd_cli distill --steps 30 --json --output-dir /tmp/opcd-toy-gpu

@@ -6,7 +6,9 @@ Rows: the base student without and with the context; off-policy context distilla
 consistency regulariser (the paper's form, from step 1, and held back to step 31, the toy's recorded
 settings); OPCD with the in-context anchor (`--anchor-weight 1`); OPCD over the union of the student's and the
 teacher's top-k (`--topk-support union`); OPCD with an EMA teacher and with a live teacher (`--teacher-kind
-ema|live`); cross-size OPCD (the larger toy model as teacher). Columns: test accuracy (without the context
+ema|live`); cross-size OPCD (the larger toy model as teacher); the other objectives in OPCD's place
+(`--objective sampled-token|topk-forward-kl|jsd`); and, on `codes` and `recall` only, OPCD with 4 samples per
+prompt, without and with the verifier's reward (`--samples-per-prompt 4 --reward-weight 1`, and 0.1). Columns: test accuracy (without the context
 for trained students; in the row's condition for the base rows), accuracy with the context, OOD accuracy (each
 OOD row with its own context), context harm (share of test items solved without the context but failed with
 it), mean response tokens, the student's mean entropy at its response tokens over the last 5 steps (nats;
@@ -49,7 +51,16 @@ METHODS = {  # row name -> settings on top of the toy recipe
     "OPCD, EMA teacher": {"teacher_kind": "ema"},
     "OPCD, live teacher": {"teacher_kind": "live"},
     "OPCD, cross-size (large teacher)": {"teacher": "toy:large"},
+    # the objectives the peers offer, in OPCD's place (--objective), and the verifier's reward beside it
+    "sampled-token reverse KL": {"objective": "sampled-token"},
+    "top-k forward KL (teacher's top-k)": {"objective": "topk-forward-kl"},
+    "JSD, beta 0.5": {"objective": "jsd"},
+    "OPCD, 4 samples per prompt": {"samples_per_prompt": 4},
+    "OPCD + reward, 4 samples per prompt": {"samples_per_prompt": 4, "reward_weight": 1.0},
+    "OPCD + reward 0.1, 4 samples per prompt": {"samples_per_prompt": 4, "reward_weight": 0.1},
 }
+ONLY_ON = {row: ("codes", "recall") for row in METHODS if "samples per prompt" in row}  # rows run on some tasks
+# only (groups of four cost four times the rollouts)
 COLUMNS = ["test accuracy", "with context", "OOD", "context harm", "response tokens", "student entropy, last 5 steps",
            "loss step to step, 2nd half", "same, over the loss"]
 
@@ -67,7 +78,10 @@ def run_job(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    return run_one(**job)
+    try:
+        return run_one(**job)
+    except Exception as e:  # a plain error the pool can hand back (an OpcdError does not pickle): no hang
+        raise RuntimeError(f"{job['task']} {job['method']} seed {job['seed']}: {type(e).__name__}: {e}") from None
 
 
 def run_one(task: str, method: str, settings: dict, seed: int, work: Path, eval_before: bool) -> dict:
@@ -108,6 +122,8 @@ def table(runs: list[dict], tasks: list[str]) -> str:
                      f"{base['mean_response_tokens_with_context']:.2f} | | | |")
         for method in METHODS:
             got = [r["after"] for r in rows if r["method"] == method]
+            if not got:  # a row not run on this task
+                continue
             lines.append(
                 f"| {method} | {percent_mean_std([a['accuracy'] for a in got])} | "
                 f"{percent_mean_std([a['accuracy_with_context'] for a in got])} | "
@@ -132,6 +148,8 @@ def plot(runs: list[dict], tasks: list[str], path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         for method in METHODS:
             curves = [r["curve"] for r in runs if r["task"] == task and r["method"] == method]
+            if not curves:
+                continue
             mean = [statistics.mean(step) for step in zip(*curves)]
             ax.plot(range(1, len(mean) + 1), mean, label=method)
         ax.set_title(f"toy task `{task}`")
@@ -169,7 +187,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         jobs = [{"task": task, "method": method, "settings": METHODS[method], "seed": seed, "work": Path(work),
                  "eval_before": seed == 0 and method == "OPCD"}
-                for task in args.tasks for seed in range(args.seeds) for method in (args.rows or METHODS)]
+                for task in args.tasks for seed in range(args.seeds) for method in (args.rows or METHODS)
+                if task in ONLY_ON.get(method, (task,))]
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
             for run in pool.imap_unordered(run_job, jobs):
                 runs.append(run)

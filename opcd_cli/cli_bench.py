@@ -151,6 +151,11 @@ def bench_step_command(
     micro_batch_tokens: int = flag(0, help="Pack the sequences into rows of at most N positions (0: a padded row "
                                    "each).", panel=SHAPE),
     steps: int = flag(3, help="Timed steps per implementation, after one warm-up step.", panel=SHAPE),
+    objective: str = flag("topk-reverse-kl", help="Objectives to compare (opcd distill --objective), comma-separated; "
+                          "each row's step over the top-k reverse KL's in the same run when it is among them.",
+                          panel=SHAPE),
+    reward: bool = flag(False, "--reward", help="Also time each objective with the reward's policy-gradient term "
+                        "(random advantages).", panel=SHAPE),
     save_baseline: SaveBaseline = None,
     baseline: Baseline = None,
     max_slowdown: MaxSlowdown = 1.3,
@@ -158,7 +163,8 @@ def bench_step_command(
     tolerance: Tolerance = 1e-3,
     json_output: Json = False,
 ) -> int:
-    """One training step at a model's shape (random weights), phase by phase, for each loss implementation."""
+    """One training step at a model's shape (random weights), phase by phase, for each loss implementation and
+    objective."""
     for name, value, least in (("prompts", prompts, 1), ("prompt-tokens", prompt_tokens, 1),
                                ("response-tokens", response_tokens, 1), ("context-tokens", context_tokens, 0),
                                ("topk", topk, 1), ("micro-batch-tokens", micro_batch_tokens, 0), ("steps", steps, 1)):
@@ -176,16 +182,23 @@ def bench_step_command(
     unknown = [k for k in kernels if k not in ("triton", "torch")]
     if unknown or not kernels:
         raise OpcdError(f"--kernel takes triton and torch, comma-separated; got {kernel!r}")
+    from .config import OBJECTIVES
+
+    objectives = tuple(o.strip() for o in objective.split(",") if o.strip())
+    if not objectives or any(o not in OBJECTIVES for o in objectives):
+        raise OpcdError(f"--objective takes {', '.join(OBJECTIVES)}, comma-separated; got {objective!r}")
     with ui.progress():
-        task = ui.task(f"step {student} <- {teacher}", steps * len(kernels))
+        task = ui.task(f"step {student} <- {teacher}", steps * len(kernels) * len(objectives) * (1 + reward))
         result = bench_step(student, teacher, kernels, prompts=prompts, prompt_tokens=prompt_tokens,
                             response_tokens=response_tokens, context_tokens=context_tokens, topk=topk, steps=steps,
-                            micro_batch_tokens=micro_batch_tokens, progress=lambda: task(1))
+                            micro_batch_tokens=micro_batch_tokens, objectives=objectives, reward=reward,
+                            progress=lambda: task(1))
     phases = ("teacher_forward", "student_forward", "loss", "backward", "optimizer", "step_s")
     ui.table(f"opcd bench step: {student} <- {teacher}, {prompts} x ({prompt_tokens} + {response_tokens}) tokens, "
              f"median of {steps} (seconds)",
-             ["kernel", *[p.replace("_s", "") for p in phases], "loss / forward", "peak MiB"],
+             ["kernel", *[p.replace("_s", "") for p in phases], "loss / forward", "step / OPCD's", "peak MiB"],
              [[r["name"], *[f"{r[p]:.3f}" for p in phases], f"{r['loss_over_forward']:.2f}x",
+               f"{r['step_over_opcd']:.2f}x" if r.get("step_over_opcd") is not None else "-",
                f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"] for r in result["rows"]])
     code = finish_gate(result, ui, limits, old, save_baseline, baseline)
     if json_output:

@@ -148,7 +148,7 @@ class DistillLoss:
         return head_topk_kl(first, second, self.topk, self.renorm, self.vocab, self.backend, self.tail, entropy,
                             self.union)
 
-    def _teacher_side(self, head: Head, ids_N: torch.Tensor):
+    def teacher_side(self, head: Head, ids_N: torch.Tensor):
         """What the objective reads of the teacher, taken inside its forward: its head (the top-k reverse KL and
         the JSD read it whole, the anchor too), with its log-probabilities of the sampled tokens or its top-k,
         and its entropies, for the objectives that read only those."""
@@ -158,7 +158,7 @@ class DistillLoss:
             return head, head_topk_logprobs(head, self.topk, self.vocab)
         return head, None
 
-    def _objective(self, student: Head, teacher_side, ids_N, advantages_N):
+    def objective_terms(self, student: Head, teacher_side, ids_N, advantages_N):
         """(the differentiated sum, the distillation term's value, the reward term's value or None, the top-k
         mass or None, the pair of mean entropies)."""
         mean = lambda x: x.mean() if x.numel() else x.new_zeros(())  # noqa: E731
@@ -195,12 +195,12 @@ class DistillLoss:
         """The micro-batch's on-policy losses; ``ids_N``: its response tokens in order (the sampled-token
         objective and the reward read them), ``advantages_N``: each token's advantage (the reward term)."""
         with timer.phase("teacher_forward"), torch.no_grad():
-            teacher = with_head(self.teacher, teacher_in, self.fused, lambda head: self._teacher_side(head, ids_N))
+            teacher = with_head(self.teacher, teacher_in, self.fused, lambda head: self.teacher_side(head, ids_N))
         kept = []
 
         def distill(student: Head):
             kept.append(student.hidden_NH if self.fused else student.logits_NV)
-            return self._objective(student, teacher, ids_N, advantages_N)
+            return self.objective_terms(student, teacher, ids_N, advantages_N)
 
         with timer.phase("student_forward"):  # the loss too: the fused kernels run inside the forward
             total, distill_sum, reward, mass, entropies = with_head(self.student, student_in, self.fused, distill)

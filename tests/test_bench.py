@@ -18,7 +18,7 @@ SMALL = dict(N=24, V=300, H=16, M=20, k=7)
 GATE_SHAPE = ["--tokens", "256", "--vocab", "16384", "--hidden", "64", "--teacher-hidden", "96", "--topk", "32"]
 
 
-@pytest.mark.parametrize("name", ["torch_chunked", "eager", "trl_topk", "triton"])
+@pytest.mark.parametrize("name", ["torch_chunked", "eager", "trl_topk", "triton", "opcd_jsd"])
 def test_every_provider_matches_its_reference_at_a_small_shape(name):
     shape = dict(N=8, V=64, H=16, M=16, k=4) if name == "triton" else SMALL  # Triton: in its interpreter
     assert PROVIDERS[name].unavailable("cpu") is None
@@ -138,6 +138,21 @@ def test_bench_step_times_each_phase_and_packs(cli):
     assert all(row[p] > 0 for p in ("teacher_forward", "student_forward", "loss", "backward", "optimizer", "step_s"))
     assert row["loss_over_forward"] == pytest.approx(row["loss"] / row["student_forward"])
     assert row["first_loss"] > 0 and row["tokens"] == 48 and result["micro_batch_tokens"] == 96
+
+
+def test_bench_step_times_each_objective_beside_opcds(cli):
+    code, stdout, stderr = cli("bench", "step", "--prompts", "2", "--prompt-tokens", "8", "--response-tokens", "8",
+                               "--context-tokens", "4", "--topk", "4", "--steps", "1", "--kernel", "torch",
+                               "--objective", "topk-reverse-kl,sampled-token,jsd", "--reward", "--json")
+    assert code == 0, stderr
+    rows = {r["name"]: r for r in json.loads(stdout)["rows"]}
+    assert list(rows) == ["torch", "torch sampled-token", "torch jsd", "torch topk-reverse-kl + reward",
+                          "torch sampled-token + reward", "torch jsd + reward"]
+    assert rows["torch"]["step_over_opcd"] == 1.0 and all(r["loss"] > 0 for r in rows.values())
+    assert rows["torch jsd"]["step_over_opcd"] == pytest.approx(rows["torch jsd"]["step_s"] / rows["torch"]["step_s"])
+    assert rows["torch jsd + reward"]["reward"] and rows["torch jsd"]["objective"] == "jsd"
+    code, _, stderr = cli("bench", "step", "--objective", "kl")
+    assert code == 2 and "--objective takes topk-reverse-kl, sampled-token, topk-forward-kl, jsd" in stderr
 
 
 @pytest.mark.slow  # two short toy runs (about 25 s)

@@ -14,6 +14,8 @@ Providers (``PROVIDERS``; each ``step(hs, ws, ht, wt, k)`` runs forward and back
 * ``eager``: plain PyTorch over the full vocabulary (both [N, V] logits, float32 log-softmaxes, topk, gather);
 * ``liger_jsd``: Liger-Kernel's ``LigerFusedLinearJSD`` with beta 1, the full-vocabulary reverse KL (its
   Triton kernels: a GPU; the ``bench`` extra);
+* ``opcd_jsd``: opcd's own PyTorch fused linear JSD (``kernels/jsd.py``, what ``--objective jsd`` runs off the
+  Triton backend) with beta 1, the same full-vocabulary reverse KL as ``liger_jsd``: ours beside Liger's;
 * ``trl_topk``: TRL's top-k self-distillation loss (``compute_topk_self_distillation_loss``, alpha 1: the
   reverse KL, with its tail bucket) on full logits, when TRL is installed;
 * ``matmul_floor``: the four matmuls alone (z = h_s W_s^T, t = h_t W_t^T, dh_s = g W_s, dW_s += g^T h_s),
@@ -80,6 +82,14 @@ def liger_jsd(hs, ws, ht, wt, k):
     from liger_kernel.transformers import LigerFusedLinearJSD
 
     loss = LigerFusedLinearJSD(jsd_beta=1.0)(hs, ws, ht, wt, None)
+    loss.backward()
+    return loss
+
+
+def opcd_jsd(hs, ws, ht, wt, k):
+    from ..kernels.jsd import fused_linear_jsd
+
+    loss = fused_linear_jsd(hs, ws, ht, wt, 1.0)[0] / hs.shape[0]
     loss.backward()
     return loss
 
@@ -172,6 +182,7 @@ PROVIDERS = {p.name: p for p in (
     Provider("torch_chunked", torch_chunked, "topk"),
     Provider("eager", eager, "topk"),
     Provider("liger_jsd", liger_jsd, "full", package="liger_kernel", gpu_only=True),
+    Provider("opcd_jsd", opcd_jsd, "full"),
     Provider("trl_topk", trl_topk, "topk_tail", package="trl"),
     Provider("matmul_floor", matmul_floor, None),
 )}

@@ -75,19 +75,21 @@ def build(config, dtype: torch.dtype, device: str):
 
 
 def train_step(student, teacher, optimizer, student_in, teacher_in, n_tokens: int, vocab: int, topk: int, timer,
-               dev: str) -> torch.Tensor:
+               dev: str, objective: str = "topk-reverse-kl", ids_N: torch.Tensor | None = None,
+               advantages_N: torch.Tensor | None = None) -> torch.Tensor:
     """One step as ``opcd distill`` takes it, each phase in ``timer``: the summed loss, detached (under bf16
-    autocast on a GPU)."""
+    autocast on a GPU). ``objective`` as ``--objective``; with ``advantages_N`` the reward's term too (weight 1)."""
     from ..forward import with_head
-    from ..loss import head_topk_kl
+    from ..loss import DistillLoss
 
+    loss_fn = DistillLoss(student, teacher, vocab, topk, False, objective=objective, reward_weight=1.0)
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
         with timer.phase("teacher_forward"), torch.no_grad():
-            teacher_head = with_head(teacher, teacher_in, True, lambda head: head)
+            teacher_side = with_head(teacher, teacher_in, True, lambda head: loss_fn.teacher_side(head, ids_N))
         with timer.phase("student_forward"):  # the head as the loss reads it, but the loss timed apart
             student_head = with_head(student, student_in, True, lambda head: head)
         with timer.phase("loss"):
-            loss, _ = head_topk_kl(student_head, teacher_head, topk, False, vocab)
+            loss = loss_fn.objective_terms(student_head, teacher_side, ids_N, advantages_N)[0]
     with timer.phase("backward"):
         (loss / n_tokens).backward()
     with timer.phase("optimizer"):
@@ -99,8 +101,11 @@ def train_step(student, teacher, optimizer, student_in, teacher_in, n_tokens: in
 
 def bench_step(student: str, teacher: str, kernels: list[str], *, prompts: int = 4, prompt_tokens: int = 128,
                response_tokens: int = 256, context_tokens: int = 256, topk: int = 256, steps: int = 3,
-               micro_batch_tokens: int = 0, progress=None) -> dict:
-    """One warm-up and ``steps`` timed steps per loss implementation: one result row each."""
+               micro_batch_tokens: int = 0, objectives: tuple[str, ...] = ("topk-reverse-kl",), reward: bool = False,
+               progress=None) -> dict:
+    """One warm-up and ``steps`` timed steps per loss implementation and objective (with ``reward``, each also
+    with the reward's term, on random advantages): one result row each, named ``KERNEL`` for the top-k reverse
+    KL and ``KERNEL OBJECTIVE[ + reward]`` otherwise."""
     from ..micro_batches import into_rows, pack, pack_rows
     from ..timing import StepTimer
 
@@ -126,12 +131,16 @@ def bench_step(student: str, teacher: str, kernels: list[str], *, prompts: int =
         s_in, t_in = pack(user, responses, 0, dev), pack([context + p for p in user], responses, 0, dev)
     n_tokens = prompts * response_tokens
     optimizer = torch.optim.AdamW(s_model.parameters(), lr=1e-6, weight_decay=0.0)
-
-    def one_step(timer: StepTimer) -> float:
-        return float(train_step(s_model, t_model, optimizer, s_in, t_in, n_tokens, vocab, topk, timer, dev)) / n_tokens
+    ids_N = torch.tensor([t for r in responses for t in r], device=dev)
+    advantages_N = torch.randn(n_tokens, generator=gen).to(dev)
+    variants = [(o, False) for o in objectives] + ([(o, True) for o in objectives] if reward else [])
 
     rows = []
-    for kernel in kernels:
+    for kernel, (objective, rewarded) in [(k, v) for k in kernels for v in variants]:
+        def one_step(timer: StepTimer) -> float:
+            return float(train_step(s_model, t_model, optimizer, s_in, t_in, n_tokens, vocab, topk, timer, dev,
+                                    objective, ids_N, advantages_N if rewarded else None)) / n_tokens
+
         import os
 
         previous = os.environ.get("OPCD_KERNEL")
@@ -155,12 +164,18 @@ def bench_step(student: str, teacher: str, kernels: list[str], *, prompts: int =
                 os.environ["OPCD_KERNEL"] = previous
         median = {key: statistics.median(t[key] for t in timed) for key in (*PHASES, "step_s")}
         forward = median["student_forward"]
-        rows.append({"name": kernel, "shape": f"{student} <- {teacher}", **median,
+        name = kernel if (objective, rewarded) == ("topk-reverse-kl", False) else (
+            f"{kernel} {objective}{' + reward' if rewarded else ''}")
+        rows.append({"name": name, "objective": objective, "reward": rewarded, "shape": f"{student} <- {teacher}", **median,
                      "loss_over_forward": median["loss"] / forward, "step_over_forward": median["step_s"] / forward,
                      "first_loss": first_loss, "peak_mb": peak["peak_mb"], "tokens": n_tokens})
+    for row in rows:  # each objective's step over the top-k reverse KL's, the same kernel, in this run
+        opcd = next((r for r in rows if r["name"] == row["name"].split()[0]), None)
+        row["step_over_opcd"] = row["step_s"] / opcd["step_s"] if opcd else None
     return {"bench": "step", "student": student, "teacher": teacher, "kernels": kernels, "steps": steps,
             "prompts": prompts, "prompt_tokens": prompt_tokens, "response_tokens": response_tokens,
             "context_tokens": context_tokens, "topk": topk, "micro_batch_tokens": micro_batch_tokens,
+            "objectives": list(objectives), "reward": reward,
             "student_params": sum(p.numel() for p in s_model.parameters()),
             "teacher_params": sum(p.numel() for p in t_model.parameters()), "machine": machine_info(dev),
             "rows": rows, "skipped": [], "gated": GATED}

@@ -4,6 +4,7 @@ teacher's cached prefix, the packer)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -123,11 +124,11 @@ def check_engines(cfg: DistillConfig) -> None:
         from ..sampling.vllm import import_vllm
 
         import_vllm()  # a missing vLLM is reported before any model is loaded
-    check_kernel(cfg.loss.kernel)
+    check_kernel(cfg.loss.kernel, cfg.loss.objective)
     trackers.check_available(cfg.output.report_to)
 
 
-def check_kernel(kernel: str) -> None:
+def check_kernel(kernel: str, objective: str = "topk-reverse-kl") -> None:
     """The loss implementation asked for (``--kernel``, or ``OPCD_KERNEL`` for ``auto``) can run here."""
     from ..kernels import backend_for
 
@@ -138,6 +139,9 @@ def check_kernel(kernel: str) -> None:
     if backend == "triton" and models.device().type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise OpcdError("the triton kernels need a GPU, or Triton's interpreter on a CPU: set TRITON_INTERPRET=1 "
                         "before starting opcd, or use --kernel torch")
+    if backend == "triton" and objective == "jsd" and importlib.util.find_spec("liger_kernel") is None:
+        raise OpcdError("--objective jsd runs Liger-Kernel's fused linear JSD on the Triton backend, and liger-kernel "
+                        "is not installed: pip install liger-kernel, or use --kernel torch")
 
 
 def load_models(cfg: DistillConfig, ui: UI) -> Models:

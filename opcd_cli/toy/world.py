@@ -101,7 +101,7 @@ def _rule_splits(name: str, rng, n_train, n_val, n_test, ood_per_kind) -> ToySpl
     ]
     return ToySplits(
         context=tasks.rule_context(name),
-        train=[{"prompt": w} for w in train],
+        train=[{"prompt": w, "answer": rule.apply(w)} for w in train],  # answers: for --reward-weight only
         val=[{"prompt": w, "answer": rule.apply(w)} for w in val],
         test=[{"prompt": w, "answer": rule.apply(w)} for w in test],
         ood=ood,
@@ -166,7 +166,7 @@ def _recall_splits(rng, n_train, n_val, n_test, ood_per_kind) -> ToySplits:
                     "answer": tasks.recall_answer(other, keys)})
     return ToySplits(
         context=tasks.recall_table(codes),
-        train=[{"prompt": tasks.recall_question(keys)} for keys in asked[:n_train]],
+        train=[row(keys) for keys in asked[:n_train]],  # answers: for --reward-weight only
         val=[row(keys) for keys in asked[n_train : n_train + n_val]],
         test=[row(keys) for keys in asked[n_train + n_val :]],
         ood=ood,
