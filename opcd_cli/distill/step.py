@@ -206,11 +206,11 @@ def forward_loss_backward(run: Run, seqs: Sequences, rollouts, n_tokens: int, ti
     """Score this rank's responses micro-batch by micro-batch (the passes forward, the loss) and accumulate the
     gradient of the mean loss over the step's ``n_tokens`` response tokens (every rank's); returns the sums over
     every rank of (loss, distillation term, consistency term, anchor term, reward term, top-k mass, student
-    entropy, teacher entropy) over response tokens, then the tokens the mass and each entropy were measured on,
-    the padding positions and all positions the passes read."""
+    entropy, teacher entropy, what was differentiated) over response tokens, then the tokens the mass and each
+    entropy were measured on, the padding positions and all positions the passes read."""
     device = models.device()
     scale = distributed.world().size / n_tokens  # FSDP averages the ranks' gradients: the sum over ranks is wanted
-    sums, zero = torch.zeros(8, device=device), torch.zeros((), device=device)
+    sums, zero = torch.zeros(9, device=device), torch.zeros((), device=device)
     counts = [0, 0, 0, 0, 0]  # tokens with the mass, the student's entropy, the teacher's; padding; positions
     for micro_batch, weight in micro_batches(run, seqs.views, seqs.responses):
         parts, inputs, answers = micro_batch_loss(run, seqs, micro_batch, rollouts, timer)
@@ -225,7 +225,7 @@ def forward_loss_backward(run: Run, seqs: Sequences, rollouts, n_tokens: int, ti
         # the loss reported is the sum of the terms' values (a policy-gradient surrogate's own value means little)
         sums += torch.stack([parts.distill + parts.consistency + parts.anchor + reward, parts.distill,
                              parts.consistency, parts.anchor, reward, optional(parts.topk_mass),
-                             optional(student_h), optional(teacher_h)])
+                             optional(student_h), optional(teacher_h), parts.total.detach()])
         for i, value in enumerate((parts.topk_mass, student_h, teacher_h)):
             counts[i] += n if value is not None else 0
         counts[3] += sum(p.padding for p in inputs)
@@ -267,7 +267,10 @@ def step_values(step: int, n_tokens: int, sums: torch.Tensor, grad_norm: torch.T
     applied (so the model is never broken and nothing samples from it)."""
     numbers = torch.cat([sums, grad_norm.reshape(1)]).tolist()
     loss, distill_loss, consistency_loss, anchor_loss, reward_loss = (x / n_tokens for x in numbers[:5])
-    mass, student_h, teacher_h, mass_tokens, student_tokens, teacher_tokens, padding, positions, norm = numbers[5:]
+    mass, student_h, teacher_h, differentiated = numbers[5:9]
+    mass_tokens, student_tokens, teacher_tokens, padding, positions, norm = numbers[9:]
+    if not math.isfinite(differentiated):  # a surrogate's own value is not reported, but it must be finite too
+        loss = differentiated
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise OpcdError(f"step {step}: the loss is {loss} and the gradient norm {norm}: training diverged and stopped "
                         f"before this step was applied; the metrics and checkpoints so far are in {out.partial} "

@@ -76,8 +76,8 @@ def test_the_loss_and_gradient_do_not_depend_on_how_the_step_is_cut(prepared):
         run.student.zero_grad(set_to_none=True)
         results.append((sums, grads))
     (sums_a, grads_a), (sums_b, grads_b) = results
-    assert sums_a[11] > sums_b[11]  # padded: one row of two sequences has padding, two rows of one have none
-    torch.testing.assert_close(sums_a[:11], sums_b[:11], rtol=1e-4, atol=1e-5)
+    assert sums_a[12] > sums_b[12]  # padded: one row of two sequences has padding, two rows of one have none
+    torch.testing.assert_close(sums_a[:12], sums_b[:12], rtol=1e-4, atol=1e-5)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32: padding changes the sums' order
 
@@ -86,11 +86,11 @@ def test_a_step_that_diverges_stops_before_it_is_applied(prepared):
     from opcd_cli.distill.step import step_values
 
     _, _, out = prepared
-    sums = torch.zeros(13)
+    sums = torch.zeros(14)
     values = step_values(1, 4, sums, torch.tensor(0.5), out)
     assert values["loss"] == 0 and values["grad_norm"] == 0.5 and values["padding_share"] == 0.0
     with pytest.raises(OpcdError, match="step 3: the loss is nan .* training diverged .*try a lower --lr"):
-        step_values(3, 4, torch.full((13,), float("nan")), torch.tensor(1.0), out)
+        step_values(3, 4, torch.full((14,), float("nan")), torch.tensor(1.0), out)
 
 
 def test_the_schedule_warms_up_then_decays():
