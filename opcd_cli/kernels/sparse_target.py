@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .arguments import check_targets, reduce_loss, token_weights
-from .linear import autocast_off, backprop_chunk, compute_dtype, logits, scale_saved_grads
+from .row_loss import fused_linear_row_loss
 from .torch_chunked import entropy_rows, rows_per_chunk
 
 
@@ -104,39 +104,15 @@ def sparse_target_kl(target_ids_Nk, target_logprobs_Nk, logits_NV, mask=None, re
     return _outputs(reduce_loss(loss_N, mask, reduction), entropy_N, mask, return_entropy)
 
 
-class _FusedLinearSparseTargetKL(torch.autograd.Function):
-    """Logits made chunk by chunk (in autocast's dtype when it is on, as in ``linear.py``); gradients computed in
-    the forward pass and scaled by the upstream later."""
-
-    @staticmethod
-    def forward(ctx, ids_Nk, lq_Nk, hidden_NH, weight_VH, weight_N, chunk_rows, entropy):
-        N = hidden_NH.shape[0]
-        need_h, need_w = ctx.needs_input_grad[2:4]
-        dt = compute_dtype(hidden_NH, weight_VH)
-        loss_N = hidden_NH.new_empty(N, dtype=torch.float32)
-        entropy_N = hidden_NH.new_zeros(N, dtype=torch.float32)
-        grad_h = torch.empty_like(hidden_NH) if need_h else None
-        grad_w = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
-        with autocast_off(hidden_NH.device):
-            w = weight_VH.to(dt)  # cast once per call
-            for s in range(0, N, chunk_rows):
-                e = min(N, s + chunk_rows)
-                h = hidden_NH[s:e].to(dt)
-                loss_N[s:e], g_nV = sparse_target_kl_rows(ids_Nk[s:e], lq_Nk[s:e], logits(h, w, dt),
-                                                          want_grad=need_h or need_w,
-                                                          entropy_n=entropy_N[s:e] if entropy else None)
-                if g_nV is not None:
-                    g_nV = g_nV.mul_(weight_N[s:e, None]).to(dt)
-                    backprop_chunk(g_nV, h, w, None if grad_h is None else grad_h[s:e], grad_w)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = [hidden_NH.dtype, weight_VH.dtype]
-        ctx.mark_non_differentiable(entropy_N)
-        return (loss_N * weight_N).sum(), entropy_N
-
-    @staticmethod
-    def backward(ctx, grad_total, _grad_entropy_N):
-        grad_h, grad_w = scale_saved_grads(ctx, grad_total)
-        return None, None, grad_h, grad_w, None, None, None
+def weighted_rows(entropy: bool):
+    """``sparse_target_kl_rows`` as a row function of ``row_loss.fused_linear_row_loss``: each row's loss and
+    gradient times its token weight (side: ids, log-probabilities, weights), its entropy the one statistic."""
+    def rows(z_nV, side, want_grad: bool):
+        ids_nk, lq_nk, weight_n = side
+        entropy_n = z_nV.new_zeros(z_nV.shape[0])
+        loss_n, g_nV = sparse_target_kl_rows(ids_nk, lq_nk, z_nV, want_grad, entropy_n if entropy else None)
+        return loss_n * weight_n, None if g_nV is None else g_nV.mul_(weight_n[:, None]), entropy_n[:, None]
+    return rows
 
 
 def fused_linear_sparse_target_kl(
@@ -149,15 +125,10 @@ def fused_linear_sparse_target_kl(
     weight's accumulated in float32). ``reduction`` is "mean" (over unmasked tokens) or "sum".
     ``return_entropy``: also the mean entropy of p.
     """
-    N, V = hidden_NH.shape[0], weight_VH.shape[0]
-    if hidden_NH.dim() != 2 or weight_VH.dim() != 2 or hidden_NH.shape[1] != weight_VH.shape[1]:
-        raise ValueError(
-            f"hidden [N, H] and weight [V, H] do not line up: {tuple(hidden_NH.shape)}, {tuple(weight_VH.shape)}"
-        )
+    N = hidden_NH.shape[0]  # the shapes' own check is the row loss's
     check_targets(target_ids_Nk, target_logprobs_Nk, N, mask, reduction, reductions=("mean", "sum"))
     weight_N = token_weights(mask, N, reduction, hidden_NH.device)
-    rows = rows_per_chunk(V, chunk_size, tensors=4 if return_entropy else 3)
-    loss, entropy_N = _FusedLinearSparseTargetKL.apply(
-        target_ids_Nk.long(), target_logprobs_Nk, hidden_NH, weight_VH, weight_N, rows, return_entropy
-    )
-    return _outputs(loss, entropy_N, mask, return_entropy)
+    side = (target_ids_Nk.long(), target_logprobs_Nk, weight_N)
+    loss, stats_N1 = fused_linear_row_loss(weighted_rows(return_entropy), hidden_NH, weight_VH, side, 1,
+                                           tensors=4 if return_entropy else 3, chunk_size=chunk_size)
+    return _outputs(loss, stats_N1[:, 0], mask, return_entropy)
