@@ -8,7 +8,9 @@ settings); OPCD with the in-context anchor (`--anchor-weight 1`); OPCD over the 
 teacher's top-k (`--topk-support union`); OPCD with an EMA teacher and with a live teacher (`--teacher-kind
 ema|live`); cross-size OPCD (the larger toy model as teacher); the other objectives in OPCD's place
 (`--objective sampled-token|topk-forward-kl|jsd`); and, on `codes` and `recall` only, OPCD with 4 samples per
-prompt, without and with the verifier's reward (`--samples-per-prompt 4 --reward-weight 1`, and 0.1). Columns: test accuracy (without the context
+prompt, without and with the verifier's reward (`--samples-per-prompt 4 --reward-weight 1`, and 0.1); and on those
+two, the context in the user's turn (`--context-as user-prefix`) without a remedy and with opcd's default there
+(the consistency regulariser from the second half; "with context" puts the context in the user's turn too). Columns: test accuracy (without the context
 for trained students; in the row's condition for the base rows), accuracy with the context, OOD accuracy (each
 OOD row with its own context), context harm (share of test items solved without the context but failed with
 it), mean response tokens, the student's mean entropy at its response tokens over the last 5 steps (nats;
@@ -58,9 +60,13 @@ METHODS = {  # row name -> settings on top of the toy recipe
     "OPCD, 4 samples per prompt": {"samples_per_prompt": 4},
     "OPCD + reward, 4 samples per prompt": {"samples_per_prompt": 4, "reward_weight": 1.0},
     "OPCD + reward 0.1, 4 samples per prompt": {"samples_per_prompt": 4, "reward_weight": 0.1},
+    # the context in the user's turn: without a remedy, and with opcd's default there (bench/placement_study.py)
+    "OPCD, context in the user's turn, no regulariser": {"context_as": "user-prefix", "user_prefix_consistency": False},
+    "OPCD, context in the user's turn (default: regulariser from step 31)": {"context_as": "user-prefix"},
 }
-ONLY_ON = {row: ("codes", "recall") for row in METHODS if "samples per prompt" in row}  # rows run on some tasks
-# only (groups of four cost four times the rollouts)
+ONLY_ON = {row: ("codes", "recall") for row in METHODS if "samples per prompt" in row or "user's turn" in row}
+# rows run on some tasks only: groups of four cost four times the rollouts; in the user's turn the toy student
+# cannot apply `shift`'s rule at all (0% with the context there, before training: nothing to distil)
 COLUMNS = ["test accuracy", "with context", "OOD", "context harm", "response tokens", "student entropy, last 5 steps",
            "loss step to step, 2nd half", "same, over the loss"]
 

@@ -142,6 +142,10 @@ CASES = [
     Case("top-k mass threshold of 1.5", distill("--min-topk-mass", "1.5"), "min_topk_mass must be a fraction in [0, 1)"),
     Case("anchor off-policy", distill("--anchor-weight", "1", "--mode", "off-policy"),
          "the in-context anchor scores the student's own rollouts"),
+    Case("user-prefix regulariser without user-prefix", distill("--no-user-prefix-consistency"),
+         "--no-user-prefix-consistency only acts with --context-as user-prefix"),
+    Case("anchor schedule without anchor", distill("--anchor-start", "11"),
+         "--anchor-start and --anchor-warmup schedule the in-context anchor; give --anchor-weight too"),
     # the objectives, several samples per prompt, the reward
     Case("unknown objective", distill("--objective", "kl"), "objective must be one of topk-reverse-kl, sampled-token"),
     Case("jsd beta without jsd", distill("--jsd-beta", "0.2"), "--jsd-beta sets the mixture of --objective jsd"),

@@ -126,11 +126,12 @@ def test_settings_in_groups_keep_their_flat_names(tmp_path):
     from opcd_cli.config import FieldOptions
 
     added = {f.name for f in fields(FieldOptions)}  # the row mapping, which came after that folder, and the
-    added |= {"objective", "jsd_beta", "reward_weight", "reward_std", "samples_per_prompt"}  # objectives beside OPCD's
+    added |= {"objective", "jsd_beta", "reward_weight", "reward_std", "samples_per_prompt",  # objectives beside OPCD's
+              "anchor_start", "anchor_warmup", "user_prefix_consistency"}  # the anchor's schedule, a default
     assert set(grouped.to_dict()) == set(old) | added and set(grouped.to_dict()["sampling"]) == set(old["sampling"])
     assert build_distill_config(flatten_settings(grouped.to_dict())) == grouped  # what a run writes, read back
     recipe.write_text("[loss]\ntemperature = 0.5\n")
-    with pytest.raises(OpcdError, match="unknown setting loss.temperature; known: anchor_weight, "):
+    with pytest.raises(OpcdError, match="unknown setting loss.temperature; known: anchor_start, anchor_warmup, anchor_weight, "):
         read_recipe(recipe)
     with pytest.raises(OpcdError, match="bad setting: DistillConfig got an unexpected keyword argument 'warmth'"):
         build_distill_config({"warmth": 1})

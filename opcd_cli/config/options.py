@@ -21,6 +21,8 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 TEACHER_SHARDING = ("replicate", "shard")  # several processes: a whole teacher on each rank, or sharded
 DISTILL_MODES = ("on-policy", "off-policy")
 OFF_POLICY_LOSSES = ("forward-kl", "sft")
+USER_PREFIX_CONSISTENCY_WEIGHT = 0.02  # the regulariser's weight by default with --context-as user-prefix, from the
+# second half of the run (bench/placement_study.py)
 # the on-policy objective (loss.py): the paper's top-k reverse KL over the student's top-k; the reverse KL on the
 # sampled tokens only (a policy-gradient step); the forward KL over the teacher's top-k; the generalised JSD
 OBJECTIVES = ("topk-reverse-kl", "sampled-token", "topk-forward-kl", "jsd")
@@ -96,6 +98,11 @@ class LossOptions:
     consistency_start: int = 1  # the regulariser's first step (1: from the start, the paper's form)
     consistency_warmup: int = 0  # steps over which its weight rises linearly from 0, from consistency_start
     anchor_weight: float = 0.0  # in-context anchor: the student with the context kept at the teacher (0: off)
+    anchor_start: int = 1  # the anchor's first step
+    anchor_warmup: int = 0  # steps over which its weight rises linearly from 0, from anchor_start
+    # with the context in the user's turn and neither the regulariser nor the anchor asked for: the regulariser at
+    # USER_PREFIX_CONSISTENCY_WEIGHT from the second half of the run (``DistillConfig``); False leaves it off
+    user_prefix_consistency: bool = True
     # the verifier's reward on the student's samples, as a policy-gradient term beside the distillation term
     reward_weight: float = 0.0  # 0: off
     reward_std: bool = False  # the advantage over the group's standard deviation too (GRPO), not only less its mean
@@ -113,6 +120,10 @@ class LossOptions:
             raise OpcdError("--consistency-start and --consistency-warmup schedule the regulariser; "
                             "give --consistency-weight too")
         at_least("anchor_weight", self.anchor_weight, 0.0)
+        at_least("anchor_start", self.anchor_start, 1)
+        at_least("anchor_warmup", self.anchor_warmup, 0)
+        if (self.anchor_start != 1 or self.anchor_warmup) and not self.anchor_weight > 0:
+            raise OpcdError("--anchor-start and --anchor-warmup schedule the in-context anchor; give --anchor-weight too")
         choice("kernel", self.kernel, KERNELS)
         choice("topk_support", self.topk_support, TOPK_SUPPORTS)
         self._check_objective()
@@ -152,16 +163,24 @@ class LossOptions:
     def consistency_weight_at(self, step: int) -> float:
         """The regulariser's weight at ``step`` (from 1): 0 before ``consistency_start``, then rising linearly to
         ``consistency_weight`` over ``consistency_warmup`` steps (at once without a warm-up)."""
-        if step < self.consistency_start:
-            return 0.0
-        if self.consistency_warmup == 0:
-            return self.consistency_weight
-        return self.consistency_weight * min(1.0, (step - self.consistency_start + 1) / self.consistency_warmup)
+        return scheduled(self.consistency_weight, self.consistency_start, self.consistency_warmup, step)
+
+    def anchor_weight_at(self, step: int) -> float:
+        """The anchor's weight at ``step``, scheduled as the regulariser's (``anchor_start``, ``anchor_warmup``)."""
+        return scheduled(self.anchor_weight, self.anchor_start, self.anchor_warmup, step)
 
     @property
     def context_pass(self) -> bool:
         """Whether each micro-batch has a second student pass, with the context (the regulariser, the anchor)."""
         return self.consistency_weight > 0 or self.anchor_weight > 0
+
+
+def scheduled(weight: float, start: int, warmup: int, step: int) -> float:
+    """A term's weight at ``step`` (from 1): 0 before ``start``, then rising linearly to ``weight`` over
+    ``warmup`` steps (at once without a warm-up)."""
+    if step < start:
+        return 0.0
+    return weight if warmup == 0 else weight * min(1.0, (step - start + 1) / warmup)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,11 @@ def check_world(cfg: DistillConfig, world: distributed.World) -> None:
 def prepare(cfg: DistillConfig, out: RunDir, ui: UI) -> Run:
     """Load and check everything; raises ``OpcdError`` on bad input and writes nothing."""
     check_engines(cfg)
+    loss = cfg.loss
+    if cfg.context_as == "user-prefix" and loss.user_prefix_consistency and loss.consistency_weight > 0:
+        ui.info(f"the context is in the user's turn: the consistency regulariser is on (weight {loss.consistency_weight:g} "
+                f"from step {loss.consistency_start}), which keeps the student right when the context is put back; "
+                "--no-user-prefix-consistency turns it off")
     if cfg.plays_games:
         return prepare_games(cfg, out, ui)
     evaluation = cfg.evaluation

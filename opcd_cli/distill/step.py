@@ -82,6 +82,7 @@ def take_step(run: Run, training: Training, samplers: Samplers, rollouts, step: 
     distinct = distinct_tokens(seqs.responses, run.loss.vocab, models.device())
     # 2-3. the teacher scores the same tokens with the context; the loss, micro-batch by micro-batch
     run.loss.consistency_weight = cfg.loss.consistency_weight_at(step)
+    run.loss.anchor_weight = cfg.loss.anchor_weight_at(step)
     sums = forward_loss_backward(run, seqs, rollouts, counts.tokens, timer)
     # 4. one optimiser step, unless the loss or the gradient is not finite; the sampler follows
     with timer.phase("optimizer"):
@@ -106,6 +107,8 @@ def take_step(run: Run, training: Training, samplers: Samplers, rollouts, step: 
     record["distinct_tokens"] = round(distinct / counts.tokens, 4) if counts.tokens else None
     if cfg.loss.consistency_weight > 0:  # the regulariser's weight this step (scheduled or not)
         record["consistency_weight"] = run.loss.consistency_weight
+    if cfg.loss.anchor_weight > 0:  # the anchor's weight this step
+        record["anchor_weight"] = run.loss.anchor_weight
     if cfg.loss.reward_weight > 0:  # the samples' mean reward and the reward's term of the loss
         record |= {"reward": counts.reward / counts.samples if counts.samples else None,
                    "reward_loss": values["reward_loss"]}
