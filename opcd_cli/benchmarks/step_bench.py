@@ -74,20 +74,19 @@ def build(config, dtype: torch.dtype, device: str):
     return model.to(dtype)
 
 
-def train_step(student, teacher, optimizer, student_in, teacher_in, n_tokens: int, vocab: int, topk: int, timer,
-               dev: str, objective: str = "topk-reverse-kl", ids_N: torch.Tensor | None = None,
-               advantages_N: torch.Tensor | None = None) -> torch.Tensor:
-    """One step as ``opcd distill`` takes it, each phase in ``timer``: the summed loss, detached (under bf16
-    autocast on a GPU). ``objective`` as ``--objective``; with ``advantages_N`` the reward's term too (weight 1)."""
+def train_step(loss_fn, optimizer, student_in, teacher_in, n_tokens: int, timer, dev: str,
+               ids_N: torch.Tensor | None = None, advantages_N: torch.Tensor | None = None) -> torch.Tensor:
+    """One step as ``opcd distill`` takes it with ``loss_fn`` (a ``DistillLoss``: the student, the teacher and the
+    objective), each phase in ``timer``: the summed loss, detached (under bf16 autocast on a GPU). With
+    ``advantages_N`` the reward's term too (at ``loss_fn``'s reward weight)."""
     from ..forward import with_head
-    from ..loss import DistillLoss
 
-    loss_fn = DistillLoss(student, teacher, vocab, topk, False, objective=objective, reward_weight=1.0)
+    student, teacher = loss_fn.student, loss_fn.teacher
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
         with timer.phase("teacher_forward"), torch.no_grad():
-            teacher_side = with_head(teacher, teacher_in, True, lambda head: loss_fn.teacher_side(head, ids_N))
+            teacher_side = with_head(teacher, teacher_in, loss_fn.fused, lambda head: loss_fn.teacher_side(head, ids_N))
         with timer.phase("student_forward"):  # the head as the loss reads it, but the loss timed apart
-            student_head = with_head(student, student_in, True, lambda head: head)
+            student_head = with_head(student, student_in, loss_fn.fused, lambda head: head)
         with timer.phase("loss"):
             loss = loss_fn.objective_terms(student_head, teacher_side, ids_N, advantages_N)[0]
     with timer.phase("backward"):
@@ -135,11 +134,14 @@ def bench_step(student: str, teacher: str, kernels: list[str], *, prompts: int =
     advantages_N = torch.randn(n_tokens, generator=gen).to(dev)
     variants = [(o, False) for o in objectives] + ([(o, True) for o in objectives] if reward else [])
 
+    from ..loss import DistillLoss
+
+    losses = {o: DistillLoss(s_model, t_model, vocab, topk, False, objective=o, reward_weight=1.0) for o in objectives}
     rows = []
     for kernel, (objective, rewarded) in [(k, v) for k in kernels for v in variants]:
         def one_step(timer: StepTimer) -> float:
-            return float(train_step(s_model, t_model, optimizer, s_in, t_in, n_tokens, vocab, topk, timer, dev,
-                                    objective, ids_N, advantages_N if rewarded else None)) / n_tokens
+            return float(train_step(losses[objective], optimizer, s_in, t_in, n_tokens, timer, dev, ids_N,
+                                    advantages_N if rewarded else None)) / n_tokens
 
         import os
 
