@@ -153,18 +153,22 @@ class DistillLoss:
         the JSD read it whole, the anchor too), with its log-probabilities of the sampled tokens or its top-k,
         and its entropies, for the objectives that read only those."""
         if self.objective == "sampled-token":
-            return head, head_token_logprobs(ids_N.clamp(max=self.vocab - 1), head, self.vocab)
+            return head, head_token_logprobs(self.sampled_ids(ids_N)[0], head, self.vocab)
         if self.objective == "topk-forward-kl":
             return head, head_topk_logprobs(head, self.topk, self.vocab)
         return head, None
 
+    def sampled_ids(self, ids_N: torch.Tensor | None):
+        """(the sampled ids inside the shared vocabulary, which of them were there): an id past it has no
+        probability here, and is read as the last one and masked out."""
+        return (None, None) if ids_N is None else (ids_N.clamp(max=self.vocab - 1), ids_N < self.vocab)
+
     def objective_terms(self, student: Head, teacher_side, ids_N, advantages_N):
         """(the differentiated sum, the distillation term's value, the reward term's value or None, the top-k
-        mass or None, the pair of mean entropies)."""
+        mass or None, the pair of mean entropies); ``ids_N``: the sampled tokens as sampled (``sampled_ids``)."""
         mean = lambda x: x.mean() if x.numel() else x.new_zeros(())  # noqa: E731
         teacher, read = teacher_side
-        if ids_N is not None:  # a sampled id past the shared vocabulary has no probability here
-            valid_N, ids_N = ids_N < self.vocab, ids_N.clamp(max=self.vocab - 1)
+        ids_N, valid_N = self.sampled_ids(ids_N)
         reward_N = None if advantages_N is None else self.reward_weight * advantages_N
         if self.objective == "sampled-token":  # the reward's advantage and the KL's add in one pass
             teacher_logp_N, teacher_h_N = read

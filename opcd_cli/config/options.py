@@ -142,7 +142,7 @@ class LossOptions:
         choice("objective", self.objective, OBJECTIVES)
         if isinstance(self.jsd_beta, bool) or not 0.0 <= self.jsd_beta <= 1.0:
             raise OpcdError(f"jsd_beta must be in [0, 1] (0: the forward KL, 1: the reverse KL); got {self.jsd_beta!r}")
-        if self.jsd_beta != 0.5 and self.objective != "jsd":
+        if self.jsd_beta != LossOptions.jsd_beta and self.objective != "jsd":
             raise OpcdError("--jsd-beta sets the mixture of --objective jsd; give --objective jsd too, or drop --jsd-beta")
         if self.objective == "topk-reverse-kl":
             return
@@ -150,7 +150,7 @@ class LossOptions:
                 "topk-forward-kl": "is over the teacher's top-k"}[self.objective]
         for flag, given in (("--topk-support union", self.topk_support != "student"), ("--topk-tail", self.topk_tail),
                             ("--topk-renorm", self.topk_renorm), ("--stop-on-escape", self.stop_on_escape),
-                            ("--min-topk-mass", self.min_topk_mass != 0.8)):
+                            ("--min-topk-mass", self.min_topk_mass != LossOptions.min_topk_mass)):
             if given:
                 raise OpcdError(f"{flag} shapes or watches the top-k reverse KL over the student's top-k, and --objective "
                                 f"{self.objective} {what}; drop {flag.split()[0]} or use --objective topk-reverse-kl")

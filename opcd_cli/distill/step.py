@@ -42,8 +42,8 @@ class Sequences:
     responses: list[list[int]]
     rows: list[int] | None = None  # dataset rows (off-policy: where their saved targets are)
     games: list[Game] | None = None  # --env: the games the replies come from
-    rewards: list[float] | None = None  # --reward-weight: each sequence's reward (its game's, with --env)
-    advantages: list[float] | None = None  # ...and its advantage within its group
+    rewards: list[float] | None = None  # --reward-weight: each sample's reward (a response to a row, or a game)
+    advantages: list[float] | None = None  # ...and each sequence's advantage within its group (a game's turns share it)
 
 
 @dataclass(frozen=True)
@@ -160,10 +160,10 @@ def play_games(run: Run, sampler: Sampler, seeds: list[int]) -> Sequences:
 
 
 def rewards_and_advantages(run: Run, seqs: Sequences) -> tuple[list[float], list[float]]:
-    """Each sequence's reward (the verifier's on its response to a row, as ``opcd eval`` scores it; with
-    ``--env``, its game's reward) and its advantage: the reward less its group's mean (the
+    """Each sample's reward (the verifier's on a response to a row, as ``opcd eval`` scores it; with ``--env``, a
+    game's reward) and each sequence's advantage: its sample's reward less its group's mean (the
     ``--samples-per-prompt`` samples of one prompt or game seed), over the group's standard deviation too with
-    ``--reward-std``."""
+    ``--reward-std``; a game's turns share its advantage."""
     cfg, n = run.cfg, run.cfg.optim.samples_per_prompt
     if seqs.games is not None:
         per_sample = [g.reward for g in seqs.games]
@@ -178,14 +178,12 @@ def rewards_and_advantages(run: Run, seqs: Sequences) -> tuple[list[float], list
     advantages = rewards - rewards.mean(1, keepdim=True)
     if cfg.loss.reward_std:  # as TRL's GRPO: the groups' unbiased standard deviation, and a small floor
         advantages = advantages / (rewards.std(1, keepdim=True) + 1e-4)
-    spread = lambda values: [v for v, t in zip(values, turns) for _ in range(t)]  # noqa: E731 (a game's turns)
-    return spread(per_sample), spread(advantages.flatten().tolist())
+    return per_sample, [a for a, t in zip(advantages.flatten().tolist(), turns) for _ in range(t)]
 
 
 def step_counts(run: Run, seqs: Sequences) -> StepCounts:
     """The step's ``StepCounts``, summed over every rank."""
-    responses, games = seqs.responses, seqs.games or []
-    rewards = [g.reward for g in games] if games else (seqs.rewards or [])
+    responses, games, rewards = seqs.responses, seqs.games or [], seqs.rewards or []
     counts = [sum(map(len, responses)), sum(finished(r, run.stop_ids) for r in responses), len(responses),
               sum(g.won for g in games), sum(g.out_of_window for g in games), sum(rewards), len(rewards)]
     if distributed.world().active:

@@ -123,8 +123,8 @@ def liger_fused_linear_jsd(student_hidden, student_weight, teacher_hidden, teach
     else:
         total = LigerFusedLinearJSDFunction.apply(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                                   labels, float(beta), IGNORE, 1.0) * count
-    entropies = map_logit_rows(lambda z, side: entropy_rows(torch.log_softmax(z, dim=-1))[:, None],
-                               (), hidden_NH=student_hidden.detach(), weight_VH=student_weight.detach())
-    teacher = map_logit_rows(lambda z, side: entropy_rows(torch.log_softmax(z, dim=-1))[:, None],
-                             (), hidden_NH=teacher_hidden, weight_VH=teacher_weight)
-    return total, torch.cat([entropies, teacher], 1)
+    def entropies(hidden, weight):
+        return map_logit_rows(lambda z, side: entropy_rows(torch.log_softmax(z, dim=-1))[:, None], (),
+                              hidden_NH=hidden, weight_VH=weight)  # no gradient there
+
+    return total, torch.cat([entropies(student_hidden, student_weight), entropies(teacher_hidden, teacher_weight)], 1)

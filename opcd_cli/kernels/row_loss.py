@@ -106,8 +106,7 @@ def map_logit_rows(fn: Callable[[torch.Tensor, tuple], torch.Tensor], side: tupl
                    weight_VH=None, chunk_size: int | None = None, tensors: int = 3) -> torch.Tensor:
     """``fn(z_nV, side chunk)`` over the rows of float32 logits, chunk by chunk, without gradient: from logits
     [N, V], or made from ``hidden @ weight.T``; the chunks' results concatenated."""
-    V = (logits_NV if logits_NV is not None else weight_VH).shape[0 if logits_NV is None else 1]
-    N = (logits_NV if logits_NV is not None else hidden_NH).shape[0]
+    N, V = logits_NV.shape if logits_NV is not None else (hidden_NH.shape[0], weight_VH.shape[0])
     chunk = rows_per_chunk(V, chunk_size, tensors)
     out = []
     if logits_NV is not None:

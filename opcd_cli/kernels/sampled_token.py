@@ -72,10 +72,8 @@ def sampled_token_loss(ids_N, logits_NV=None, hidden_NH=None, weight_VH=None, te
 def token_logprobs(ids_N, logits_NV=None, hidden_NH=None, weight_VH=None, chunk_size=None):
     """The full-vocabulary log-probabilities of ``ids_N`` [N] and the entropies [N], without gradient (the
     teacher's side of the sampled-token objective)."""
-    def rows(z_nV, side):
-        (ids_n,) = side
-        logp_nV = z_nV - torch.logsumexp(z_nV, dim=-1, keepdim=True)
-        return torch.stack([logp_nV.gather(1, ids_n[:, None])[:, 0], entropy_rows(logp_nV)], 1)
+    def rows(z_nV, side):  # the statistics of the surrogate's own rows, without a coefficient or a gradient
+        return sampled_token_rows(z_nV, (side[0], None, None, None), False)[2]
 
     stats = map_logit_rows(rows, (ids_N.long(),), logits_NV, hidden_NH, weight_VH, chunk_size)
     return stats[:, 0], stats[:, 1]
